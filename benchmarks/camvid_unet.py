@@ -1,0 +1,150 @@
+"""Train ``unet`` (ResNet-18 encoder, from scratch) on CamVid for a fixed wall-clock budget.
+
+Prints the validation mIoU (11 classes, void ignored) and, first, a side-by-side training
+throughput check against ``segmentation_models_pytorch.Unet`` with the same encoder (both built
+with random weights, same batch, same input size).
+
+    python benchmarks/camvid_unet.py --budget-min 20
+    python benchmarks/camvid_unet.py --budget-min 2 --data ../shared/data/camvid   # smoke run
+
+The learning rate follows a poly schedule over *elapsed time* (lr * (1 - t/T)^0.9), so the run
+ends annealed whatever the machine's speed. Training uses random scale + crop at
+``--train-scale`` of the original resolution; evaluation resizes images by ``--eval-scale``
+and upsamples the logits to the full 480x360 label maps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from maskworks import create_model
+from maskworks.data import CamVid, build_transforms
+from maskworks.engine import build_optimizer, seed_everything
+from maskworks.engine.trainer import collate
+from maskworks.losses import CrossEntropyLoss
+from maskworks.metrics import ConfusionMatrix
+
+CAMVID_MEDIAN_FREQ = [0.2595, 0.1826, 4.5640, 0.1417, 0.9051, 0.3826, 9.6446, 1.8418, 0.6823, 6.2478, 7.3614]
+
+
+def throughput(model: torch.nn.Module, batch: int, size: tuple[int, int], steps: int = 5) -> float:
+    """Training images per second (forward + backward + SGD step)."""
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    x = torch.randn(batch, 3, *size)
+    y = torch.randint(0, 11, (batch, *size))
+    model.train()
+    for i in range(steps + 1):
+        if i == 1:
+            t0 = time.perf_counter()
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return batch * steps / (time.perf_counter() - t0)
+
+
+def peer_speed(batch: int, size: tuple[int, int]) -> dict | None:
+    try:
+        import segmentation_models_pytorch as smp
+    except ImportError:
+        return None
+    torch.manual_seed(0)
+    ours = create_model("unet", encoder="resnet18", num_classes=11)
+    peer = smp.Unet("resnet18", encoder_weights=None, classes=11)
+    rows = {}
+    for _ in range(2):  # alternate to share machine noise
+        rows.setdefault("maskworks", []).append(throughput(ours, batch, size))
+        rows.setdefault("smp", []).append(throughput(peer, batch, size))
+    best = {k: max(v) for k, v in rows.items()}
+    return {"maskworks_img_s": best["maskworks"], "smp_img_s": best["smp"],
+            "ratio": best["maskworks"] / best["smp"]}
+
+
+@torch.no_grad()
+def evaluate(model, dataset, eval_scale: float, device) -> dict:
+    model.eval()
+    cm = ConfusionMatrix(dataset.num_classes, class_names=dataset.class_names, device=device)
+    for batch in DataLoader(dataset, batch_size=4, collate_fn=collate):
+        x = batch["image"].to(device)
+        if eval_scale != 1.0:
+            x = F.interpolate(x, scale_factor=eval_scale, mode="bilinear", align_corners=False)
+        logits = model(x)
+        logits = F.interpolate(logits, size=batch["mask"].shape[-2:], mode="bilinear", align_corners=False)
+        cm.update(logits.argmax(1), batch["mask"].to(device))
+    return cm.compute()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--budget-min", type=float, default=20.0, help="training wall-clock budget in minutes")
+    p.add_argument("--data", default="../shared/data/camvid")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--train-scale", type=float, default=0.5, help="mean training scale of the 480x360 images")
+    p.add_argument("--crop", type=int, nargs=2, default=(160, 224), metavar=("H", "W"))
+    p.add_argument("--eval-scale", type=float, default=0.5)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="also write the result to this JSON file")
+    args = p.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    seed_everything(args.seed)
+
+    speed = peer_speed(args.batch_size, tuple(args.crop))
+    if speed:
+        print(f"training throughput at {args.crop[0]}x{args.crop[1]}, batch {args.batch_size}: maskworks "
+              f"{speed['maskworks_img_s']:.2f} img/s, smp {speed['smp_img_s']:.2f} img/s, ratio {speed['ratio']:.2f}")
+
+    s = args.train_scale
+    tf = build_transforms(train=True, crop_size=tuple(args.crop), scale_range=(0.75 * s, 1.5 * s), hflip=0.5,
+                          color_jitter=0.2)
+    train_set = CamVid(args.data, split="train", transform=tf)
+    val_set = CamVid(args.data, split="val", transform=build_transforms(train=False))
+    model = create_model("unet", encoder="resnet18", num_classes=train_set.num_classes).to(device)
+    opt = build_optimizer(model, "adamw", lr=args.lr, weight_decay=1e-4)
+    loss_fn = CrossEntropyLoss(weight=CAMVID_MEDIAN_FREQ).to(device)
+    loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, drop_last=True, collate_fn=collate,
+                        num_workers=args.workers, persistent_workers=args.workers > 0)
+    budget = args.budget_min * 60.0
+    t0, steps, epochs, done = time.perf_counter(), 0, 0, False
+    while not done:
+        model.train()
+        for batch in loader:
+            frac = (time.perf_counter() - t0) / budget
+            if frac >= 1.0:
+                done = True
+                break
+            for g in opt.param_groups:
+                g["lr"] = args.lr * (1.0 - frac) ** 0.9
+            loss = loss_fn(model(batch["image"].to(device)), batch["mask"].to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            steps += 1
+            if steps % 50 == 0:
+                print(f"  {time.perf_counter() - t0:7.0f} s  epoch {epochs}  step {steps}  loss {loss.item():.4f}",
+                      flush=True)
+        else:
+            epochs += 1
+    train_s = time.perf_counter() - t0
+    metrics = evaluate(model, val_set, args.eval_scale, device)
+    result = {"budget_min": args.budget_min, "train_seconds": round(train_s, 1), "steps": steps,
+              "epochs": round(steps * args.batch_size / len(train_set), 2), "val_miou": metrics["miou"],
+              "val_pixel_acc": metrics["pixel_acc"], "val_mean_acc": metrics["mean_acc"],
+              "per_class_iou": dict(zip(train_set.class_names, metrics["iou"])), "speed_vs_smp": speed,
+              "device": str(device), "threads": torch.get_num_threads()}
+    print(json.dumps(result, indent=2, default=lambda v: None if isinstance(v, float) and math.isnan(v) else v))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    print(f"val mIoU after {args.budget_min:g} min: {metrics['miou']:.4f}")
+
+
+if __name__ == "__main__":
+    main()

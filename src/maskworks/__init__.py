@@ -1,0 +1,17 @@
+"""maskworks: image segmentation with CNNs and vision transformers in pure PyTorch."""
+
+from maskworks.checkpoint import load_model, save_model
+from maskworks.convert import load_weights
+from maskworks.registry import create_model, list_models, register_model
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    "create_model",
+    "list_models",
+    "register_model",
+    "load_weights",
+    "save_model",
+    "load_model",
+]

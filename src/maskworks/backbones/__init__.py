@@ -1,0 +1,11 @@
+"""Feature extractors, one file per family; importing this package registers them all.
+
+Contract shared by every backbone: ``forward_intermediates(x)`` returns a list of NCHW maps,
+``forward_features(x)`` the last one, and ``feature_info`` lists ``{"num_chs", "reduction",
+"module"}`` for each map.
+"""
+
+from maskworks.backbones import resnet
+from maskworks.backbones.resnet import BasicBlock, Bottleneck, ResNet
+
+__all__ = ["resnet", "ResNet", "BasicBlock", "Bottleneck"]

@@ -1,0 +1,1 @@
+"""The ``maskworks`` command line."""

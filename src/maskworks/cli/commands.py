@@ -1,0 +1,221 @@
+"""Implementations of the ``maskworks`` subcommands (thin wrappers over the library)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from maskworks.cli import builders
+from maskworks.cli.config import apply_overrides, load_config
+
+log = logging.getLogger("maskworks")
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def resolve_config(args) -> dict:
+    cfg = load_config(getattr(args, "config", None))
+    shortcuts = []
+    for flag, key in (("data", "data.name"), ("root", "data.root"), ("model", "model.name"),
+                      ("epochs", "train.epochs"), ("device", "train.device")):
+        value = getattr(args, flag, None)
+        if value is not None:
+            shortcuts.append(f"{key}={value}")
+    return apply_overrides(cfg, shortcuts + list(getattr(args, "overrides", [])))
+
+
+# --------------------------------------------------------------------------- train
+def train(args) -> int:
+    from maskworks.engine import Trainer
+    from maskworks.engine.distributed import cleanup_distributed
+
+    cfg = resolve_config(args)
+    if args.run_dir:
+        cfg["run_dir"] = args.run_dir
+    run_dir = Path(cfg["run_dir"])
+    train_set, val_set = builders.build_datasets(cfg["data"])
+    base = builders.base_dataset(train_set)
+    model = builders.build_model(cfg["model"], base.num_classes, base.in_channels)
+    loss = builders.build_loss(cfg["train"])
+    trainer = Trainer(model, train_set, val_set, run_dir, loss_fn=loss, progress=not args.no_progress,
+                      meta={"data_config": cfg["data"]}, **builders.trainer_kwargs(cfg["train"]))
+    if trainer.dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+        n_params = sum(p.numel() for p in model.parameters())
+        log.info("model %s (%.2fM params), %d train / %d val samples, run folder %s", cfg["model"]["name"],
+                 n_params / 1e6, len(train_set), len(val_set) if val_set is not None else 0, run_dir)
+    try:
+        summary = trainer.fit(resume=args.resume)
+    finally:
+        cleanup_distributed()
+    if trainer.dist.is_main:
+        _plot_history(summary["history"], run_dir / "training_curves.png")
+        best = summary["best_miou"]
+        print(f"done: best val mIoU {best:.4f}" if best is not None else "done", f"- run folder {run_dir}")
+    return 0
+
+
+def _plot_history(history: list[dict], path: Path) -> None:
+    from maskworks.viz import plot_training_curves
+
+    if history:
+        plot_training_curves(history, path)
+
+
+# --------------------------------------------------------------------------- eval
+def _model_and_meta(checkpoint: str, device: str):
+    from maskworks.checkpoint import load_model
+    from maskworks.engine import resolve_device
+
+    dev = resolve_device(device)
+    model = load_model(checkpoint, map_location=dev).eval()
+    return model, model.maskworks_meta, dev
+
+
+def evaluate(args) -> int:
+    from maskworks.engine.trainer import collate
+    from maskworks.losses import split_outputs
+    from maskworks.metrics import ConfusionMatrix
+    from maskworks.viz import plot_confusion_matrix
+
+    cfg = resolve_config(args)
+    model, meta, dev = _model_and_meta(args.checkpoint, cfg["train"]["device"])
+    data_cfg = dict(cfg["data"])
+    if args.data is None and not any(o.startswith("data.") for o in args.overrides) and "data_config" in meta:
+        data_cfg = {**data_cfg, **meta["data_config"]}
+        if args.root:
+            data_cfg["root"] = args.root
+    dataset = builders.build_split(data_cfg, args.split)
+    base = builders.base_dataset(dataset)
+    names = list(getattr(base, "class_names", None) or meta.get("class_names") or [])
+    k = getattr(base, "num_classes", None) or meta.get("num_classes")
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate)
+    cm = ConfusionMatrix(k, class_names=names or None, device=dev)
+    from tqdm.auto import tqdm
+
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for batch in tqdm(loader, desc="eval", dynamic_ncols=True):
+            logits, _ = split_outputs(model(batch["image"].to(dev)))
+            pred = logits.argmax(1) if logits.shape[1] > 1 else (logits[:, 0] > 0).long()
+            cm.update(pred, batch["mask"].to(dev))
+    result = cm.compute()
+    out = Path(args.out) if args.out else Path(args.checkpoint).parent
+    out.mkdir(parents=True, exist_ok=True)
+    report = {"checkpoint": str(args.checkpoint), "data": data_cfg, "split": args.split, "num_images": len(dataset),
+              "seconds": time.perf_counter() - t0, **result}
+    (out / "eval.json").write_text(json.dumps(report, indent=2, default=str))
+    plot_confusion_matrix(cm.matrix.cpu().numpy(), names or [str(i) for i in range(k)], out / "confusion_matrix.png")
+    print(format_table(result, names or [str(i) for i in range(k)]))
+    print(f"report: {out / 'eval.json'}, {out / 'confusion_matrix.png'}")
+    return 0
+
+
+def format_table(result: dict, names: list[str]) -> str:
+    """Per-class IoU / Dice / precision / recall table followed by the summary numbers."""
+    width = max(8, *(len(n) for n in names))
+    lines = [f"{'class':<{width}}  {'IoU':>7} {'Dice':>7} {'Prec':>7} {'Recall':>7}"]
+    for i, name in enumerate(names):
+        cells = [result[key][i] for key in ("iou", "dice", "precision", "recall")]
+        lines.append(f"{name:<{width}}  " + " ".join("    n/a" if math.isnan(c) else f"{c:7.4f}" for c in cells))
+    lines.append("-" * len(lines[0]))
+    lines.append(f"{'mIoU':<{width}}  {result['miou']:7.4f}   mDice {result['mdice']:.4f}   "
+                 f"pixel acc {result['pixel_acc']:.4f}   mean acc {result['mean_acc']:.4f}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- predict
+def _collect_images(inputs: list[str]) -> list[Path]:
+    files: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS)
+            if not found:
+                raise FileNotFoundError(f"folder {p} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+            files.extend(found)
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"input {p} does not exist")
+    return files
+
+
+def load_image_for_model(path: Path, in_channels: int, mean, std) -> tuple[np.ndarray, torch.Tensor]:
+    """``(uint8 HWC image, normalised (1, C, H, W) tensor)`` for a file."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("L" if in_channels == 1 else "RGB")
+            arr = np.asarray(im)
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"cannot read image {path}: {e}") from e
+    x = torch.from_numpy(arr.copy()).float().div_(255.0)
+    x = x[None] if x.ndim == 2 else x.permute(2, 0, 1)  # (C, H, W)
+    m = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+    return (arr if arr.ndim == 3 else np.repeat(arr[..., None], 3, axis=2)), ((x - m) / s)[None]
+
+
+def predict(args) -> int:
+    from tqdm.auto import tqdm
+
+    from maskworks.losses import split_outputs
+    from maskworks.viz import default_palette, overlay, save_label_png, save_rgb_png
+
+    model, meta, dev = _model_and_meta(args.checkpoint, args.device)
+    files = _collect_images(args.inputs)
+    k = meta.get("num_classes") or model.num_classes
+    in_ch = meta.get("in_channels", 3)
+    mean, std = meta.get("mean", [0.5] * in_ch), meta.get("std", [0.25] * in_ch)
+    palette = [tuple(c) for c in meta.get("palette") or default_palette(k)]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        for f in tqdm(files, desc="predict", dynamic_ncols=True):
+            rgb, x = load_image_for_model(f, in_ch, mean, std)
+            logits, _ = split_outputs(model(x.to(dev)))
+            pred = (logits.argmax(1) if logits.shape[1] > 1 else (logits[:, 0] > 0).long())[0].cpu().numpy()
+            save_label_png(pred, out / f"{f.stem}_label.png", palette)
+            if not args.no_overlay:
+                save_rgb_png(overlay(rgb, pred, palette, alpha=args.alpha), out / f"{f.stem}_overlay.png")
+    print(f"wrote {len(files)} prediction(s) to {out}")
+    return 0
+
+
+# --------------------------------------------------------------------------- models
+def models(args) -> int:
+    from maskworks.registry import create_model, list_models, model_entry
+
+    names = list_models(args.pattern)
+    if not names:
+        print(f"no registered model matches {args.pattern!r}")
+        return 1
+    print(f"{'name':<28} {'kind':<9} {'task':<9} {'params':>10}")
+    for name in names:
+        entry = model_entry(name)
+        count = ""
+        if not args.no_params:
+            m = create_model(name)
+            count = f"{sum(p.numel() for p in m.parameters()) / 1e6:9.2f}M"
+        print(f"{name:<28} {entry.kind:<9} {entry.task:<9} {count:>10}")
+    return 0
+
+
+# --------------------------------------------------------------------------- demo
+def demo(args) -> int:
+    from maskworks.cli.demo import run_demo
+
+    summary = run_demo(Path(args.run_dir), epochs=args.epochs, device=args.device, seed=args.seed)
+    print(f"demo finished in {summary['seconds']:.0f} s: validation mIoU {summary['miou']:.3f}")
+    print(f"report: {summary['report']}")
+    return 0

@@ -1,0 +1,169 @@
+"""Read a checkpoint file, convert it from its source format and load it into a model."""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file
+
+from maskworks.convert.resnet import convert_timm_resnet, convert_torchvision_resnet, is_resnet_state_dict
+from maskworks.convert.smp import convert_smp
+
+__all__ = ["LoadResult", "load_weights", "read_state_dict", "CONVERTERS"]
+
+log = logging.getLogger(__name__)
+
+StateDict = dict[str, torch.Tensor]
+Converter = Callable[..., tuple[StateDict, list[str]]]
+
+
+def _as_is(state_dict: Mapping[str, torch.Tensor], in_channels: int | None = None) -> tuple[StateDict, list[str]]:
+    """maskworks' own keys: nothing to convert."""
+    return dict(state_dict), []
+
+
+# source name -> converter(state_dict, in_channels=None) -> (state dict, dropped keys)
+CONVERTERS: dict[str, Converter] = {
+    "maskworks": _as_is,
+    "smp": convert_smp,
+    "torchvision": convert_torchvision_resnet,
+    "timm": convert_timm_resnet,
+}
+# Sources whose checkpoints are a bare backbone: they load into `model.encoder` when there is one.
+_BACKBONE_SOURCES = ("torchvision", "timm")
+_WRAPPER_KEYS = ("state_dict", "model")
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DataParallel / DDP, torch.compile
+
+
+class LoadResult(NamedTuple):
+    """Keys of the model that got no value, and checkpoint keys that were not used (or dropped)."""
+
+    missing_keys: list[str]
+    unexpected_keys: list[str]
+
+
+def read_state_dict(path_or_state_dict: str | os.PathLike | Mapping[str, torch.Tensor]) -> StateDict:
+    """Read a state dict from a file, or normalise one given in memory.
+
+    ``.safetensors`` files are read with safetensors; anything else with
+    ``torch.load(map_location="cpu", weights_only=True)``, which refuses pickled objects other
+    than tensors and containers. A top-level ``state_dict`` / ``model`` entry is unwrapped and
+    ``module.`` / ``_orig_mod.`` prefixes are stripped.
+
+    Args:
+        path_or_state_dict: a checkpoint path or a mapping of names to tensors.
+
+    Returns:
+        A flat ``{name: tensor}`` dict.
+
+    Raises:
+        FileNotFoundError: the path does not exist.
+        ValueError: the file holds arbitrary pickled objects, or a value is not a tensor.
+    """
+    if isinstance(path_or_state_dict, Mapping):
+        obj, where = path_or_state_dict, "state dict"
+    else:
+        path = Path(path_or_state_dict)
+        if not path.is_file():
+            raise FileNotFoundError(f"weights file not found: {path}")
+        where = str(path)
+        if path.suffix == ".safetensors":
+            obj = load_file(str(path))
+        else:
+            try:
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError as e:
+                raise ValueError(
+                    f"{path} holds pickled objects other than tensors; refusing to load it "
+                    f"(torch.load(weights_only=True)): {e}"
+                ) from e
+    while isinstance(obj, Mapping) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        key = next((k for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
+        if key is None:
+            break
+        obj = obj[key]
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{where} does not hold a state dict (got {type(obj).__name__})")
+    state_dict = {}
+    for key, value in obj.items():
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"{where}: entry {key!r} is a {type(value).__name__}, not a tensor")
+        for prefix in _WRAPPER_PREFIXES:
+            key = key.removeprefix(prefix)
+        state_dict[key] = value
+    return state_dict
+
+
+def _detect_source(state_dict: Mapping[str, torch.Tensor]) -> str:
+    # A bare ResNet (torchvision, timm or our backbone) is converted as torchvision: the keys are the
+    # same and it is routed into `model.encoder`; anything else is taken to be in our (= smp) layout.
+    return "torchvision" if is_resnet_state_dict(state_dict) else "maskworks"
+
+
+def load_weights(
+    model: nn.Module,
+    path_or_state_dict: str | os.PathLike | Mapping[str, torch.Tensor],
+    source: str = "auto",
+    strict: bool = False,
+) -> LoadResult:
+    """Load a local checkpoint into ``model``, converting it from its source format.
+
+    With ``source="auto"``, maskworks and smp checkpoints load as-is, and a bare torchvision /
+    timm ResNet state dict goes into ``model.encoder`` when the model has one (into the model
+    itself otherwise); its classifier ``fc.*`` is dropped and reported as unexpected.
+
+    Args:
+        model: the model to fill (its parameters are copied in place).
+        path_or_state_dict: a ``.safetensors`` / ``.pt`` / ``.pth`` / ``.bin`` path, or a state dict.
+        source: ``"auto"``, ``"maskworks"``, ``"smp"``, ``"torchvision"`` or ``"timm"``.
+        strict: raise when any key is missing or unexpected.
+
+    Returns:
+        The model keys that got no value and the checkpoint keys that were not used.
+
+    Raises:
+        FileNotFoundError: the path does not exist.
+        ValueError: unknown ``source``, a shape mismatch (naming the key and both shapes), a file
+            with arbitrary pickled objects, or, when ``strict``, missing / unexpected keys.
+    """
+    if source != "auto" and source not in CONVERTERS:
+        raise ValueError(f"unknown source {source!r}; expected 'auto' or one of {sorted(CONVERTERS)}")
+    state_dict = read_state_dict(path_or_state_dict)
+    if source == "auto":
+        source = _detect_source(state_dict)
+
+    target, prefix = model, ""
+    encoder = getattr(model, "encoder", None)
+    if source in _BACKBONE_SOURCES and isinstance(encoder, nn.Module):
+        target, prefix = encoder, "encoder."
+    converted, dropped = CONVERTERS[source](state_dict, in_channels=getattr(target, "in_channels", None))
+    converted = {prefix + k: v for k, v in converted.items()}
+
+    own = model.state_dict()
+    for key, value in converted.items():
+        if key in own and own[key].shape != value.shape:
+            raise ValueError(
+                f"shape mismatch for {key!r}: checkpoint {tuple(value.shape)} vs model {tuple(own[key].shape)}"
+            )
+    result = model.load_state_dict(converted, strict=False)
+    missing, unexpected = list(result.missing_keys), [*dropped, *result.unexpected_keys]
+    if strict and (missing or unexpected):
+        raise ValueError(
+            f"strict loading failed ({source} checkpoint): missing keys {missing}, unexpected keys {unexpected}"
+        )
+    log.info(
+        "loaded %d tensors (%s format) into %s; %d missing, %d unexpected",
+        len(converted) - len(result.unexpected_keys),
+        source,
+        type(model).__name__,
+        len(missing),
+        len(unexpected),
+    )
+    return LoadResult(missing, unexpected)

@@ -1,0 +1,53 @@
+"""Datasets, joint transforms and file reading: every dataset returns the sample dict of :mod:`maskworks.data.io`."""
+
+from maskworks.data.camvid import CamVid
+from maskworks.data.folder import FolderDataset, PairedFileDataset
+from maskworks.data.io import (
+    IGNORE_INDEX,
+    IMAGE_EXTENSIONS,
+    DatasetError,
+    SegmentationDataset,
+    collate_samples,
+    masks_to_boxes,
+    raw_sample,
+    read_image,
+    read_mask,
+)
+from maskworks.data.isbi import ISBI2012
+from maskworks.data.palette import default_palette, read_class_file
+from maskworks.data.synthetic import SyntheticShapes
+from maskworks.data.transforms import (
+    GaussianNoise,
+    InstanceMasks,
+    RandomCrop,
+    RandomScale,
+    build_transforms,
+    normalize_image,
+    segmentation_fill,
+)
+
+__all__ = [
+    "IGNORE_INDEX",
+    "IMAGE_EXTENSIONS",
+    "CamVid",
+    "DatasetError",
+    "FolderDataset",
+    "GaussianNoise",
+    "ISBI2012",
+    "InstanceMasks",
+    "PairedFileDataset",
+    "RandomCrop",
+    "RandomScale",
+    "SegmentationDataset",
+    "SyntheticShapes",
+    "build_transforms",
+    "collate_samples",
+    "default_palette",
+    "masks_to_boxes",
+    "normalize_image",
+    "raw_sample",
+    "read_class_file",
+    "read_image",
+    "read_mask",
+    "segmentation_fill",
+]

@@ -1,0 +1,402 @@
+"""Reading images and label masks, the dataset error type, and the sample format shared by every dataset.
+
+A dataset returns ``dataset[i]`` as a dict (see :class:`SegmentationDataset`)::
+
+    {"image": float32 (C, H, W) normalised by the dataset mean/std,
+     "mask": int64 (H, W), class ids 0..K-1 and 255 = ignore,
+     "instances": {"boxes": float32 (N, 4) xyxy, "labels": int64 (N,), "masks": bool (N, H, W)},  # when available
+     "meta": {"file": str | None, "index": int, "orig_size": (H, W)}}
+
+The pipeline of every ``__getitem__`` is: read the *raw* sample (``image`` a ``tv_tensors.Image`` uint8 (C, H, W),
+``mask`` a ``tv_tensors.Mask`` int64 (H, W), ``instances`` with ``tv_tensors.BoundingBoxes`` and
+:class:`~maskworks.data.transforms.InstanceMasks`), check it, apply the dataset's ``transform`` to it, then
+convert the image to float and normalise it (:func:`~maskworks.data.transforms.normalize_image`). Transforms never
+need to know mean/std; instances that a transform moved out of view are dropped and boxes are recomputed from the
+visible instance masks (pixel-edge convention: a box spans ``[x1, x2) x [y1, y2)``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+
+from maskworks.data.transforms import InstanceMasks, normalize_image
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = 255
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
+_HIGH_DEPTH_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
+
+
+class DatasetError(ValueError):
+    """Bad dataset files: the message names the file and what was expected."""
+
+
+def _open(path: Path, kind: str) -> Image.Image:
+    """Open and fully decode an image file (so truncated files fail here, not later)."""
+    try:
+        img = Image.open(path)
+        img.load()
+    except FileNotFoundError as e:
+        raise DatasetError(f"{kind} file {path} does not exist") from e
+    except Exception as e:  # PIL decoders raise OSError, SyntaxError, ValueError, EOFError, struct.error, ...
+        raise DatasetError(
+            f"cannot read {kind} file {path}: {type(e).__name__}: {e}; expected a complete image "
+            f"file ({', '.join(IMAGE_EXTENSIONS)})"
+        ) from e
+    return img
+
+
+def _to_uint8(arr: np.ndarray) -> np.ndarray:
+    """High bit-depth or float grayscale data to uint8 (16-bit: /257, float in 0..1: *255)."""
+    if arr.dtype == np.uint8:
+        return arr
+    is_float = np.issubdtype(arr.dtype, np.floating)
+    arr = arr.astype(np.float64)
+    peak = float(arr.max(initial=0.0))
+    if is_float and peak <= 1.0:
+        arr = arr * 255.0
+    elif peak > 255:
+        arr = arr / 257.0
+    return np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+
+
+def image_channels(path: str | Path) -> int:
+    """Channels an image file becomes when read: 1 for grayscale modes, 3 otherwise (alpha is dropped).
+
+    Reads only the header.
+    """
+    try:
+        with Image.open(path) as img:
+            mode = img.mode
+    except Exception as e:  # see _open
+        raise DatasetError(f"cannot read image file {path}: {type(e).__name__}: {e}") from e
+    return 1 if mode in _GRAY_MODES else 3
+
+
+def read_image(path: str | Path, channels: int | None = None) -> np.ndarray:
+    """Read an image as uint8 ``(H, W, C)``.
+
+    Args:
+        path: image file (png, jpg, bmp, tif, webp, ...).
+        channels: 1 (grayscale) or 3 (RGB) to convert to; None keeps grayscale images 1-channel and makes every
+            other mode RGB. Alpha channels are dropped; 16-bit images are scaled to 8 bits.
+
+    Returns:
+        A ``(H, W, channels)`` uint8 array.
+    """
+    path = Path(path)
+    if channels not in (None, 1, 3):
+        raise ValueError(f"channels must be None, 1 or 3, got {channels!r}")
+    img = _open(path, "image")
+    try:
+        if img.mode in _HIGH_DEPTH_MODES:
+            arr = _to_uint8(np.asarray(img))[..., None]
+            return np.repeat(arr, 3, axis=2) if channels == 3 else arr
+        if channels is None:
+            channels = 1 if img.mode in _GRAY_MODES else 3
+        arr = np.asarray(img.convert("L" if channels == 1 else "RGB"))
+    finally:
+        img.close()
+    return arr[..., None] if arr.ndim == 2 else arr
+
+
+def _encode_rgb(rgb: np.ndarray) -> np.ndarray:
+    rgb = rgb.astype(np.int64)
+    return (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
+
+
+def _map_colors(
+    rgb: np.ndarray, colors: Sequence[Sequence[int]], ignore_colors: Sequence[Sequence[int]], path: Path
+) -> np.ndarray:
+    """Map an RGB colour mask to class ids (``colors[i]`` -> i, ``ignore_colors`` -> 255)."""
+    table = {int(c): i for i, c in enumerate(_encode_rgb(np.asarray(colors, dtype=np.int64)))}
+    for c in _encode_rgb(np.asarray(ignore_colors, dtype=np.int64).reshape(-1, 3)):
+        table.setdefault(int(c), IGNORE_INDEX)
+    keys = np.array(sorted(table), dtype=np.int64)
+    values = np.array([table[k] for k in keys], dtype=np.int64)
+    codes = _encode_rgb(rgb)
+    pos = np.clip(np.searchsorted(keys, codes), 0, len(keys) - 1)
+    known = keys[pos] == codes
+    if not known.all():
+        unknown = np.unique(codes[~known])
+        shown = [((c >> 16) & 255, (c >> 8) & 255, c & 255) for c in unknown[:10].tolist()]
+        raise DatasetError(
+            f"mask {path}: {len(unknown)} colour(s) not in the class colours, e.g. {shown}; expected "
+            f"only the colours of the class file ({len(colors)} classes) or a void/ignore colour"
+        )
+    return values[pos]
+
+
+def read_mask(
+    path: str | Path, colors: Sequence[Sequence[int]] | None = None, ignore_colors: Sequence[Sequence[int]] = ()
+) -> np.ndarray:
+    """Read a label mask as int64 ``(H, W)`` raw label values.
+
+    Palette ("P"), grayscale ("L", "1", 16-bit) masks hold class indices directly. RGB(A) masks are mapped
+    through ``colors`` (class ``i`` has colour ``colors[i]``; ``ignore_colors`` become 255); without colours an
+    RGB mask is accepted only when it is gray (all channels equal).
+
+    Args:
+        path: mask file.
+        colors: class colours for RGB masks.
+        ignore_colors: colours meaning "ignore" in RGB masks.
+
+    Returns:
+        An int64 ``(H, W)`` array (not yet checked against the number of classes).
+    """
+    path = Path(path)
+    img = _open(path, "mask")
+    try:
+        mode = img.mode
+        if mode in ("P", "L", "1") or mode.startswith("I"):
+            return np.asarray(img).astype(np.int64)
+        if mode in ("LA", "La"):
+            return np.asarray(img)[..., 0].astype(np.int64)
+        if mode not in ("RGB", "RGBA", "RGBa"):
+            raise DatasetError(
+                f"mask {path} has image mode {mode!r}; expected an index mask (P, L, 16-bit) or an RGB colour mask"
+            )
+        rgb = np.asarray(img)[..., :3]
+    finally:
+        img.close()
+    if colors is not None:
+        return _map_colors(rgb, colors, ignore_colors, path)
+    if (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 0] == rgb[..., 2]).all():
+        return rgb[..., 0].astype(np.int64)
+    raise DatasetError(
+        f"mask {path} is an RGB colour mask but no class colours are known; expected an index mask "
+        f"(palette or grayscale PNG) or a class file with 'name r g b' lines"
+    )
+
+
+def label_lut(num_classes: int, extra: dict[int, int] | None = None) -> np.ndarray:
+    """A raw-value -> class-id lookup table: ``0..K-1`` -> themselves, 255 -> 255, everything else invalid (-1).
+
+    Args:
+        num_classes: K.
+        extra: additional raw -> id entries (e.g. ``{11: 255}`` for CamVid's void label).
+
+    Returns:
+        An int64 array of 256 entries.
+    """
+    if not 1 <= num_classes <= IGNORE_INDEX:
+        raise ValueError(f"num_classes must be in 1..{IGNORE_INDEX}, got {num_classes}")
+    lut = np.full(256, -1, dtype=np.int64)
+    lut[:num_classes] = np.arange(num_classes)
+    lut[IGNORE_INDEX] = IGNORE_INDEX
+    for raw, value in (extra or {}).items():
+        lut[raw] = value
+    return lut
+
+
+def _describe_values(values: np.ndarray) -> str:
+    """``[0 1 2 3 7 255]`` -> ``"0..3, 7, 255"``."""
+    parts, values = [], [int(v) for v in values]
+    start = prev = values[0] if values else None
+    for v in values[1:] + [None]:
+        if v is not None and v == prev + 1:
+            prev = v
+            continue
+        parts.append(str(start) if start == prev else f"{start}..{prev}")
+        start = prev = v
+    return ", ".join(parts)
+
+
+def map_labels(raw: np.ndarray, lut: np.ndarray, path: str | Path) -> np.ndarray:
+    """Map raw label values through ``lut`` and reject values it marks invalid.
+
+    Args:
+        raw: int64 raw label values (from :func:`read_mask`).
+        lut: table from :func:`label_lut` (-1 = invalid value).
+        path: the mask file, for the error message.
+
+    Returns:
+        int64 class ids (0..K-1, 255 = ignore).
+    """
+    in_range = (raw >= 0) & (raw < len(lut))
+    mapped = lut[np.clip(raw, 0, len(lut) - 1)]
+    bad = ~in_range | (mapped < 0)
+    if bad.any():
+        values = np.unique(raw[bad])
+        shown = ", ".join(str(v) for v in values[:20].tolist()) + (" ..." if len(values) > 20 else "")
+        raise DatasetError(
+            f"mask {path}: label values [{shown}] out of range; expected only "
+            f"{_describe_values(np.flatnonzero(lut >= 0))} (255 = ignore)"
+        )
+    return mapped
+
+
+def check_same_size(image: np.ndarray, mask: np.ndarray, image_path: str | Path, mask_path: str | Path) -> None:
+    """Raise :class:`DatasetError` unless ``image`` ``(H, W, C)`` and ``mask`` ``(H, W)`` have the same size."""
+    if image.shape[:2] != mask.shape[:2]:
+        raise DatasetError(
+            f"image {image_path} is {image.shape[0]}x{image.shape[1]} (HxW) but its mask {mask_path} "
+            f"is {mask.shape[0]}x{mask.shape[1]}; expected the same size"
+        )
+
+
+def raw_sample(image: np.ndarray, mask: np.ndarray, instances: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+    """Wrap arrays as the raw sample a transform receives.
+
+    Args:
+        image: uint8 ``(H, W, C)``.
+        mask: ``(H, W)`` class ids.
+        instances: optional ``{"labels": (N,), "masks": (N, H, W)[, "boxes": (N, 4) xyxy]}``; boxes default to
+            the tight boxes of the masks.
+
+    Returns:
+        ``{"image": tv_tensors.Image, "mask": tv_tensors.Mask[, "instances": {...}]}``.
+    """
+    sample: dict[str, Any] = {
+        "image": tv_tensors.Image(
+            torch.from_numpy(np.require(image.transpose(2, 0, 1), requirements="CW"))
+        ),  # (C, H, W)
+        "mask": tv_tensors.Mask(torch.from_numpy(mask.astype(np.int64, copy=False))),
+    }
+    if instances is not None:
+        masks = torch.from_numpy(np.asarray(instances["masks"], dtype=np.uint8))  # (N, H, W)
+        boxes = instances.get("boxes")
+        boxes = masks_to_boxes(masks.bool()) if boxes is None else torch.as_tensor(boxes, dtype=torch.float32)
+        sample["instances"] = {
+            "boxes": tv_tensors.BoundingBoxes(boxes.reshape(-1, 4), format="XYXY", canvas_size=tuple(mask.shape)),
+            "labels": torch.as_tensor(instances["labels"], dtype=torch.int64),
+            "masks": InstanceMasks(masks),
+        }
+    return sample
+
+
+def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
+    """Tight xyxy boxes (pixel-edge convention, ``x2 = last column + 1``) of boolean ``(N, H, W)`` masks."""
+    if masks.shape[0] == 0:
+        return torch.zeros((0, 4), dtype=torch.float32)
+    rows, cols = masks.any(2), masks.any(1)  # (N, H), (N, W)
+    h, w = masks.shape[-2:]
+    ys, xs = torch.arange(h), torch.arange(w)
+    y1 = torch.where(rows, ys, h).amin(1)
+    y2 = torch.where(rows, ys, -1).amax(1) + 1
+    x1 = torch.where(cols, xs, w).amin(1)
+    x2 = torch.where(cols, xs, -1).amax(1) + 1
+    return torch.stack([x1, y1, x2, y2], 1).float()
+
+
+def finalize_instances(instances: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Drop instances with no visible pixel and recompute their boxes from the masks.
+
+    Instance masks count a pixel as set only where the value is exactly 1, so any fill a transform used for
+    padding never creates instance pixels.
+    """
+    labels = torch.as_tensor(instances["labels"]).as_subclass(torch.Tensor).to(torch.int64)
+    if "masks" not in instances:
+        boxes = torch.as_tensor(instances["boxes"]).as_subclass(torch.Tensor).float().reshape(-1, 4)
+        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        return {"boxes": boxes[keep], "labels": labels[keep]}
+    masks = instances["masks"].as_subclass(torch.Tensor) == 1  # (N, H, W)
+    keep = masks.flatten(1).any(1)
+    masks = masks[keep]
+    return {"boxes": masks_to_boxes(masks), "labels": labels[keep], "masks": masks}
+
+
+def finalize_sample(
+    sample: dict[str, Any], mean: Sequence[float], std: Sequence[float], meta: dict[str, Any]
+) -> dict[str, Any]:
+    """Turn a (transformed) raw sample into the model-ready sample (float normalised image, int64 mask, meta)."""
+    image, mask = sample["image"], sample["mask"]
+    if tuple(image.shape[-2:]) != tuple(mask.shape[-2:]):
+        raise ValueError(
+            f"sample {meta.get('file') or meta.get('index')}: after the transform the image is "
+            f"{tuple(image.shape[-2:])} but the mask is {tuple(mask.shape[-2:])}; expected a transform that "
+            f"moves both (keep the mask a tv_tensors.Mask and use torchvision.transforms.v2)"
+        )
+    out = {"image": normalize_image(image, mean, std), "mask": mask.as_subclass(torch.Tensor).to(torch.int64)}
+    if "instances" in sample:
+        out["instances"] = finalize_instances(sample["instances"])
+    out["meta"] = meta
+    return out
+
+
+class SegmentationDataset(Dataset):
+    """Base of every maskworks dataset: raw sample -> ``transform`` -> float normalised sample.
+
+    Subclasses implement ``__len__`` and :meth:`load_raw` and set the attributes below.
+
+    Attributes:
+        num_classes: K; masks hold 0..K-1 and ``ignore_index``.
+        class_names: K names.
+        palette: K ``(r, g, b)`` colours.
+        mean: per-channel mean in 0-1 units, used to normalise the image.
+        std: per-channel std in 0-1 units.
+        in_channels: image channels C.
+        ignore_index: 255.
+        transform: callable on the raw sample dict (see the module docstring), or None.
+    """
+
+    ignore_index: int = IGNORE_INDEX
+    num_classes: int
+    class_names: list[str]
+    palette: list[tuple[int, int, int]]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    in_channels: int
+
+    def __init__(self, transform: Callable[[dict], dict] | None = None) -> None:
+        self.transform = transform
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def load_raw(self, index: int) -> dict[str, Any]:
+        """The raw sample ``{"image", "mask"[, "instances"]}`` before the transform, plus ``"file"`` (str or None)."""
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        n = len(self)
+        if not -n <= index < n:
+            raise IndexError(f"index {index} out of range for {type(self).__name__} of {n} samples")
+        index = int(index) % n
+        sample = self.load_raw(index)
+        meta = {"file": sample.pop("file", None), "index": index, "orig_size": tuple(sample["image"].shape[-2:])}
+        if self.transform is not None:
+            sample = self.transform(sample)
+        return finalize_sample(sample, self.mean, self.std, meta)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({len(self)} samples, {self.num_classes} classes, in_channels={self.in_channels})"
+
+
+def collate_samples(batch: list[dict[str, Any]]) -> dict[str, Any]:
+    """DataLoader ``collate_fn``: stack ``image`` ``(B, C, H, W)`` and ``mask`` ``(B, H, W)``, keep the rest as lists.
+
+    Args:
+        batch: samples from a maskworks dataset.
+
+    Returns:
+        ``{"image": Tensor, "mask": Tensor, "instances": [...], "meta": [...]}`` (keys as present in the samples).
+    """
+    out: dict[str, Any] = {}
+    for key in batch[0]:
+        values = [sample[key] for sample in batch]
+        if key in ("image", "mask"):
+            shapes = sorted({tuple(v.shape) for v in values})
+            if len(shapes) > 1:
+                files = [(s.get("meta") or {}).get("file") for s in batch]
+                raise ValueError(
+                    f"cannot batch {key}s of different shapes {shapes} (files {files}); expected equal "
+                    f"sizes: use build_transforms(crop_size=...) for training or batch_size=1"
+                )
+            out[key] = torch.stack(values)
+        else:
+            out[key] = values
+    return out

@@ -1,0 +1,396 @@
+"""Supervised training loop for semantic segmentation.
+
+One :class:`Trainer` runs single-process or under ``torchrun`` (DDP), on CPU or GPU:
+AdamW/SGD with poly or warm-up-cosine schedules, optional mixed precision, gradient clipping,
+an atomically written checkpoint after every epoch (``--resume`` continues from it), the best
+model by validation mIoU, a clear stop on a NaN/inf loss, a seeded deterministic mode and JSONL
+logs in the run folder.
+
+Determinism across interruptions: every epoch reseeds torch's RNG, the shuffling and the
+DataLoader workers from ``(seed, epoch)``, and a checkpoint holds everything else (weights,
+optimizer, schedule, scaler), so a run resumed from the checkpoint of epoch ``e`` replays epoch
+``e + 1`` exactly as the uninterrupted run does.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from maskworks.checkpoint import atomic_torch_save, atomic_write_bytes, save_model, unwrap_model
+from maskworks.engine.distributed import DistInfo, ShardedSampler, all_reduce_sum, init_distributed
+from maskworks.engine.optim import build_optimizer, build_scheduler
+from maskworks.losses import CrossEntropyLoss, split_outputs
+from maskworks.metrics import ConfusionMatrix
+
+__all__ = ["Trainer", "TrainingDiverged", "resolve_device", "dataset_meta", "seed_everything", "collate"]
+
+log = logging.getLogger(__name__)
+AMP_MODES = ("auto", "off", "bf16", "fp16")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is left untouched."""
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available; use device='cpu'")
+    return dev
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _worker_init(worker_id: int) -> None:
+    # torch seeds each worker from the loader's generator; derive python/numpy seeds from it.
+    s = torch.initial_seed() % 2**32
+    random.seed(s)
+    np.random.seed(s)
+
+
+def collate(batch: list[dict]) -> dict:
+    """Stack ``image``/``mask``; keep everything else (instances, meta) as lists."""
+    try:
+        from maskworks.data import collate_samples
+    except ImportError:  # pragma: no cover - data package always present in installs
+        collate_samples = None
+    if collate_samples is not None:
+        return collate_samples(batch)
+    return {k: torch.stack([b[k] for b in batch]) if k in ("image", "mask") else [b[k] for b in batch]
+            for k in batch[0]}
+
+
+def dataset_meta(ds: Dataset) -> dict:
+    """What predict/eval need later, read from a dataset's attributes."""
+    base = getattr(ds, "dataset", ds)  # unwrap Subset
+    meta = {}
+    for key in ("num_classes", "class_names", "palette", "mean", "std", "in_channels", "ignore_index"):
+        if hasattr(base, key):
+            v = getattr(base, key)
+            meta[key] = [list(c) if isinstance(c, tuple) else c for c in v] if isinstance(v, (list, tuple)) else v
+    meta["dataset"] = type(base).__name__
+    return meta
+
+
+class Trainer:
+    """Train a segmentation model on a dataset of ``{"image", "mask"}`` samples.
+
+    Args:
+        model: module returning logits ``(B, K, H, W)`` or ``{"out", "aux"}`` in training.
+        train_set: training dataset.
+        val_set: optional validation dataset (evaluated every ``eval_every`` epochs).
+        run_dir: folder for checkpoints and logs.
+        loss_fn: ``loss_fn(output, target)``; default cross-entropy with ``ignore_index``.
+        epochs: number of epochs.
+        batch_size: global batch size (split evenly over DDP ranks).
+        optimizer: ``"adamw" | "adam" | "sgd"``.
+        lr: base learning rate.
+        weight_decay: decoupled weight decay (not applied to biases and norms).
+        momentum: SGD momentum.
+        schedule: ``"poly" | "cosine" | "constant"`` per-step schedule.
+        warmup_epochs: linear warm-up length in epochs (may be fractional).
+        amp: ``"auto"`` (bf16/fp16 on CUDA, off on CPU), ``"off"``, ``"bf16"`` or ``"fp16"``.
+        grad_clip: max global gradient norm, or None.
+        seed: base seed of weights-independent randomness (shuffle, augmentation, dropout).
+        deterministic: use deterministic algorithms.
+        num_workers: DataLoader workers.
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
+        eval_every: validate every this many epochs (and always after the last).
+        eval_batch_size: validation batch size per rank (default: the training per-rank batch).
+        log_every: write a step row to ``steps.jsonl`` every this many steps.
+        progress: show progress bars (main process only).
+        meta: extra JSON metadata stored with the model (class names, palette, mean/std...).
+        num_classes: number of classes for metrics (default: ``train_set.num_classes`` or model output).
+        ignore_index: label value ignored by loss and metrics.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train_set: Dataset,
+        val_set: Dataset | None = None,
+        run_dir: str | os.PathLike = "runs/train",
+        *,
+        loss_fn: Callable[[Any, torch.Tensor], torch.Tensor] | None = None,
+        epochs: int = 10,
+        batch_size: int = 8,
+        optimizer: str = "adamw",
+        lr: float = 1e-3,
+        weight_decay: float = 1e-4,
+        momentum: float = 0.9,
+        schedule: str = "poly",
+        warmup_epochs: float = 0.0,
+        amp: str = "auto",
+        grad_clip: float | None = None,
+        seed: int = 0,
+        deterministic: bool = False,
+        num_workers: int = 0,
+        device: str | torch.device = "auto",
+        eval_every: int = 1,
+        eval_batch_size: int | None = None,
+        log_every: int = 10,
+        progress: bool = True,
+        meta: dict | None = None,
+        num_classes: int | None = None,
+        ignore_index: int = 255,
+    ):
+        if epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {epochs}")
+        if amp not in AMP_MODES:
+            raise ValueError(f"amp must be one of {AMP_MODES}, got {amp!r}")
+        if grad_clip is not None and grad_clip <= 0:
+            raise ValueError(f"grad_clip must be > 0 or None, got {grad_clip}")
+        self.device = resolve_device(device)
+        self.dist: DistInfo = init_distributed(self.device)
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
+        if batch_size < 1 or batch_size % self.dist.world_size:
+            raise ValueError(
+                f"batch_size={batch_size} must be a positive multiple of the number of processes ({self.dist.world_size})"
+            )
+        if len(train_set) < batch_size:
+            raise ValueError(f"training set has {len(train_set)} samples, fewer than batch_size={batch_size}")
+        self.run_dir = Path(run_dir)
+        self.epochs, self.batch_size, self.seed = epochs, batch_size, seed
+        self.deterministic, self.eval_every, self.log_every = deterministic, eval_every, log_every
+        self.progress = progress and self.dist.is_main
+        self.ignore_index = ignore_index
+        self.grad_clip = grad_clip
+        self.train_set, self.val_set = train_set, val_set
+        self.meta = {**dataset_meta(train_set), **(meta or {})}
+        self.num_classes = num_classes or getattr(getattr(train_set, "dataset", train_set), "num_classes", None)
+        if deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.benchmark = False
+        elif self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+
+        self.model = model.to(self.device)
+        if self.dist.enabled:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        self.loss_fn = loss_fn if loss_fn is not None else CrossEntropyLoss(ignore_index=ignore_index)
+        if isinstance(self.loss_fn, nn.Module):
+            self.loss_fn = self.loss_fn.to(self.device)
+
+        per_rank = batch_size // self.dist.world_size
+        self.sampler = ShardedSampler(len(train_set), shuffle=True, seed=seed, rank=self.dist.rank,
+                                      world_size=self.dist.world_size, global_batch=batch_size)
+        self.loader_generator = torch.Generator()
+        self.train_loader = DataLoader(
+            train_set, batch_size=per_rank, sampler=self.sampler, num_workers=num_workers, collate_fn=collate,
+            drop_last=True, worker_init_fn=_worker_init, generator=self.loader_generator,
+            pin_memory=self.device.type == "cuda", persistent_workers=False,
+        )
+        self.val_loader = None
+        if val_set is not None:
+            vs = ShardedSampler(len(val_set), shuffle=False, rank=self.dist.rank, world_size=self.dist.world_size)
+            self.val_loader = DataLoader(val_set, batch_size=eval_batch_size or per_rank, sampler=vs,
+                                         num_workers=num_workers, collate_fn=collate)
+        self.steps_per_epoch = len(self.train_loader)
+        total = self.steps_per_epoch * epochs
+        self.optimizer = build_optimizer(unwrap_model(self.model), optimizer, lr, weight_decay, momentum)
+        warmup = min(int(round(warmup_epochs * self.steps_per_epoch)), total - 1)
+        self.scheduler = build_scheduler(self.optimizer, total, schedule, warmup)
+        self.amp_dtype = self._amp_dtype(amp)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.start_epoch, self.best_miou, self.history = 0, -math.inf, []
+
+    # ------------------------------------------------------------------ setup helpers
+    def _amp_dtype(self, amp: str) -> torch.dtype | None:
+        if amp == "off" or (amp == "auto" and self.device.type != "cuda"):
+            return None
+        if amp == "auto":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if amp == "fp16" and self.device.type != "cuda":
+            raise ValueError("amp='fp16' needs a CUDA device; use amp='bf16' or 'off' on CPU")
+        return torch.bfloat16 if amp == "bf16" else torch.float16
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.run_dir / "checkpoints" / "last.pt"
+
+    # ------------------------------------------------------------------ checkpoints
+    def _state(self, epoch: int) -> dict:
+        return {
+            "model": unwrap_model(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": epoch,
+            "best_miou": self.best_miou,
+            "history": self.history,
+        }
+
+    def save_checkpoint(self, epoch: int) -> None:
+        if self.dist.is_main:
+            atomic_torch_save(self._state(epoch), self.checkpoint_path)
+
+    def load_checkpoint(self, path: str | os.PathLike | None = None) -> int:
+        """Restore the training state; returns the number of completed epochs."""
+        path = Path(path) if path else self.checkpoint_path
+        if not path.exists():
+            raise FileNotFoundError(f"cannot resume: no checkpoint at {path}")
+        state = torch.load(path, map_location=self.device, weights_only=True)
+        unwrap_model(self.model).load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.best_miou, self.history = state["best_miou"], list(state["history"])
+        self.start_epoch = int(state["epoch"])
+        log.info("resumed from %s after epoch %d", path, self.start_epoch)
+        return self.start_epoch
+
+    def _rewrite_logs(self) -> None:
+        """After a resume, keep only log rows of completed epochs."""
+        if not self.dist.is_main:
+            return
+        atomic_write_bytes(self.run_dir / "history.jsonl",
+                           "".join(json.dumps(r) + "\n" for r in self.history).encode())
+        steps = self.run_dir / "steps.jsonl"
+        if steps.exists():
+            rows = [json.loads(line) for line in steps.read_text().splitlines() if line.strip()]
+            kept = [r for r in rows if r.get("epoch", 0) <= self.start_epoch]
+            atomic_write_bytes(steps, "".join(json.dumps(r) + "\n" for r in kept).encode())
+
+    def _append(self, name: str, row: dict) -> None:
+        if self.dist.is_main:
+            with open(self.run_dir / name, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    # ------------------------------------------------------------------ loop
+    def fit(self, resume: bool = False) -> dict:
+        """Train for the configured epochs (continuing from the last checkpoint if ``resume``).
+
+        Returns:
+            Summary dict: ``best_miou``, ``final`` (last epoch's log row), ``history``, ``run_dir``.
+        """
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if resume:
+            self.load_checkpoint()
+            self._rewrite_logs()
+        elif self.dist.is_main:
+            for name in ("history.jsonl", "steps.jsonl"):
+                (self.run_dir / name).unlink(missing_ok=True)
+        for epoch in range(self.start_epoch, self.epochs):
+            row = {"epoch": epoch + 1, **self.train_one_epoch(epoch)}
+            if self.val_loader is not None and ((epoch + 1) % self.eval_every == 0 or epoch + 1 == self.epochs):
+                metrics = self.evaluate()
+                row.update({"val_miou": metrics["miou"], "val_pixel_acc": metrics["pixel_acc"],
+                            "val_mean_acc": metrics["mean_acc"], "val_mdice": metrics["mdice"]})
+                if metrics["miou"] > self.best_miou or not math.isfinite(self.best_miou):
+                    self.best_miou = metrics["miou"]
+                    if self.dist.is_main:
+                        save_model(self.model, self.run_dir / "best", {**self.meta, "epoch": epoch + 1,
+                                                                       "val_miou": metrics["miou"]})
+            self.history.append(row)
+            self.save_checkpoint(epoch + 1)
+            self._append("history.jsonl", row)
+            if self.dist.is_main:
+                log.info("epoch %d/%d %s", epoch + 1, self.epochs,
+                         " ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float)))
+        if self.dist.is_main:
+            save_model(self.model, self.run_dir / "final", {**self.meta, "epoch": self.epochs})
+        return {"best_miou": self.best_miou if math.isfinite(self.best_miou) else None,
+                "final": self.history[-1] if self.history else None, "history": self.history,
+                "run_dir": str(self.run_dir)}
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return torch.autocast(self.device.type, enabled=False)
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def train_one_epoch(self, epoch: int) -> dict:
+        # Everything random in this epoch derives from (seed, epoch): see the module docstring.
+        torch.manual_seed(self.seed * 1_000_003 + epoch)
+        random.seed(self.seed * 1_000_003 + epoch)
+        np.random.seed((self.seed * 1_000_003 + epoch) % 2**32)
+        self.sampler.set_epoch(epoch)
+        self.loader_generator.manual_seed(self.seed * 1_000_003 + epoch)
+        self.model.train()
+        total_loss, n_steps, n_images, t0 = 0.0, 0, 0, time.perf_counter()
+        bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{self.epochs}", disable=not self.progress,
+                   dynamic_ncols=True, leave=False)
+        for step, batch in enumerate(self.train_loader):
+            images = batch["image"].to(self.device, non_blocking=True)
+            masks = batch["mask"].to(self.device, non_blocking=True)
+            with self._autocast():
+                output = self.model(images)
+                loss = self.loss_fn(output, masks)
+            loss_value = all_reduce_sum(loss.detach().float().clone()) / self.dist.world_size
+            if not torch.isfinite(loss_value):
+                bar.close()
+                raise TrainingDiverged(
+                    f"loss became {loss_value.item()} at epoch {epoch + 1}, step {step + 1}; stopped. The last good "
+                    f"checkpoint is {self.checkpoint_path if self.checkpoint_path.exists() else 'not written yet'}. "
+                    "Lower the learning rate, enable grad_clip, or check the data for bad values."
+                )
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            if self.grad_clip is not None:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.step()
+            lv = loss_value.item()
+            total_loss += lv
+            n_steps += 1
+            n_images += images.shape[0] * self.dist.world_size
+            ips = n_images / max(time.perf_counter() - t0, 1e-9)
+            bar.update(1)
+            bar.set_postfix(loss=f"{lv:.4f}", img_s=f"{ips:.1f}")
+            if (step + 1) % self.log_every == 0:
+                self._append("steps.jsonl", {"epoch": epoch + 1, "step": epoch * self.steps_per_epoch + step + 1,
+                                             "loss": lv, "lr": self.optimizer.param_groups[0]["lr"],
+                                             "img_per_s": ips})
+        bar.close()
+        return {"train_loss": total_loss / max(n_steps, 1), "lr": self.optimizer.param_groups[0]["lr"],
+                "epoch_time_s": time.perf_counter() - t0, "img_per_s": n_images / max(time.perf_counter() - t0, 1e-9)}
+
+    @torch.no_grad()
+    def evaluate(self, loader: DataLoader | None = None) -> dict:
+        """Confusion-matrix metrics on the validation set (summed over DDP ranks)."""
+        loader = loader or self.val_loader
+        if loader is None:
+            raise ValueError("no validation set was given")
+        model = unwrap_model(self.model)
+        model.eval()
+        cm = None
+        for batch in tqdm(loader, desc="eval", disable=not self.progress, leave=False, dynamic_ncols=True):
+            images = batch["image"].to(self.device)
+            with self._autocast():
+                logits, _ = split_outputs(model(images))
+            if cm is None:
+                k = self.num_classes or max(2, logits.shape[1])
+                cm = ConfusionMatrix(k, ignore_index=self.ignore_index, device=self.device)
+            pred = logits.argmax(1) if logits.shape[1] > 1 else (logits[:, 0] > 0).long()
+            cm.update(pred, batch["mask"].to(self.device))
+        if cm is None:
+            raise ValueError("validation set is empty")
+        cm.all_reduce()
+        self.last_confusion = cm
+        return cm.compute()

@@ -1,0 +1,95 @@
+"""Cross-entropy for segmentation logits, with ``ignore_index`` and deep-supervision outputs.
+
+Models return logits ``(B, K, H, W)`` (``K = 1`` for binary tasks) or, in training with
+auxiliary heads, ``{"out": logits, "aux": [logits, ...]}``. Targets are int64 ``(B, H, W)`` with
+``255`` marking pixels that contribute nothing to the value or the gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["cross_entropy", "CrossEntropyLoss", "split_outputs"]
+
+
+def split_outputs(output: torch.Tensor | dict) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``(main_logits, aux_logits_list)`` from a tensor or an ``{"out", "aux"}`` dict."""
+    if isinstance(output, torch.Tensor):
+        return output, []
+    if isinstance(output, dict) and "out" in output:
+        return output["out"], list(output.get("aux", []))
+    raise TypeError(f"expected logits tensor or dict with 'out' (and 'aux'), got {type(output).__name__}")
+
+
+def cross_entropy(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    ignore_index: int = 255,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Multiclass CE for ``K > 1`` channels, binary CE with logits for ``K == 1``.
+
+    Args:
+        logits: ``(B, K, H, W)`` raw scores.
+        target: ``(B, H, W)`` integer class ids; ``ignore_index`` pixels are excluded.
+        weight: optional per-class weights ``(K,)`` (multiclass only).
+        ignore_index: label value that is ignored.
+        label_smoothing: multiclass label smoothing in ``[0, 1)``.
+        reduction: ``"mean"`` (over non-ignored pixels), ``"sum"`` or ``"none"``.
+
+    Returns:
+        The loss (a scalar unless ``reduction="none"``, then ``(B, H, W)`` with zeros at ignored pixels).
+    """
+    if logits.dim() != target.dim() + 1:
+        raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)}: expected (B,K,H,W) and (B,H,W)")
+    if logits.shape[2:] != target.shape[1:]:
+        target = F.interpolate(target[:, None].float(), size=logits.shape[2:], mode="nearest")[:, 0]
+    target = target.long()
+    if logits.shape[1] > 1:
+        return F.cross_entropy(
+            logits.float(), target, weight=weight, ignore_index=ignore_index, label_smoothing=label_smoothing,
+            reduction=reduction,
+        )
+    valid = target != ignore_index
+    loss = F.binary_cross_entropy_with_logits(
+        logits[:, 0].float(), (target == 1).float(), reduction="none"
+    ) * valid
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    return loss.sum() / valid.sum().clamp_min(1)
+
+
+class CrossEntropyLoss(nn.Module):
+    """Cross-entropy on logits that also accepts deep-supervision outputs.
+
+    Args:
+        weight: optional per-class weights.
+        ignore_index: label value excluded from the loss.
+        label_smoothing: multiclass label smoothing.
+        aux_weight: weight of each auxiliary output's loss (their sum is added to the main loss).
+    """
+
+    def __init__(self, weight=None, ignore_index: int = 255, label_smoothing: float = 0.0, aux_weight: float = 0.4):
+        super().__init__()
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        if aux_weight < 0:
+            raise ValueError(f"aux_weight must be >= 0, got {aux_weight}")
+        self.register_buffer("weight", None if weight is None else torch.as_tensor(weight, dtype=torch.float32))
+        self.ignore_index = ignore_index
+        self.label_smoothing = label_smoothing
+        self.aux_weight = aux_weight
+
+    def forward(self, output: torch.Tensor | dict, target: torch.Tensor) -> torch.Tensor:
+        main, aux = split_outputs(output)
+        kw = dict(weight=self.weight, ignore_index=self.ignore_index, label_smoothing=self.label_smoothing)
+        loss = cross_entropy(main, target, **kw)
+        for a in aux:
+            loss = loss + self.aux_weight * cross_entropy(a, target, **kw)
+        return loss

@@ -1,0 +1,85 @@
+"""One registry of named models and backbones.
+
+Every constructor that a user can reach by name is registered here with
+:func:`register_model`; :func:`create_model` builds it from keyword arguments and
+:func:`list_models` lists the names. Backbones share the registry and are tagged
+``kind="backbone"`` so decoders can look them up by name too.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch.nn as nn
+
+__all__ = ["register_model", "create_model", "list_models", "model_entry", "is_model"]
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    fn: Callable[..., nn.Module]
+    kind: str  # "model" | "backbone"
+    task: str  # "semantic" | "instance" | ... | "backbone"
+
+
+_REGISTRY: dict[str, ModelEntry] = {}
+
+
+def register_model(fn: Callable[..., nn.Module] | None = None, *, name: str | None = None, kind: str = "model",
+                   task: str = "semantic"):
+    """Register a model constructor under ``name`` (default: the function's name).
+
+    Usable as ``@register_model`` or ``@register_model(name="x", kind="backbone")``.
+    Registering a name twice raises ``ValueError``.
+    """
+
+    def _register(f: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        key = name or f.__name__
+        if key in _REGISTRY:
+            raise ValueError(f"model name {key!r} is already registered (by {_REGISTRY[key].fn.__module__})")
+        _REGISTRY[key] = ModelEntry(key, f, kind, "backbone" if kind == "backbone" else task)
+        return f
+
+    return _register(fn) if fn is not None else _register
+
+
+def _ensure_loaded() -> None:
+    # Importing the families registers their constructors.
+    import maskworks.backbones  # noqa: F401
+    import maskworks.models  # noqa: F401
+
+
+def model_entry(name: str) -> ModelEntry:
+    _ensure_loaded()
+    if name not in _REGISTRY:
+        close = difflib.get_close_matches(name, list(_REGISTRY), n=5, cutoff=0.5)
+        hint = f" did you mean: {', '.join(close)}?" if close else ""
+        raise ValueError(f"unknown model {name!r}.{hint} `maskworks models` lists all {len(_REGISTRY)} names.")
+    return _REGISTRY[name]
+
+
+def is_model(name: str) -> bool:
+    _ensure_loaded()
+    return name in _REGISTRY
+
+
+def create_model(name: str, **kwargs) -> nn.Module:
+    """Build the registered model ``name`` with keyword arguments ``kwargs``.
+
+    The name and kwargs are remembered on the module (``model.maskworks_config``) so a
+    checkpoint can rebuild it.
+    """
+    entry = model_entry(name)
+    model = entry.fn(**kwargs)
+    model.maskworks_config = {"name": name, "kwargs": dict(kwargs)}
+    return model
+
+
+def list_models(pattern: str = "*", kind: str | None = None) -> list[str]:
+    """Sorted registered names matching the glob ``pattern`` (optionally only one ``kind``)."""
+    _ensure_loaded()
+    return sorted(n for n, e in _REGISTRY.items() if fnmatch.fnmatch(n, pattern) and (kind is None or e.kind == kind))

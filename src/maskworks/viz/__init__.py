@@ -1,0 +1,28 @@
+"""Visualisation: coloured masks, overlays, label PNGs, training curves, confusion matrices and HTML reports."""
+
+from maskworks.viz.plots import plot_confusion_matrix, plot_training_curves
+from maskworks.viz.render import (
+    colorize,
+    default_palette,
+    denormalize,
+    make_grid,
+    overlay,
+    save_label_png,
+    save_rgb_png,
+    to_uint8_hwc,
+)
+from maskworks.viz.report import write_html_report
+
+__all__ = [
+    "colorize",
+    "default_palette",
+    "denormalize",
+    "make_grid",
+    "overlay",
+    "plot_confusion_matrix",
+    "plot_training_curves",
+    "save_label_png",
+    "save_rgb_png",
+    "to_uint8_hwc",
+    "write_html_report",
+]

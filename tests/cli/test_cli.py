@@ -1,0 +1,84 @@
+"""The command line: help, config resolution, train/eval/predict on tiny data, models listing."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from maskworks.cli.config import ConfigError, apply_overrides, load_config
+from maskworks.cli.main import build_parser, main
+
+
+@pytest.mark.parametrize("cmd", ["demo", "train", "eval", "predict", "models"])
+def test_every_subcommand_has_help(cmd, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([cmd, "--help"])
+    assert e.value.code == 0
+    assert len(capsys.readouterr().out) > 200
+
+
+def test_overrides_parse_yaml_values_and_reject_unknown_keys(tmp_path):
+    cfg = apply_overrides(load_config(None), ["train.lr=0.01", "model.encoder=resnet34", "data.scale_range=[0.5, 2]",
+                                              "train.grad_clip=null"])
+    assert cfg["train"]["lr"] == 0.01 and cfg["model"]["encoder"] == "resnet34"
+    assert cfg["data"]["scale_range"] == [0.5, 2] and cfg["train"]["grad_clip"] is None
+    with pytest.raises(ConfigError, match="did you mean lr"):
+        apply_overrides(cfg, ["train.lrr=1"])
+    with pytest.raises(ConfigError, match="key=value"):
+        apply_overrides(cfg, ["train.lr"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_config_errors_exit_cleanly(capsys):
+    assert main(["train", "--set", "train.bogus=1"]) == 2
+    assert "unknown config key 'train.bogus'" in capsys.readouterr().err
+    assert main(["train", "--model", "unett"]) == 2
+    assert "did you mean" in capsys.readouterr().err.lower()
+
+
+def test_models_lists_with_params(capsys):
+    assert main(["models", "resnet1*"]) == 0
+    out = capsys.readouterr().out
+    assert "resnet18" in out and "11.18M" in out  # resnet18 without the classifier: 11,176,512 parameters
+
+
+def test_train_eval_predict_round_trip(tmp_path, capsys):
+    run = tmp_path / "run"
+    args = ["train", "--data", "synthetic", "--model", "unet_vanilla", "--no-progress", "--epochs", "2",
+            "--set", "model.features=[8,16,32]", "--set", "data.image_size=32", "--set", "data.num_train=32",
+            "--set", "data.num_val=8", "--set", "train.batch_size=8", "--set", "train.device=cpu",
+            "--run-dir", str(run)]
+    assert main(args) == 0
+    for name in ("config.yaml", "history.jsonl", "best.safetensors", "best.json", "training_curves.png",
+                 "checkpoints/last.pt"):
+        assert (run / name).exists(), name
+    assert main(["eval", "--checkpoint", str(run / "best.safetensors"), "--out", str(tmp_path / "ev")]) == 0
+    out = capsys.readouterr().out
+    assert "mIoU" in out and "background" in out.lower()
+    report = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    assert report["num_images"] == 8 and 0 <= report["miou"] <= 1
+    assert (tmp_path / "ev" / "confusion_matrix.png").exists()
+
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (37, 45, 3), dtype=np.uint8)).save(imgs / "a.png")
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(imgs / "b.jpg")
+    assert main(["predict", str(imgs), "--checkpoint", str(run / "best.safetensors"), "--out",
+                 str(tmp_path / "pred")]) == 0
+    label = Image.open(tmp_path / "pred" / "a_label.png")
+    assert label.mode == "P" and label.size == (45, 37)
+    assert (tmp_path / "pred" / "b_overlay.png").exists()
+    assert main(["predict", str(tmp_path / "nope.png"), "--checkpoint", str(run / "best.safetensors")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_parser_builds():
+    assert build_parser().prog == "maskworks"

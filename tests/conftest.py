@@ -1,0 +1,38 @@
+"""Shared fixtures: the location of the real datasets in ``../shared/data``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+def _data_dir(name: str) -> Path:
+    path = SHARED_DATA / name
+    if not path.is_dir():
+        pytest.skip(f"real dataset {name!r} not found at {path} (the ../shared/data folder beside the checkout)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """``../shared/data`` beside the repository; tests that need it are skipped when it is absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real data folder not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def camvid_root() -> Path:
+    return _data_dir("camvid")
+
+
+@pytest.fixture(scope="session")
+def isbi_root() -> Path:
+    return _data_dir("isbi2012")
