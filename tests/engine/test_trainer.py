@@ -30,13 +30,14 @@ def tiny_model(k, **kw):
 
 
 def test_training_lowers_loss(tmp_path):
+    torch.manual_seed(0)
     train = tiny_data(48)
     model = tiny_model(train.num_classes)
-    trainer = Trainer(model, train, tiny_data(8, split="val"), tmp_path, epochs=4, batch_size=8, lr=3e-3,
+    trainer = Trainer(model, train, tiny_data(8, split="val"), tmp_path, epochs=4, batch_size=8, lr=1e-2,
                       schedule="constant", progress=False, device="cpu")
     summary = trainer.fit()
     losses = [r["train_loss"] for r in summary["history"]]
-    assert losses[-1] < 0.8 * losses[0], losses
+    assert losses[-1] < 0.75 * losses[0], losses  # measured about 0.62x over seeds 0-3
     assert (tmp_path / "best.safetensors").exists() and (tmp_path / "best.json").exists()
     assert (tmp_path / "final.safetensors").exists()
     rows = [json.loads(x) for x in (tmp_path / "history.jsonl").read_text().splitlines()]

@@ -41,7 +41,8 @@ def build_split(data: dict[str, Any], split: str):
 
 
 def _tf_kwargs(data: dict[str, Any]) -> dict:
-    return {k: data[k] for k in _TRANSFORM_KEYS if data.get(k) is not None}
+    # None is meaningful here (no crop, no scaling), so present keys are passed through as they are.
+    return {k: data[k] for k in _TRANSFORM_KEYS if k in data}
 
 
 def build_datasets(data: dict[str, Any], with_train: bool = True, augment: bool = True) -> tuple[Any, Any]:

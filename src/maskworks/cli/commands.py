@@ -33,10 +33,11 @@ def resolve_config(args) -> dict:
 
 # --------------------------------------------------------------------------- train
 def train(args) -> int:
-    from maskworks.engine import Trainer
+    from maskworks.engine import Trainer, seed_everything
     from maskworks.engine.distributed import cleanup_distributed
 
     cfg = resolve_config(args)
+    seed_everything(int(cfg["train"]["seed"]))  # the initial weights depend on the seed too
     if args.run_dir:
         cfg["run_dir"] = args.run_dir
     run_dir = Path(cfg["run_dir"])

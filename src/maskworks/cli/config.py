@@ -21,7 +21,7 @@ class ConfigError(ValueError):
 
 DEFAULTS: dict[str, Any] = {
     "run_dir": "runs/train",
-    "model": {"name": "unet", "encoder": "resnet18"},
+    "model": {"name": "unet"},  # other keys are passed to the model constructor
     "data": {
         "name": "synthetic",  # synthetic | folder | camvid | isbi2012
         "root": None,  # folder datasets; camvid/isbi2012 default to ../shared/data/<name>

@@ -94,6 +94,35 @@ def dataset_meta(ds: Dataset) -> dict:
     return meta
 
 
+class EpochSeededDataset(Dataset):
+    """Makes each sample's augmentation a function of ``(seed, epoch, index)`` only.
+
+    Transforms draw from torch's global RNG; reseeding it (in a forked RNG scope) per sample
+    means the same sample gets the same augmentation whatever the process, worker, rank or
+    order reads it, which is what makes DDP runs equal single-process runs and resumed runs
+    equal uninterrupted ones.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int = 0):
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)
+            return self.dataset[index]
+
+    def __getattr__(self, name: str):  # dataset attributes (num_classes, palette...) pass through
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
 class Trainer:
     """Train a segmentation model on a dataset of ``{"image", "mask"}`` samples.
 
@@ -200,8 +229,9 @@ class Trainer:
         self.sampler = ShardedSampler(len(train_set), shuffle=True, seed=seed, rank=self.dist.rank,
                                       world_size=self.dist.world_size, global_batch=batch_size)
         self.loader_generator = torch.Generator()
+        self.seeded_train_set = EpochSeededDataset(train_set, seed)
         self.train_loader = DataLoader(
-            train_set, batch_size=per_rank, sampler=self.sampler, num_workers=num_workers, collate_fn=collate,
+            self.seeded_train_set, batch_size=per_rank, sampler=self.sampler, num_workers=num_workers, collate_fn=collate,
             drop_last=True, worker_init_fn=_worker_init, generator=self.loader_generator,
             pin_memory=self.device.type == "cuda", persistent_workers=False,
         )
@@ -329,6 +359,7 @@ class Trainer:
         random.seed(self.seed * 1_000_003 + epoch)
         np.random.seed((self.seed * 1_000_003 + epoch) % 2**32)
         self.sampler.set_epoch(epoch)
+        self.seeded_train_set.set_epoch(epoch)
         self.loader_generator.manual_seed(self.seed * 1_000_003 + epoch)
         self.model.train()
         total_loss, n_steps, n_images, t0 = 0.0, 0, 0, time.perf_counter()
