@@ -27,8 +27,8 @@ from torch.utils.data import DataLoader
 
 from maskworks import create_model
 from maskworks.data import CamVid, build_transforms
+from maskworks.data import collate_samples as collate
 from maskworks.engine import build_optimizer, seed_everything
-from maskworks.engine.trainer import collate
 from maskworks.losses import CrossEntropyLoss
 from maskworks.metrics import ConfusionMatrix
 
@@ -63,8 +63,7 @@ def peer_speed(batch: int, size: tuple[int, int]) -> dict | None:
         rows.setdefault("maskworks", []).append(throughput(ours, batch, size))
         rows.setdefault("smp", []).append(throughput(peer, batch, size))
     best = {k: max(v) for k, v in rows.items()}
-    return {"maskworks_img_s": best["maskworks"], "smp_img_s": best["smp"],
-            "ratio": best["maskworks"] / best["smp"]}
+    return {"maskworks_img_s": best["maskworks"], "smp_img_s": best["smp"], "ratio": best["maskworks"] / best["smp"]}
 
 
 @torch.no_grad()
@@ -99,19 +98,29 @@ def main() -> None:
 
     speed = peer_speed(args.batch_size, tuple(args.crop))
     if speed:
-        print(f"training throughput at {args.crop[0]}x{args.crop[1]}, batch {args.batch_size}: maskworks "
-              f"{speed['maskworks_img_s']:.2f} img/s, smp {speed['smp_img_s']:.2f} img/s, ratio {speed['ratio']:.2f}")
+        print(
+            f"training throughput at {args.crop[0]}x{args.crop[1]}, batch {args.batch_size}: maskworks "
+            f"{speed['maskworks_img_s']:.2f} img/s, smp {speed['smp_img_s']:.2f} img/s, ratio {speed['ratio']:.2f}"
+        )
 
     s = args.train_scale
-    tf = build_transforms(train=True, crop_size=tuple(args.crop), scale_range=(0.75 * s, 1.5 * s), hflip=0.5,
-                          color_jitter=0.2)
+    tf = build_transforms(
+        train=True, crop_size=tuple(args.crop), scale_range=(0.75 * s, 1.5 * s), hflip=0.5, color_jitter=0.2
+    )
     train_set = CamVid(args.data, split="train", transform=tf)
     val_set = CamVid(args.data, split="val", transform=build_transforms(train=False))
     model = create_model("unet", encoder="resnet18", num_classes=train_set.num_classes).to(device)
     opt = build_optimizer(model, "adamw", lr=args.lr, weight_decay=1e-4)
     loss_fn = CrossEntropyLoss(weight=CAMVID_MEDIAN_FREQ).to(device)
-    loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, drop_last=True, collate_fn=collate,
-                        num_workers=args.workers, persistent_workers=args.workers > 0)
+    loader = DataLoader(
+        train_set,
+        batch_size=args.batch_size,
+        shuffle=True,
+        drop_last=True,
+        collate_fn=collate,
+        num_workers=args.workers,
+        persistent_workers=args.workers > 0,
+    )
     budget = args.budget_min * 60.0
     t0, steps, epochs, done = time.perf_counter(), 0, 0, False
     while not done:
@@ -129,17 +138,27 @@ def main() -> None:
             opt.step()
             steps += 1
             if steps % 50 == 0:
-                print(f"  {time.perf_counter() - t0:7.0f} s  epoch {epochs}  step {steps}  loss {loss.item():.4f}",
-                      flush=True)
+                print(
+                    f"  {time.perf_counter() - t0:7.0f} s  epoch {epochs}  step {steps}  loss {loss.item():.4f}",
+                    flush=True,
+                )
         else:
             epochs += 1
     train_s = time.perf_counter() - t0
     metrics = evaluate(model, val_set, args.eval_scale, device)
-    result = {"budget_min": args.budget_min, "train_seconds": round(train_s, 1), "steps": steps,
-              "epochs": round(steps * args.batch_size / len(train_set), 2), "val_miou": metrics["miou"],
-              "val_pixel_acc": metrics["pixel_acc"], "val_mean_acc": metrics["mean_acc"],
-              "per_class_iou": dict(zip(train_set.class_names, metrics["iou"])), "speed_vs_smp": speed,
-              "device": str(device), "threads": torch.get_num_threads()}
+    result = {
+        "budget_min": args.budget_min,
+        "train_seconds": round(train_s, 1),
+        "steps": steps,
+        "epochs": round(steps * args.batch_size / len(train_set), 2),
+        "val_miou": metrics["miou"],
+        "val_pixel_acc": metrics["pixel_acc"],
+        "val_mean_acc": metrics["mean_acc"],
+        "per_class_iou": dict(zip(train_set.class_names, metrics["iou"])),
+        "speed_vs_smp": speed,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+    }
     print(json.dumps(result, indent=2, default=lambda v: None if isinstance(v, float) and math.isnan(v) else v))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))

@@ -28,7 +28,8 @@ def test_errors(tmp_path):
         load_model(tmp_path / "nothere.safetensors")
     m = create_model("unet_vanilla", num_classes=2, features=(8, 16))
     save_model(m, tmp_path / "y")
-    (tmp_path / "y.json").write_text(json.dumps({"model": "unet_vanilla", "kwargs": {"num_classes": 5,
-                                                                                     "features": [8, 16]}}))
+    (tmp_path / "y.json").write_text(
+        json.dumps({"model": "unet_vanilla", "kwargs": {"num_classes": 5, "features": [8, 16]}})
+    )
     with pytest.raises((ValueError, RuntimeError)):
         load_model(tmp_path / "y.safetensors")

@@ -145,8 +145,9 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as e:
-        raise ValueError(f"{weights} does not match model {recipe['model']!r} built from {stem.with_suffix('.json')}: "
-                         f"{e}") from e
+        raise ValueError(
+            f"{weights} does not match model {recipe['model']!r} built from {stem.with_suffix('.json')}: {e}"
+        ) from e
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(
             f"{weights} does not match model {recipe['model']!r}: missing {result.missing_keys[:5]}, "

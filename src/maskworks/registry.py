@@ -29,8 +29,9 @@ class ModelEntry:
 _REGISTRY: dict[str, ModelEntry] = {}
 
 
-def register_model(fn: Callable[..., nn.Module] | None = None, *, name: str | None = None, kind: str = "model",
-                   task: str = "semantic"):
+def register_model(
+    fn: Callable[..., nn.Module] | None = None, *, name: str | None = None, kind: str = "model", task: str = "semantic"
+):
     """Register a model constructor under ``name`` (default: the function's name).
 
     Usable as ``@register_model`` or ``@register_model(name="x", kind="backbone")``.

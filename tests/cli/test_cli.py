@@ -21,8 +21,10 @@ def test_every_subcommand_has_help(cmd, capsys):
 
 
 def test_overrides_parse_yaml_values_and_reject_unknown_keys(tmp_path):
-    cfg = apply_overrides(load_config(None), ["train.lr=0.01", "model.encoder=resnet34", "data.scale_range=[0.5, 2]",
-                                              "train.grad_clip=null"])
+    cfg = apply_overrides(
+        load_config(None),
+        ["train.lr=0.01", "model.encoder=resnet34", "data.scale_range=[0.5, 2]", "train.grad_clip=null"],
+    )
     assert cfg["train"]["lr"] == 0.01 and cfg["model"]["encoder"] == "resnet34"
     assert cfg["data"]["scale_range"] == [0.5, 2] and cfg["train"]["grad_clip"] is None
     with pytest.raises(ConfigError, match="did you mean lr"):
@@ -52,13 +54,39 @@ def test_models_lists_with_params(capsys):
 
 def test_train_eval_predict_round_trip(tmp_path, capsys):
     run = tmp_path / "run"
-    args = ["train", "--data", "synthetic", "--model", "unet_vanilla", "--no-progress", "--epochs", "2",
-            "--set", "model.features=[8,16,32]", "--set", "data.image_size=32", "--set", "data.num_train=32",
-            "--set", "data.num_val=8", "--set", "train.batch_size=8", "--set", "train.device=cpu",
-            "--run-dir", str(run)]
+    args = [
+        "train",
+        "--data",
+        "synthetic",
+        "--model",
+        "unet_vanilla",
+        "--no-progress",
+        "--epochs",
+        "2",
+        "--set",
+        "model.features=[8,16,32]",
+        "--set",
+        "data.image_size=32",
+        "--set",
+        "data.num_train=32",
+        "--set",
+        "data.num_val=8",
+        "--set",
+        "train.batch_size=8",
+        "--set",
+        "train.device=cpu",
+        "--run-dir",
+        str(run),
+    ]
     assert main(args) == 0
-    for name in ("config.yaml", "history.jsonl", "best.safetensors", "best.json", "training_curves.png",
-                 "checkpoints/last.pt"):
+    for name in (
+        "config.yaml",
+        "history.jsonl",
+        "best.safetensors",
+        "best.json",
+        "training_curves.png",
+        "checkpoints/last.pt",
+    ):
         assert (run / name).exists(), name
     assert main(["eval", "--checkpoint", str(run / "best.safetensors"), "--out", str(tmp_path / "ev")]) == 0
     out = capsys.readouterr().out
@@ -71,8 +99,10 @@ def test_train_eval_predict_round_trip(tmp_path, capsys):
     imgs.mkdir()
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (37, 45, 3), dtype=np.uint8)).save(imgs / "a.png")
     Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(imgs / "b.jpg")
-    assert main(["predict", str(imgs), "--checkpoint", str(run / "best.safetensors"), "--out",
-                 str(tmp_path / "pred")]) == 0
+    assert (
+        main(["predict", str(imgs), "--checkpoint", str(run / "best.safetensors"), "--out", str(tmp_path / "pred")])
+        == 0
+    )
     label = Image.open(tmp_path / "pred" / "a_label.png")
     assert label.mode == "P" and label.size == (45, 37)
     assert (tmp_path / "pred" / "b_overlay.png").exists()
@@ -82,3 +112,114 @@ def test_train_eval_predict_round_trip(tmp_path, capsys):
 
 def test_parser_builds():
     assert build_parser().prog == "maskworks"
+
+
+def _write_folder(root, n=6, size=(40, 52)):
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for i in range(n):
+        mask = np.zeros(size, np.uint8)
+        mask[5 + i : 25 + i, 10:30] = 1 + i % 2
+        img = rng.integers(0, 60, (*size, 3), dtype=np.uint8)
+        img[mask > 0] += 150
+        Image.fromarray(img).save(root / "images" / f"s{i}.jpg" if i % 2 else root / "images" / f"s{i}.png")
+        Image.fromarray(mask, mode="L").save(root / "masks" / f"s{i}.png")
+    (root / "classes.txt").write_text("background\nleft\nright\n")
+
+
+def test_train_on_folder_with_held_out_split(tmp_path, capsys):
+    data = tmp_path / "data"
+    _write_folder(data)
+    run = tmp_path / "run"
+    args = [
+        "train",
+        "--data",
+        "folder",
+        "--root",
+        str(data),
+        "--model",
+        "unet_vanilla",
+        "--no-progress",
+        "--epochs",
+        "1",
+        "--set",
+        "model.features=[8,16]",
+        "--set",
+        "data.val_fraction=0.34",
+        "--set",
+        "train.batch_size=2",
+        "--set",
+        "train.device=cpu",
+        "--run-dir",
+        str(run),
+    ]
+    assert main(args) == 0
+    meta = json.loads((run / "best.json").read_text())["meta"]
+    assert meta["class_names"] == ["background", "left", "right"] and meta["num_classes"] == 3
+    assert main(["eval", "--checkpoint", str(run / "best.safetensors"), "--out", str(tmp_path / "ev")]) == 0
+    assert json.loads((tmp_path / "ev" / "eval.json").read_text())["num_images"] == 2  # 34% of 6 held out
+    assert "right" in capsys.readouterr().out
+
+
+def test_folder_without_root_is_a_clear_error(capsys):
+    assert main(["train", "--data", "folder"]) == 2
+    assert "data.root" in capsys.readouterr().err
+
+
+@pytest.mark.realdata
+def test_train_and_predict_on_isbi(isbi_root, tmp_path):
+    run = tmp_path / "isbi"
+    args = [
+        "train",
+        "--data",
+        "isbi2012",
+        "--root",
+        str(isbi_root),
+        "--model",
+        "unet_vanilla",
+        "--no-progress",
+        "--epochs",
+        "1",
+        "--set",
+        "model.features=[8,16]",
+        "--set",
+        "data.crop_size=64",
+        "--set",
+        "train.batch_size=4",
+        "--set",
+        "train.device=cpu",
+        "--run-dir",
+        str(run),
+    ]
+    assert main(args) == 0
+    recipe = json.loads((run / "best.json").read_text())
+    assert recipe["kwargs"]["in_channels"] == 1 and recipe["meta"]["class_names"] == ["cell", "membrane"]
+    out = tmp_path / "pred"
+    assert (
+        main(
+            [
+                "predict",
+                str(isbi_root / "image" / "0.png"),
+                "--checkpoint",
+                str(run / "best.safetensors"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    label = np.asarray(Image.open(out / "0_label.png"))
+    assert label.shape == (512, 512) and set(np.unique(label)) <= {0, 1}
+
+
+@pytest.mark.realdata
+def test_camvid_splits_from_config(camvid_root):
+    from maskworks.cli.builders import build_split
+    from maskworks.cli.config import load_config
+
+    data = {**load_config(None)["data"], "name": "camvid", "root": str(camvid_root)}
+    val = build_split(data, "val")
+    assert len(val) == 101 and val.num_classes == 11
+    with pytest.raises(Exception, match="testannot"):
+        build_split(data, "test")

@@ -15,8 +15,9 @@ from PIL import Image
 def test_demo_reaches_target_and_writes_report(tmp_path):
     run = tmp_path / "demo"
     t0 = time.perf_counter()
-    res = subprocess.run([sys.executable, "-m", "maskworks.cli.main", "demo", "--run-dir", str(run)],
-                         capture_output=True, text=True)
+    res = subprocess.run(
+        [sys.executable, "-m", "maskworks.cli.main", "demo", "--run-dir", str(run)], capture_output=True, text=True
+    )
     seconds = time.perf_counter() - t0
     assert res.returncode == 0, res.stderr[-3000:]
     metrics = json.loads((run / "metrics.json").read_text())

@@ -32,8 +32,9 @@ def build_split(data: dict[str, Any], split: str):
         return cls(data.get("root") or default_data_root(name), split=split, transform=build_transforms(train=False))
     if name == "synthetic" and split in ("train", "val"):
         n = data["num_train"] if split == "train" else data["num_val"]
-        return SyntheticShapes(num_samples=n, image_size=data["image_size"], split=split,
-                               transform=build_transforms(train=False))
+        return SyntheticShapes(
+            num_samples=n, image_size=data["image_size"], split=split, transform=build_transforms(train=False)
+        )
     if split not in ("train", "val"):
         raise ConfigError(f"split {split!r} is not available for data.name={name!r}; use train or val")
     train, val = build_datasets(data, with_train=split == "train", augment=False)
@@ -56,8 +57,11 @@ def build_datasets(data: dict[str, Any], with_train: bool = True, augment: bool 
     val_tf = build_transforms(train=False)
     if name == "synthetic":
         size = data["image_size"]
-        train = SyntheticShapes(num_samples=data["num_train"], image_size=size, split="train",
-                                transform=train_tf) if with_train else None
+        train = (
+            SyntheticShapes(num_samples=data["num_train"], image_size=size, split="train", transform=train_tf)
+            if with_train
+            else None
+        )
         val = SyntheticShapes(num_samples=data["num_val"], image_size=size, split="val", transform=val_tf)
         return train, val
     if name in ("camvid", "isbi2012"):
@@ -107,13 +111,32 @@ def build_loss(train_cfg: dict, ignore_index: int = 255):
     name = train_cfg.get("loss", "ce")
     if name != "ce":
         raise ConfigError(f"unknown train.loss {name!r}; available: 'ce'")
-    return CrossEntropyLoss(weight=train_cfg.get("class_weights"), ignore_index=ignore_index,
-                            label_smoothing=float(train_cfg.get("label_smoothing") or 0.0))
+    return CrossEntropyLoss(
+        weight=train_cfg.get("class_weights"),
+        ignore_index=ignore_index,
+        label_smoothing=float(train_cfg.get("label_smoothing") or 0.0),
+    )
 
 
-TRAINER_KEYS = ("epochs", "batch_size", "optimizer", "lr", "weight_decay", "momentum", "schedule", "warmup_epochs",
-                "amp", "grad_clip", "seed", "deterministic", "num_workers", "device", "eval_every",
-                "eval_batch_size", "log_every")
+TRAINER_KEYS = (
+    "epochs",
+    "batch_size",
+    "optimizer",
+    "lr",
+    "weight_decay",
+    "momentum",
+    "schedule",
+    "warmup_epochs",
+    "amp",
+    "grad_clip",
+    "seed",
+    "deterministic",
+    "num_workers",
+    "device",
+    "eval_every",
+    "eval_batch_size",
+    "log_every",
+)
 
 
 def trainer_kwargs(train_cfg: dict) -> dict:

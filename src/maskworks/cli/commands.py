@@ -23,8 +23,13 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 def resolve_config(args) -> dict:
     cfg = load_config(getattr(args, "config", None))
     shortcuts = []
-    for flag, key in (("data", "data.name"), ("root", "data.root"), ("model", "model.name"),
-                      ("epochs", "train.epochs"), ("device", "train.device")):
+    for flag, key in (
+        ("data", "data.name"),
+        ("root", "data.root"),
+        ("model", "model.name"),
+        ("epochs", "train.epochs"),
+        ("device", "train.device"),
+    ):
         value = getattr(args, flag, None)
         if value is not None:
             shortcuts.append(f"{key}={value}")
@@ -45,14 +50,28 @@ def train(args) -> int:
     base = builders.base_dataset(train_set)
     model = builders.build_model(cfg["model"], base.num_classes, base.in_channels)
     loss = builders.build_loss(cfg["train"])
-    trainer = Trainer(model, train_set, val_set, run_dir, loss_fn=loss, progress=not args.no_progress,
-                      meta={"data_config": cfg["data"]}, **builders.trainer_kwargs(cfg["train"]))
+    trainer = Trainer(
+        model,
+        train_set,
+        val_set,
+        run_dir,
+        loss_fn=loss,
+        progress=not args.no_progress,
+        meta={"data_config": cfg["data"]},
+        **builders.trainer_kwargs(cfg["train"]),
+    )
     if trainer.dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
         n_params = sum(p.numel() for p in model.parameters())
-        log.info("model %s (%.2fM params), %d train / %d val samples, run folder %s", cfg["model"]["name"],
-                 n_params / 1e6, len(train_set), len(val_set) if val_set is not None else 0, run_dir)
+        log.info(
+            "model %s (%.2fM params), %d train / %d val samples, run folder %s",
+            cfg["model"]["name"],
+            n_params / 1e6,
+            len(train_set),
+            len(val_set) if val_set is not None else 0,
+            run_dir,
+        )
     try:
         summary = trainer.fit(resume=args.resume)
     finally:
@@ -82,7 +101,7 @@ def _model_and_meta(checkpoint: str, device: str):
 
 
 def evaluate(args) -> int:
-    from maskworks.engine.trainer import collate
+    from maskworks.data import collate_samples as collate
     from maskworks.losses import split_outputs
     from maskworks.metrics import ConfusionMatrix
     from maskworks.viz import plot_confusion_matrix
@@ -111,8 +130,14 @@ def evaluate(args) -> int:
     result = cm.compute()
     out = Path(args.out) if args.out else Path(args.checkpoint).parent
     out.mkdir(parents=True, exist_ok=True)
-    report = {"checkpoint": str(args.checkpoint), "data": data_cfg, "split": args.split, "num_images": len(dataset),
-              "seconds": time.perf_counter() - t0, **result}
+    report = {
+        "checkpoint": str(args.checkpoint),
+        "data": data_cfg,
+        "split": args.split,
+        "num_images": len(dataset),
+        "seconds": time.perf_counter() - t0,
+        **result,
+    }
     (out / "eval.json").write_text(json.dumps(report, indent=2, default=str))
     plot_confusion_matrix(cm.matrix.cpu().numpy(), names or [str(i) for i in range(k)], out / "confusion_matrix.png")
     print(format_table(result, names or [str(i) for i in range(k)]))
@@ -128,8 +153,10 @@ def format_table(result: dict, names: list[str]) -> str:
         cells = [result[key][i] for key in ("iou", "dice", "precision", "recall")]
         lines.append(f"{name:<{width}}  " + " ".join("    n/a" if math.isnan(c) else f"{c:7.4f}" for c in cells))
     lines.append("-" * len(lines[0]))
-    lines.append(f"{'mIoU':<{width}}  {result['miou']:7.4f}   mDice {result['mdice']:.4f}   "
-                 f"pixel acc {result['pixel_acc']:.4f}   mean acc {result['mean_acc']:.4f}")
+    lines.append(
+        f"{'mIoU':<{width}}  {result['miou']:7.4f}   mDice {result['mdice']:.4f}   "
+        f"pixel acc {result['pixel_acc']:.4f}   mean acc {result['mean_acc']:.4f}"
+    )
     return "\n".join(lines)
 
 
@@ -151,20 +178,15 @@ def _collect_images(inputs: list[str]) -> list[Path]:
 
 
 def load_image_for_model(path: Path, in_channels: int, mean, std) -> tuple[np.ndarray, torch.Tensor]:
-    """``(uint8 HWC image, normalised (1, C, H, W) tensor)`` for a file."""
-    from PIL import Image, UnidentifiedImageError
+    """``(uint8 HWC RGB image for overlays, normalised (1, C, H, W) tensor)`` for a file."""
+    from maskworks.data import DatasetError, normalize_image, read_image
 
     try:
-        with Image.open(path) as im:
-            im = im.convert("L" if in_channels == 1 else "RGB")
-            arr = np.asarray(im)
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"cannot read image {path}: {e}") from e
-    x = torch.from_numpy(arr.copy()).float().div_(255.0)
-    x = x[None] if x.ndim == 2 else x.permute(2, 0, 1)  # (C, H, W)
-    m = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
-    return (arr if arr.ndim == 3 else np.repeat(arr[..., None], 3, axis=2)), ((x - m) / s)[None]
+        arr = read_image(path, channels=1 if in_channels == 1 else 3)  # (H, W, C) uint8
+    except DatasetError as e:
+        raise ValueError(str(e)) from e
+    x = normalize_image(torch.from_numpy(arr.copy()).permute(2, 0, 1), mean, std)  # (C, H, W)
+    return (arr if arr.shape[2] == 3 else np.repeat(arr, 3, axis=2)), x[None]
 
 
 def predict(args) -> int:

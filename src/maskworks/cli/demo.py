@@ -37,18 +37,40 @@ def run_demo(run_dir: Path, epochs: int | None = None, device: str = "auto", see
     seed_everything(seed)
     run_dir.mkdir(parents=True, exist_ok=True)
     size = RECIPE["image_size"]
-    train_set = SyntheticShapes(num_samples=RECIPE["num_train"], image_size=size, seed=seed, split="train",
-                                transform=build_transforms(train=False))
-    val_set = SyntheticShapes(num_samples=RECIPE["num_val"], image_size=size, seed=seed, split="val",
-                              transform=build_transforms(train=False))
+    train_set = SyntheticShapes(
+        num_samples=RECIPE["num_train"],
+        image_size=size,
+        seed=seed,
+        split="train",
+        transform=build_transforms(train=False),
+    )
+    val_set = SyntheticShapes(
+        num_samples=RECIPE["num_val"], image_size=size, seed=seed, split="val", transform=build_transforms(train=False)
+    )
     spec = dict(RECIPE["model"])
-    model = create_model(spec.pop("name"), num_classes=train_set.num_classes, in_channels=train_set.in_channels,
-                         **spec)
-    log.info("demo: %d synthetic training images (%dx%d, %d classes), U-Net with %.2fM parameters",
-             len(train_set), size, size, train_set.num_classes, sum(p.numel() for p in model.parameters()) / 1e6)
-    trainer = Trainer(model, train_set, val_set, run_dir, epochs=epochs or RECIPE["epochs"],
-                      batch_size=RECIPE["batch_size"], lr=RECIPE["lr"], schedule=RECIPE["schedule"],
-                      warmup_epochs=RECIPE["warmup_epochs"], seed=seed, device=device, log_every=5)
+    model = create_model(spec.pop("name"), num_classes=train_set.num_classes, in_channels=train_set.in_channels, **spec)
+    log.info(
+        "demo: %d synthetic training images (%dx%d, %d classes), U-Net with %.2fM parameters",
+        len(train_set),
+        size,
+        size,
+        train_set.num_classes,
+        sum(p.numel() for p in model.parameters()) / 1e6,
+    )
+    trainer = Trainer(
+        model,
+        train_set,
+        val_set,
+        run_dir,
+        epochs=epochs or RECIPE["epochs"],
+        batch_size=RECIPE["batch_size"],
+        lr=RECIPE["lr"],
+        schedule=RECIPE["schedule"],
+        warmup_epochs=RECIPE["warmup_epochs"],
+        seed=seed,
+        device=device,
+        log_every=5,
+    )
     summary = trainer.fit()
     train_seconds = time.perf_counter() - t0
 
@@ -56,10 +78,17 @@ def run_demo(run_dir: Path, epochs: int | None = None, device: str = "auto", see
     trainer.model = best
     metrics = trainer.evaluate()
     names = list(train_set.class_names)
-    metrics_out = {"miou": metrics["miou"], "pixel_acc": metrics["pixel_acc"], "mean_acc": metrics["mean_acc"],
-                   "mdice": metrics["mdice"], "per_class_iou": dict(zip(names, metrics["iou"])),
-                   "per_class_dice": dict(zip(names, metrics["dice"])), "train_seconds": train_seconds,
-                   "epochs": len(summary["history"]), "history": summary["history"]}
+    metrics_out = {
+        "miou": metrics["miou"],
+        "pixel_acc": metrics["pixel_acc"],
+        "mean_acc": metrics["mean_acc"],
+        "mdice": metrics["mdice"],
+        "per_class_iou": dict(zip(names, metrics["iou"])),
+        "per_class_dice": dict(zip(names, metrics["dice"])),
+        "train_seconds": train_seconds,
+        "epochs": len(summary["history"]),
+        "history": summary["history"],
+    }
     (run_dir / "metrics.json").write_text(json.dumps(metrics_out, indent=2))
     plot_training_curves(summary["history"], run_dir / "training_curves.png")
     images = _write_overlays(best, val_set, run_dir, trainer.device)
@@ -67,9 +96,13 @@ def run_demo(run_dir: Path, epochs: int | None = None, device: str = "auto", see
 
     plot_confusion_matrix(trainer.last_confusion.matrix.cpu().numpy(), names, run_dir / "confusion_matrix.png")
     report = run_dir / "report.html"
-    write_html_report(report, "maskworks demo: U-Net on synthetic shapes", metrics_out | {"iou": metrics["iou"],
-                      "class_names": names}, images + [("confusion matrix (rows: truth)", "confusion_matrix.png")],
-                      curves_png="training_curves.png")
+    write_html_report(
+        report,
+        "maskworks demo: U-Net on synthetic shapes",
+        metrics_out | {"iou": metrics["iou"], "class_names": names},
+        images + [("confusion matrix (rows: truth)", "confusion_matrix.png")],
+        curves_png="training_curves.png",
+    )
     return {"miou": metrics["miou"], "seconds": time.perf_counter() - t0, "report": str(report)}
 
 

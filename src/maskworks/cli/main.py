@@ -22,8 +22,14 @@ EPILOG = """examples:
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML file with model/data/train sections (see configs/)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set train.lr=0.01 --set model.encoder=resnet34 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.lr=0.01 --set model.encoder=resnet34 (repeatable)",
+    )
     p.add_argument("--data", help="dataset shortcut for data.name: synthetic | folder | camvid | isbi2012")
     p.add_argument("--root", help="shortcut for data.root (dataset folder)")
     p.add_argument("--model", help="shortcut for model.name (see `maskworks models`)")
@@ -33,36 +39,48 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="maskworks", description="Image segmentation with CNNs and vision transformers.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="maskworks",
+        description="Image segmentation with CNNs and vision transformers.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("demo", help="train a small U-Net on synthetic shapes and write a report",
-                       description="Generate synthetic shapes, train a small U-Net on the CPU or GPU, evaluate it, "
-                       "and write metrics.json, training curves, prediction overlays and report.html into the run "
-                       "folder. About 2-3 minutes on 2 CPU cores.")
+    p = sub.add_parser(
+        "demo",
+        help="train a small U-Net on synthetic shapes and write a report",
+        description="Generate synthetic shapes, train a small U-Net on the CPU or GPU, evaluate it, "
+        "and write metrics.json, training curves, prediction overlays and report.html into the run "
+        "folder. About 2-3 minutes on 2 CPU cores.",
+    )
     p.add_argument("--run-dir", default="runs/demo", help="output folder (default: runs/demo)")
     p.add_argument("--epochs", type=int, default=None, help="training epochs (default: the tuned demo recipe)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=commands.demo)
 
-    p = sub.add_parser("train", help="train a model from a config",
-                       description="Train a segmentation model. Config = built-in defaults < --config YAML < "
-                       "shortcuts < --set overrides; the resolved config is saved as config.yaml in the run folder. "
-                       "Checkpoints are written after every epoch; --resume continues an interrupted run.",
-                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "train",
+        help="train a model from a config",
+        description="Train a segmentation model. Config = built-in defaults < --config YAML < "
+        "shortcuts < --set overrides; the resolved config is saved as config.yaml in the run folder. "
+        "Checkpoints are written after every epoch; --resume continues an interrupted run.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     _add_config_args(p)
     p.add_argument("--run-dir", help="output folder (default: run_dir from the config, runs/train)")
     p.add_argument("--resume", action="store_true", help="continue from <run-dir>/checkpoints/last.pt")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=commands.train)
 
-    p = sub.add_parser("eval", help="evaluate a checkpoint on a dataset",
-                       description="Evaluate a checkpoint: prints a per-class table and writes eval.json and "
-                       "confusion_matrix.png into --out (default: beside the checkpoint).")
+    p = sub.add_parser(
+        "eval",
+        help="evaluate a checkpoint on a dataset",
+        description="Evaluate a checkpoint: prints a per-class table and writes eval.json and "
+        "confusion_matrix.png into --out (default: beside the checkpoint).",
+    )
     p.add_argument("--checkpoint", required=True, help="a .safetensors checkpoint with its .json beside it")
     _add_config_args(p)
     p.add_argument("--split", default="val", help="dataset split (default: val)")
@@ -70,9 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="folder for the report (default: the checkpoint's folder)")
     p.set_defaults(func=commands.evaluate)
 
-    p = sub.add_parser("predict", help="segment image files or folders",
-                       description="Segment images: writes <name>_label.png (palette PNG of class ids) and "
-                       "<name>_overlay.png for every input image.")
+    p = sub.add_parser(
+        "predict",
+        help="segment image files or folders",
+        description="Segment images: writes <name>_label.png (palette PNG of class ids) and "
+        "<name>_overlay.png for every input image.",
+    )
     p.add_argument("inputs", nargs="+", help="image files and/or folders of images")
     p.add_argument("--checkpoint", required=True, help="a .safetensors checkpoint with its .json beside it")
     p.add_argument("--out", default="predictions", help="output folder (default: predictions)")
@@ -81,8 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-overlay", action="store_true", help="write label PNGs only")
     p.set_defaults(func=commands.predict)
 
-    p = sub.add_parser("models", help="list registered models and backbones with parameter counts",
-                       description="List registered names matching a glob pattern, with parameter counts.")
+    p = sub.add_parser(
+        "models",
+        help="list registered models and backbones with parameter counts",
+        description="List registered names matching a glob pattern, with parameter counts.",
+    )
     p.add_argument("pattern", nargs="?", default="*", help="glob pattern, e.g. 'resnet*' (default: all)")
     p.add_argument("--no-params", action="store_true", help="skip building models to count parameters")
     p.set_defaults(func=commands.models)
@@ -92,8 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
     if args.command is None:
         parser.print_help()
         return 2

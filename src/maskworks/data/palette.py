@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 from maskworks.data.io import DatasetError
 
 Color = tuple[int, int, int]
@@ -49,18 +51,21 @@ ISBI_PALETTE: tuple[Color, ...] = ((40, 40, 40), (255, 64, 64))
 
 
 def default_palette(num_classes: int) -> list[Color]:
-    """Distinct colours for ``num_classes`` classes: the Pascal VOC bit-interleaved palette (class 0 is black).
+    """Deterministic, pairwise distinct colours: the PASCAL VOC colour map.
+
+    Class 0 is black ``(0, 0, 0)``, class 1 ``(128, 0, 0)``, class 2 ``(0, 128, 0)``, ... (bits of the id are
+    spread over the high bits of R, G and B).
 
     Args:
-        num_classes: number of colours wanted (at most 256).
+        num_classes: number of colours (>= 0, < 2**24).
 
     Returns:
-        A list of ``(r, g, b)`` tuples.
+        ``num_classes`` ``(r, g, b)`` tuples of ints in ``0..255``.
     """
-    if not 0 <= num_classes <= 256:
-        raise ValueError(f"default_palette supports 0..256 classes, got {num_classes}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or not 0 <= num_classes < 2**24:
+        raise ValueError(f"num_classes must be an int in 0..2**24-1, got {num_classes!r}")
     colors = []
-    for i in range(num_classes):
+    for i in range(int(num_classes)):
         r = g = b = 0
         c = i
         for j in range(8):

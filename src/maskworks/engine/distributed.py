@@ -66,8 +66,15 @@ class ShardedSampler(torch.utils.data.Sampler[int]):
     batch = global batch / world), so DDP reproduces single-process training.
     """
 
-    def __init__(self, length: int, shuffle: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 global_batch: int | None = None):
+    def __init__(
+        self,
+        length: int,
+        shuffle: bool = True,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        global_batch: int | None = None,
+    ):
         self.length, self.shuffle, self.seed = length, shuffle, seed
         self.rank, self.world_size = rank, world_size
         self.global_batch = global_batch

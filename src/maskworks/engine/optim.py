@@ -40,8 +40,9 @@ def build_optimizer(
     raise ValueError(f"unknown optimizer {name!r}; expected one of {OPTIMIZERS}")
 
 
-def lr_factor(step: int, total_steps: int, schedule: str, warmup_steps: int = 0, power: float = 0.9,
-              min_lr_ratio: float = 0.0) -> float:
+def lr_factor(
+    step: int, total_steps: int, schedule: str, warmup_steps: int = 0, power: float = 0.9, min_lr_ratio: float = 0.0
+) -> float:
     """Multiplier of the base learning rate at ``step`` (0-based) of ``total_steps``."""
     if warmup_steps > 0 and step < warmup_steps:
         return (step + 1) / warmup_steps

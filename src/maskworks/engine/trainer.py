@@ -31,12 +31,13 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from maskworks.checkpoint import atomic_torch_save, atomic_write_bytes, save_model, unwrap_model
+from maskworks.data import collate_samples as collate
 from maskworks.engine.distributed import DistInfo, ShardedSampler, all_reduce_sum, init_distributed
 from maskworks.engine.optim import build_optimizer, build_scheduler
 from maskworks.losses import CrossEntropyLoss, split_outputs
 from maskworks.metrics import ConfusionMatrix
 
-__all__ = ["Trainer", "TrainingDiverged", "resolve_device", "dataset_meta", "seed_everything", "collate"]
+__all__ = ["Trainer", "TrainingDiverged", "resolve_device", "dataset_meta", "seed_everything"]
 
 log = logging.getLogger(__name__)
 AMP_MODES = ("auto", "off", "bf16", "fp16")
@@ -68,18 +69,6 @@ def _worker_init(worker_id: int) -> None:
     s = torch.initial_seed() % 2**32
     random.seed(s)
     np.random.seed(s)
-
-
-def collate(batch: list[dict]) -> dict:
-    """Stack ``image``/``mask``; keep everything else (instances, meta) as lists."""
-    try:
-        from maskworks.data import collate_samples
-    except ImportError:  # pragma: no cover - data package always present in installs
-        collate_samples = None
-    if collate_samples is not None:
-        return collate_samples(batch)
-    return {k: torch.stack([b[k] for b in batch]) if k in ("image", "mask") else [b[k] for b in batch]
-            for k in batch[0]}
 
 
 def dataset_meta(ds: Dataset) -> dict:
@@ -226,20 +215,34 @@ class Trainer:
             self.loss_fn = self.loss_fn.to(self.device)
 
         per_rank = batch_size // self.dist.world_size
-        self.sampler = ShardedSampler(len(train_set), shuffle=True, seed=seed, rank=self.dist.rank,
-                                      world_size=self.dist.world_size, global_batch=batch_size)
+        self.sampler = ShardedSampler(
+            len(train_set),
+            shuffle=True,
+            seed=seed,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+            global_batch=batch_size,
+        )
         self.loader_generator = torch.Generator()
         self.seeded_train_set = EpochSeededDataset(train_set, seed)
         self.train_loader = DataLoader(
-            self.seeded_train_set, batch_size=per_rank, sampler=self.sampler, num_workers=num_workers, collate_fn=collate,
-            drop_last=True, worker_init_fn=_worker_init, generator=self.loader_generator,
-            pin_memory=self.device.type == "cuda", persistent_workers=False,
+            self.seeded_train_set,
+            batch_size=per_rank,
+            sampler=self.sampler,
+            num_workers=num_workers,
+            collate_fn=collate,
+            drop_last=True,
+            worker_init_fn=_worker_init,
+            generator=self.loader_generator,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=False,
         )
         self.val_loader = None
         if val_set is not None:
             vs = ShardedSampler(len(val_set), shuffle=False, rank=self.dist.rank, world_size=self.dist.world_size)
-            self.val_loader = DataLoader(val_set, batch_size=eval_batch_size or per_rank, sampler=vs,
-                                         num_workers=num_workers, collate_fn=collate)
+            self.val_loader = DataLoader(
+                val_set, batch_size=eval_batch_size or per_rank, sampler=vs, num_workers=num_workers, collate_fn=collate
+            )
         self.steps_per_epoch = len(self.train_loader)
         total = self.steps_per_epoch * epochs
         self.optimizer = build_optimizer(unwrap_model(self.model), optimizer, lr, weight_decay, momentum)
@@ -298,8 +301,7 @@ class Trainer:
         """After a resume, keep only log rows of completed epochs."""
         if not self.dist.is_main:
             return
-        atomic_write_bytes(self.run_dir / "history.jsonl",
-                           "".join(json.dumps(r) + "\n" for r in self.history).encode())
+        atomic_write_bytes(self.run_dir / "history.jsonl", "".join(json.dumps(r) + "\n" for r in self.history).encode())
         steps = self.run_dir / "steps.jsonl"
         if steps.exists():
             rows = [json.loads(line) for line in steps.read_text().splitlines() if line.strip()]
@@ -329,24 +331,40 @@ class Trainer:
             row = {"epoch": epoch + 1, **self.train_one_epoch(epoch)}
             if self.val_loader is not None and ((epoch + 1) % self.eval_every == 0 or epoch + 1 == self.epochs):
                 metrics = self.evaluate()
-                row.update({"val_miou": metrics["miou"], "val_pixel_acc": metrics["pixel_acc"],
-                            "val_mean_acc": metrics["mean_acc"], "val_mdice": metrics["mdice"]})
+                row.update(
+                    {
+                        "val_miou": metrics["miou"],
+                        "val_pixel_acc": metrics["pixel_acc"],
+                        "val_mean_acc": metrics["mean_acc"],
+                        "val_mdice": metrics["mdice"],
+                    }
+                )
                 if metrics["miou"] > self.best_miou or not math.isfinite(self.best_miou):
                     self.best_miou = metrics["miou"]
                     if self.dist.is_main:
-                        save_model(self.model, self.run_dir / "best", {**self.meta, "epoch": epoch + 1,
-                                                                       "val_miou": metrics["miou"]})
+                        save_model(
+                            self.model,
+                            self.run_dir / "best",
+                            {**self.meta, "epoch": epoch + 1, "val_miou": metrics["miou"]},
+                        )
             self.history.append(row)
             self.save_checkpoint(epoch + 1)
             self._append("history.jsonl", row)
             if self.dist.is_main:
-                log.info("epoch %d/%d %s", epoch + 1, self.epochs,
-                         " ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float)))
+                log.info(
+                    "epoch %d/%d %s",
+                    epoch + 1,
+                    self.epochs,
+                    " ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float)),
+                )
         if self.dist.is_main:
             save_model(self.model, self.run_dir / "final", {**self.meta, "epoch": self.epochs})
-        return {"best_miou": self.best_miou if math.isfinite(self.best_miou) else None,
-                "final": self.history[-1] if self.history else None, "history": self.history,
-                "run_dir": str(self.run_dir)}
+        return {
+            "best_miou": self.best_miou if math.isfinite(self.best_miou) else None,
+            "final": self.history[-1] if self.history else None,
+            "history": self.history,
+            "run_dir": str(self.run_dir),
+        }
 
     def _autocast(self):
         if self.amp_dtype is None:
@@ -363,8 +381,13 @@ class Trainer:
         self.loader_generator.manual_seed(self.seed * 1_000_003 + epoch)
         self.model.train()
         total_loss, n_steps, n_images, t0 = 0.0, 0, 0, time.perf_counter()
-        bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{self.epochs}", disable=not self.progress,
-                   dynamic_ncols=True, leave=False)
+        bar = tqdm(
+            total=self.steps_per_epoch,
+            desc=f"epoch {epoch + 1}/{self.epochs}",
+            disable=not self.progress,
+            dynamic_ncols=True,
+            leave=False,
+        )
         for step, batch in enumerate(self.train_loader):
             images = batch["image"].to(self.device, non_blocking=True)
             masks = batch["mask"].to(self.device, non_blocking=True)
@@ -395,12 +418,23 @@ class Trainer:
             bar.update(1)
             bar.set_postfix(loss=f"{lv:.4f}", img_s=f"{ips:.1f}")
             if (step + 1) % self.log_every == 0:
-                self._append("steps.jsonl", {"epoch": epoch + 1, "step": epoch * self.steps_per_epoch + step + 1,
-                                             "loss": lv, "lr": self.optimizer.param_groups[0]["lr"],
-                                             "img_per_s": ips})
+                self._append(
+                    "steps.jsonl",
+                    {
+                        "epoch": epoch + 1,
+                        "step": epoch * self.steps_per_epoch + step + 1,
+                        "loss": lv,
+                        "lr": self.optimizer.param_groups[0]["lr"],
+                        "img_per_s": ips,
+                    },
+                )
         bar.close()
-        return {"train_loss": total_loss / max(n_steps, 1), "lr": self.optimizer.param_groups[0]["lr"],
-                "epoch_time_s": time.perf_counter() - t0, "img_per_s": n_images / max(time.perf_counter() - t0, 1e-9)}
+        return {
+            "train_loss": total_loss / max(n_steps, 1),
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "epoch_time_s": time.perf_counter() - t0,
+            "img_per_s": n_images / max(time.perf_counter() - t0, 1e-9),
+        }
 
     @torch.no_grad()
     def evaluate(self, loader: DataLoader | None = None) -> dict:

@@ -45,19 +45,23 @@ def cross_entropy(
         The loss (a scalar unless ``reduction="none"``, then ``(B, H, W)`` with zeros at ignored pixels).
     """
     if logits.dim() != target.dim() + 1:
-        raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)}: expected (B,K,H,W) and (B,H,W)")
+        raise ValueError(
+            f"logits {tuple(logits.shape)} and target {tuple(target.shape)}: expected (B,K,H,W) and (B,H,W)"
+        )
     if logits.shape[2:] != target.shape[1:]:
         target = F.interpolate(target[:, None].float(), size=logits.shape[2:], mode="nearest")[:, 0]
     target = target.long()
     if logits.shape[1] > 1:
         return F.cross_entropy(
-            logits.float(), target, weight=weight, ignore_index=ignore_index, label_smoothing=label_smoothing,
+            logits.float(),
+            target,
+            weight=weight,
+            ignore_index=ignore_index,
+            label_smoothing=label_smoothing,
             reduction=reduction,
         )
     valid = target != ignore_index
-    loss = F.binary_cross_entropy_with_logits(
-        logits[:, 0].float(), (target == 1).float(), reduction="none"
-    ) * valid
+    loss = F.binary_cross_entropy_with_logits(logits[:, 0].float(), (target == 1).float(), reduction="none") * valid
     if reduction == "none":
         return loss
     if reduction == "sum":

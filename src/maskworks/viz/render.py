@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from maskworks.data.palette import default_palette
+
 __all__ = [
     "default_palette",
     "colorize",
@@ -39,33 +41,6 @@ Color = tuple[int, int, int]
 
 
 # ------------------------------------------------------------------------------------------------ palettes
-def default_palette(num_classes: int) -> list[Color]:
-    """Deterministic, pairwise distinct colours: the PASCAL VOC colour map.
-
-    Class 0 is black ``(0, 0, 0)``, class 1 ``(128, 0, 0)``, class 2 ``(0, 128, 0)``, ... (bits of the id are
-    spread over the high bits of R, G and B).
-
-    Args:
-        num_classes: number of colours (>= 0, < 2**24).
-
-    Returns:
-        ``num_classes`` ``(r, g, b)`` tuples of ints in ``0..255``.
-    """
-    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or not 0 <= num_classes < 2**24:
-        raise ValueError(f"num_classes must be an int in 0..2**24-1, got {num_classes!r}")
-    colors = []
-    for i in range(int(num_classes)):
-        r = g = b = 0
-        c = i
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        colors.append((r, g, b))
-    return colors
-
-
 def _palette_array(palette: Sequence[Sequence[int]] | np.ndarray) -> np.ndarray:
     """Validate a palette and return it as ``(N, 3)`` uint8."""
     arr = np.asarray(palette)
