@@ -18,6 +18,7 @@ visible instance masks (pixel-edge convention: a box spans ``[x1, x2) x [y1, y2)
 from __future__ import annotations
 
 import logging
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -327,7 +328,7 @@ def finalize_sample(
     return out
 
 
-class SegmentationDataset(Dataset):
+class SegmentationDataset(Dataset, ABC):
     """Base of every maskworks dataset: raw sample -> ``transform`` -> float normalised sample.
 
     Subclasses implement ``__len__`` and :meth:`load_raw` and set the attributes below.
@@ -354,12 +355,12 @@ class SegmentationDataset(Dataset):
     def __init__(self, transform: Callable[[dict], dict] | None = None) -> None:
         self.transform = transform
 
-    def __len__(self) -> int:
-        raise NotImplementedError
+    @abstractmethod
+    def __len__(self) -> int: ...
 
+    @abstractmethod
     def load_raw(self, index: int) -> dict[str, Any]:
         """The raw sample ``{"image", "mask"[, "instances"]}`` before the transform, plus ``"file"`` (str or None)."""
-        raise NotImplementedError
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         n = len(self)
