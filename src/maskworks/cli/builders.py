@@ -105,17 +105,27 @@ def build_model(model_cfg: dict, num_classes: int, in_channels: int):
         raise ConfigError(f"model {model_cfg['name']!r} does not accept these arguments {kwargs}: {e}") from e
 
 
-def build_loss(train_cfg: dict, ignore_index: int = 255):
-    from maskworks.losses import CrossEntropyLoss
+def build_loss(train_cfg: dict, train_set=None, ignore_index: int = 255):
+    """The loss from ``train.loss`` (e.g. ``"ce+0.5*dice"``), ``train.class_weights`` (a list, or an estimator
+    name: inverse | median | effective | log, computed from the training masks) and ``train.label_smoothing``."""
+    from maskworks.losses import build_loss as _build_loss
+    from maskworks.losses import class_weights as _class_weights
 
-    name = train_cfg.get("loss", "ce")
-    if name != "ce":
-        raise ConfigError(f"unknown train.loss {name!r}; available: 'ce'")
-    return CrossEntropyLoss(
-        weight=train_cfg.get("class_weights"),
-        ignore_index=ignore_index,
-        label_smoothing=float(train_cfg.get("label_smoothing") or 0.0),
-    )
+    weights = train_cfg.get("class_weights")
+    if isinstance(weights, str):
+        if train_set is None:
+            raise ConfigError(f"train.class_weights={weights!r} needs the training set to estimate weights")
+        log.info("estimating %s class weights from %d training masks", weights, len(train_set))
+        weights = _class_weights(train_set, base_dataset(train_set).num_classes, method=weights, progress=True)
+        log.info("class weights: %s", ", ".join(f"{w:.3f}" for w in weights.tolist()))
+    smoothing = float(train_cfg.get("label_smoothing") or 0.0)
+    options = {"ce": {"label_smoothing": smoothing}} if smoothing else None
+    try:
+        return _build_loss(
+            train_cfg.get("loss", "ce"), ignore_index=ignore_index, class_weights=weights, options=options
+        )
+    except ValueError as e:
+        raise ConfigError(f"train.loss: {e}") from e
 
 
 TRAINER_KEYS = (

@@ -49,7 +49,7 @@ def train(args) -> int:
     train_set, val_set = builders.build_datasets(cfg["data"])
     base = builders.base_dataset(train_set)
     model = builders.build_model(cfg["model"], base.num_classes, base.in_channels)
-    loss = builders.build_loss(cfg["train"])
+    loss = builders.build_loss(cfg["train"], train_set)
     trainer = Trainer(
         model,
         train_set,

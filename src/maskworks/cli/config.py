@@ -56,8 +56,8 @@ DEFAULTS: dict[str, Any] = {
         "eval_every": 1,
         "eval_batch_size": None,
         "log_every": 10,
-        "loss": "ce",
-        "class_weights": None,
+        "loss": "ce",  # e.g. "ce+0.5*dice", "focal+lovasz"
+        "class_weights": None,  # a list, or inverse | median | effective | log (estimated from the masks)
         "label_smoothing": 0.0,
     },
 }

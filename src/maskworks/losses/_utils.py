@@ -1,0 +1,56 @@
+"""Shared helpers of the loss library: mode checks, ignore handling, one-hot targets, reduction."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+MODES = ("binary", "multiclass", "multilabel")
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    return mode
+
+
+def check_reduction(reduction: str) -> str:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    return reduction
+
+
+def valid_mask(target: torch.Tensor, ignore_index: int | None) -> torch.Tensor:
+    """Boolean mask of pixels that count (all True when ``ignore_index`` is None)."""
+    if ignore_index is None:
+        return torch.ones_like(target, dtype=torch.bool)
+    return target != ignore_index
+
+
+def one_hot_with_ignore(
+    target: torch.Tensor, num_classes: int, ignore_index: int | None = 255
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(one_hot (B, K, *spatial) float, valid (B, 1, *spatial) bool)`` for int targets ``(B, *spatial)``.
+
+    Ignored pixels get an all-zero one-hot row (never an index error, unlike ``F.one_hot`` on 255).
+    """
+    valid = valid_mask(target, ignore_index)
+    safe = torch.where(valid, target, torch.zeros_like(target)).long()
+    if (safe < 0).any() or (safe >= num_classes).any():
+        bad = torch.unique(safe[(safe < 0) | (safe >= num_classes)]).tolist()
+        raise ValueError(f"target holds labels {bad[:10]} outside 0..{num_classes - 1} (and not ignore_index)")
+    oh = F.one_hot(safe, num_classes).movedim(-1, 1).float()  # (B, K, *spatial)
+    valid = valid.unsqueeze(1)
+    return oh * valid, valid
+
+
+def reduce(loss: torch.Tensor, reduction: str, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean (optionally weighted by ``weight``, e.g. the valid-pixel mask), sum, or none."""
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum() if weight is None else (loss * weight).sum()
+    if weight is None:
+        return loss.mean()
+    return (loss * weight).sum() / weight.sum().clamp_min(1)
