@@ -55,8 +55,19 @@ def test_median_frequency_on_camvid_train(camvid_root):
     w = class_weights(void_to_ignore, 11, "median").numpy()
     assert len(files) == 367
     assert sorted(w)[5] == pytest.approx(1.0)  # the median class gets exactly 1
-    names = ["Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car", "Pedestrian",
-             "Bicyclist"]
+    names = [
+        "Sky",
+        "Building",
+        "Pole",
+        "Road",
+        "Pavement",
+        "Tree",
+        "SignSymbol",
+        "Fence",
+        "Car",
+        "Pedestrian",
+        "Bicyclist",
+    ]
     big = {names[i] for i in np.argsort(w)[-4:]}
     assert big == {"Pole", "SignSymbol", "Pedestrian", "Bicyclist"}  # the rare classes weigh most
     # The SegNet tutorial's published weights (data README) agree within 25% for 10 of 11 classes; its

@@ -51,3 +51,19 @@ def test_options_are_checked():
         build_loss("ce", options={"ce": {"gamma": 2.0}})
     with pytest.raises(ValueError, match="unknown losses"):
         build_loss("ce", options={"nope": {}})
+
+
+def test_ce_plus_dice_equals_its_parts_and_cli_names_resolve():
+    from maskworks.losses import LOSS_NAMES, CrossEntropyLoss, DiceLoss
+
+    logits, target = data()
+    w = torch.tensor([1.0, 2.0, 0.5])
+    loss = build_loss("ce+0.5*dice", class_weights=w)
+    expected = CrossEntropyLoss(weight=w)(logits, target) + 0.5 * DiceLoss(weight=w)(logits, target)
+    torch.testing.assert_close(loss(logits, target), expected)
+    for name in LOSS_NAMES:  # every short name builds and gives a finite value with ignore pixels present
+        if name == "lovasz_hinge":  # binary only: one logit channel, targets 0/1
+            value = build_loss(name)(logits[:, :1], torch.where(target == 255, target, target.clamp(max=1)))
+        else:
+            value = build_loss(name)(logits, target)
+        assert torch.isfinite(value), name

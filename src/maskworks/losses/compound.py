@@ -30,6 +30,8 @@ LOSS_NAMES = {
     "hausdorff": "HausdorffDTLoss",
     "cldice": "ClDiceLoss",
     "ohem": "OhemCrossEntropyLoss",
+    "topk": "TopKCrossEntropyLoss",
+    "boundary_ce": "BoundaryWeightedCrossEntropyLoss",
     "sce": "SymmetricCrossEntropyLoss",
     "gce": "GeneralizedCrossEntropyLoss",
     "bootstrap": "BootstrappedCrossEntropyLoss",
@@ -109,12 +111,25 @@ class DeepSupervisionLoss(nn.Module):
         return total
 
 
+def _init_params(cls: type) -> set[str]:
+    """Keyword arguments a loss class accepts, following ``**kwargs`` up to the base classes' ``__init__``."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        params = inspect.signature(klass.__init__).parameters.values()
+        names |= {p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+        if not any(p.kind == p.VAR_KEYWORD for p in params):
+            break
+    return names - {"self"}
+
+
 def _construct(cls: type, common: dict, extra: dict) -> nn.Module:
-    params = inspect.signature(cls.__init__).parameters
+    params = _init_params(cls)
     kwargs = {k: v for k, v in common.items() if k in params and v is not None}
     unknown = set(extra) - set(params)
     if unknown:
-        raise ValueError(f"{cls.__name__} does not take {sorted(unknown)}; it takes {sorted(set(params) - {'self'})}")
+        raise ValueError(f"{cls.__name__} does not take {sorted(unknown)}; it takes {sorted(params)}")
     return cls(**kwargs, **extra)
 
 

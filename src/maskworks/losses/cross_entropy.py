@@ -8,19 +8,11 @@ auxiliary heads, ``{"out": logits, "aux": [logits, ...]}``. Targets are int64 ``
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
+from maskworks.losses.base import SegLoss, split_outputs
+
 __all__ = ["cross_entropy", "CrossEntropyLoss", "split_outputs"]
-
-
-def split_outputs(output: torch.Tensor | dict) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """``(main_logits, aux_logits_list)`` from a tensor or an ``{"out", "aux"}`` dict."""
-    if isinstance(output, torch.Tensor):
-        return output, []
-    if isinstance(output, dict) and "out" in output:
-        return output["out"], list(output.get("aux", []))
-    raise TypeError(f"expected logits tensor or dict with 'out' (and 'aux'), got {type(output).__name__}")
 
 
 def cross_entropy(
@@ -51,17 +43,19 @@ def cross_entropy(
     if logits.shape[2:] != target.shape[1:]:
         target = F.interpolate(target[:, None].float(), size=logits.shape[2:], mode="nearest")[:, 0]
     target = target.long()
+    if logits.dtype in (torch.float16, torch.bfloat16):  # the loss itself runs in float32 (float64 stays float64)
+        logits = logits.float()
     if logits.shape[1] > 1:
         return F.cross_entropy(
-            logits.float(),
+            logits,
             target,
-            weight=weight,
+            weight=None if weight is None else weight.to(logits.dtype),
             ignore_index=ignore_index,
             label_smoothing=label_smoothing,
             reduction=reduction,
         )
     valid = target != ignore_index
-    loss = F.binary_cross_entropy_with_logits(logits[:, 0].float(), (target == 1).float(), reduction="none") * valid
+    loss = F.binary_cross_entropy_with_logits(logits[:, 0], (target == 1).to(logits.dtype), reduction="none") * valid
     if reduction == "none":
         return loss
     if reduction == "sum":
@@ -69,31 +63,31 @@ def cross_entropy(
     return loss.sum() / valid.sum().clamp_min(1)
 
 
-class CrossEntropyLoss(nn.Module):
+class CrossEntropyLoss(SegLoss):
     """Cross-entropy on logits that also accepts deep-supervision outputs.
 
     Args:
         weight: optional per-class weights.
         ignore_index: label value excluded from the loss.
-        label_smoothing: multiclass label smoothing.
-        aux_weight: weight of each auxiliary output's loss (their sum is added to the main loss).
+        label_smoothing: multiclass label smoothing (PyTorch convention: epsilon / K to every class).
+        reduction: ``"mean"`` (over non-ignored pixels), ``"sum"`` or ``"none"``.
+        aux_weight: weight of each auxiliary output's loss.
     """
 
-    def __init__(self, weight=None, ignore_index: int = 255, label_smoothing: float = 0.0, aux_weight: float = 0.4):
-        super().__init__()
+    def __init__(
+        self,
+        weight=None,
+        ignore_index: int = 255,
+        label_smoothing: float = 0.0,
+        reduction: str = "mean",
+        aux_weight: float = 0.4,
+    ):
+        super().__init__(reduction, aux_weight)
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-        if aux_weight < 0:
-            raise ValueError(f"aux_weight must be >= 0, got {aux_weight}")
         self.register_buffer("weight", None if weight is None else torch.as_tensor(weight, dtype=torch.float32))
         self.ignore_index = ignore_index
         self.label_smoothing = label_smoothing
-        self.aux_weight = aux_weight
 
-    def forward(self, output: torch.Tensor | dict, target: torch.Tensor) -> torch.Tensor:
-        main, aux = split_outputs(output)
-        kw = dict(weight=self.weight, ignore_index=self.ignore_index, label_smoothing=self.label_smoothing)
-        loss = cross_entropy(main, target, **kw)
-        for a in aux:
-            loss = loss + self.aux_weight * cross_entropy(a, target, **kw)
-        return loss
+    def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return cross_entropy(logits, target, self.weight, self.ignore_index, self.label_smoothing, self.reduction)
