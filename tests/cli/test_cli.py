@@ -223,3 +223,40 @@ def test_camvid_splits_from_config(camvid_root):
     assert len(val) == 101 and val.num_classes == 11
     with pytest.raises(Exception, match="testannot"):
         build_split(data, "test")
+
+
+def test_train_with_compound_loss_median_weights_and_rare_class_sampling(tmp_path):
+    run = tmp_path / "run"
+    args = [
+        "train",
+        "--data",
+        "synthetic",
+        "--model",
+        "unet_vanilla",
+        "--no-progress",
+        "--epochs",
+        "1",
+        "--set",
+        "model.features=[8,16]",
+        "--set",
+        "data.image_size=32",
+        "--set",
+        "data.num_train=16",
+        "--set",
+        "data.num_val=4",
+        "--set",
+        "train.batch_size=4",
+        "--set",
+        "train.device=cpu",
+        "--set",
+        "train.loss=ce+0.5*dice",
+        "--set",
+        "train.class_weights=median",
+        "--set",
+        "train.rare_class_sampling=0.9",
+        "--run-dir",
+        str(run),
+    ]
+    assert main(args) == 0
+    assert json.loads((run / "history.jsonl").read_text().splitlines()[0])["train_loss"] > 0
+    assert main([*args[:-2], "--set", "train.loss=ce+dicee", "--run-dir", str(run)]) == 2

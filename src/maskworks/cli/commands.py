@@ -50,6 +50,13 @@ def train(args) -> int:
     base = builders.base_dataset(train_set)
     model = builders.build_model(cfg["model"], base.num_classes, base.in_channels)
     loss = builders.build_loss(cfg["train"], train_set)
+    sample_weights = None
+    if cfg["train"].get("rare_class_sampling"):
+        from maskworks.data import image_class_presence, repeat_factors
+
+        presence = image_class_presence(train_set, base.num_classes, progress=not args.no_progress)
+        sample_weights = repeat_factors(presence, float(cfg["train"]["rare_class_sampling"]))
+        log.info("rare-class sampling: repeat factors %.2f..%.2f", sample_weights.min(), sample_weights.max())
     trainer = Trainer(
         model,
         train_set,
@@ -58,6 +65,7 @@ def train(args) -> int:
         loss_fn=loss,
         progress=not args.no_progress,
         meta={"data_config": cfg["data"]},
+        sample_weights=sample_weights,
         **builders.trainer_kwargs(cfg["train"]),
     )
     if trainer.dist.is_main:

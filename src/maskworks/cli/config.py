@@ -59,6 +59,7 @@ DEFAULTS: dict[str, Any] = {
         "loss": "ce",  # e.g. "ce+0.5*dice", "focal+lovasz"
         "class_weights": None,  # a list, or inverse | median | effective | log (estimated from the masks)
         "label_smoothing": 0.0,
+        "rare_class_sampling": None,  # a threshold t in (0, 1]: repeat-factor sampling of images with rare classes
     },
 }
 

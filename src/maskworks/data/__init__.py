@@ -15,6 +15,7 @@ from maskworks.data.io import (
 )
 from maskworks.data.isbi import ISBI2012
 from maskworks.data.palette import default_palette, read_class_file
+from maskworks.data.sampling import image_class_presence, repeat_factors
 from maskworks.data.synthetic import SyntheticShapes
 from maskworks.data.transforms import (
     GaussianNoise,
@@ -50,4 +51,6 @@ __all__ = [
     "read_image",
     "read_mask",
     "segmentation_fill",
+    "image_class_presence",
+    "repeat_factors",
 ]

@@ -59,7 +59,8 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 
 
 class ShardedSampler(torch.utils.data.Sampler[int]):
-    """Seeded shuffle, then the rank's share ``perm[rank::world]``.
+    """Seeded shuffle (or, with ``weights``, a seeded weighted draw with replacement), then the rank's share
+    ``perm[rank::world]``.
 
     With ``drop_last`` every rank gets the same number of whole batches, and the union of the
     ranks' k-th batches is exactly the k-th global batch of a single-process run (with per-rank
@@ -74,7 +75,13 @@ class ShardedSampler(torch.utils.data.Sampler[int]):
         rank: int = 0,
         world_size: int = 1,
         global_batch: int | None = None,
+        weights: torch.Tensor | None = None,
     ):
+        if weights is not None:
+            weights = torch.as_tensor(weights, dtype=torch.float64)
+            if weights.shape != (length,) or (weights < 0).any() or weights.sum() <= 0:
+                raise ValueError(f"weights must be {length} non-negative numbers with a positive sum")
+        self.weights = weights
         self.length, self.shuffle, self.seed = length, shuffle, seed
         self.rank, self.world_size = rank, world_size
         self.global_batch = global_batch
@@ -84,8 +91,10 @@ class ShardedSampler(torch.utils.data.Sampler[int]):
         self.epoch = epoch
 
     def _indices(self) -> list[int]:
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        if self.weights is not None:  # e.g. repeat-factor sampling of images with rare classes
+            perm = torch.multinomial(self.weights, self.length, replacement=True, generator=g).tolist()
+        elif self.shuffle:
             perm = torch.randperm(self.length, generator=g).tolist()
         else:
             perm = list(range(self.length))

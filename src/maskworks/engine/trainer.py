@@ -142,6 +142,8 @@ class Trainer:
         meta: extra JSON metadata stored with the model (class names, palette, mean/std...).
         num_classes: number of classes for metrics (default: ``train_set.num_classes`` or model output).
         ignore_index: label value ignored by loss and metrics.
+        sample_weights: per-sample drawing weights (e.g. :func:`maskworks.data.repeat_factors` for rare-class
+            sampling); each epoch then draws ``len(train_set)`` samples with replacement.
     """
 
     def __init__(
@@ -173,6 +175,7 @@ class Trainer:
         meta: dict | None = None,
         num_classes: int | None = None,
         ignore_index: int = 255,
+        sample_weights: torch.Tensor | None = None,
     ):
         if epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {epochs}")
@@ -222,6 +225,7 @@ class Trainer:
             rank=self.dist.rank,
             world_size=self.dist.world_size,
             global_batch=batch_size,
+            weights=sample_weights,
         )
         self.loader_generator = torch.Generator()
         self.seeded_train_set = EpochSeededDataset(train_set, seed)
