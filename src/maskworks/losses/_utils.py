@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 MODES = ("binary", "multiclass", "multilabel")
 REDUCTIONS = ("mean", "sum", "none")
@@ -36,13 +35,19 @@ def one_hot_with_ignore(
     Ignored pixels get an all-zero one-hot row (never an index error, unlike ``F.one_hot`` on 255).
     """
     valid = valid_mask(target, ignore_index)
-    safe = torch.where(valid, target, torch.zeros_like(target)).long()
-    if (safe < 0).any() or (safe >= num_classes).any():
+    all_valid = bool(valid.all())
+    safe = (target if all_valid else torch.where(valid, target, torch.zeros_like(target))).long()
+    lo, hi = torch.aminmax(safe)
+    if lo < 0 or hi >= num_classes:
         bad = torch.unique(safe[(safe < 0) | (safe >= num_classes)]).tolist()
         raise ValueError(f"target holds labels {bad[:10]} outside 0..{num_classes - 1} (and not ignore_index)")
-    oh = F.one_hot(safe, num_classes).movedim(-1, 1).float()  # (B, K, *spatial)
+    shape = (safe.shape[0], num_classes, *safe.shape[1:])
+    # scatter straight into a float tensor: no int64 one-hot and no channel-last copy
+    oh = torch.zeros(shape, dtype=torch.float32, device=safe.device).scatter_(1, safe.unsqueeze(1), 1.0)
     valid = valid.unsqueeze(1)
-    return oh * valid, valid
+    if not all_valid:
+        oh.mul_(valid)
+    return oh, valid
 
 
 def reduce(loss: torch.Tensor, reduction: str, weight: torch.Tensor | None = None) -> torch.Tensor:

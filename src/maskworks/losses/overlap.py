@@ -142,9 +142,12 @@ def prepare_probs_targets(
         if not gt.is_floating_point() and ((gt != 0) & (gt != 1)).any():
             bad = torch.unique(gt[(gt != 0) & (gt != 1)]).tolist()[:10]
             raise ValueError(f"mode={mode!r}: target holds labels {bad} (expected 0, 1 or ignore_index)")
+    all_valid = bool(valid.all())
     valid = valid.to(logits.dtype)
-    gt = gt.to(logits.dtype) * valid
-    probs = probs * valid
+    gt = gt.to(logits.dtype)
+    if not all_valid:  # zero ignored pixels (skipped when nothing is ignored: two full-size multiplies saved)
+        gt = gt * valid
+        probs = probs * valid
     if classes is not None or (not include_background and k > 1):
         keep = list(range(k)) if classes is None else [int(c) for c in classes]
         if any(c < 0 or c >= k for c in keep):
