@@ -37,6 +37,10 @@ class SegLoss(nn.Module):
             raise ValueError(f"aux_weight must be >= 0, got {aux_weight}")
         self.aux_weight = aux_weight
 
+    def register_class_weight(self, weight) -> None:
+        """Store optional per-class weights as the (float32) buffer ``self.weight``; it follows ``.to(device)``."""
+        self.register_buffer("weight", None if weight is None else torch.as_tensor(weight, dtype=torch.float32))
+
     @abstractmethod
     def loss(self, logits: torch.Tensor, target: torch.Tensor, **kwargs) -> torch.Tensor:
         """The loss of one logits tensor."""

@@ -534,7 +534,7 @@ class BoundaryWeightedCrossEntropyLoss(SegLoss):
         if w0 < 0:
             raise ValueError(f"w0 must be >= 0, got {w0}")
         self.w0, self.sigma = w0, check_range("sigma", sigma, 0.0, float("inf"), low_open=True)
-        self.register_buffer("weight", None if weight is None else torch.as_tensor(weight, dtype=torch.float32))
+        self.register_class_weight(weight)
         self.ignore_index = ignore_index
 
     def loss(self, logits: torch.Tensor, target: torch.Tensor, weight_map: torch.Tensor | None = None) -> torch.Tensor:

@@ -85,7 +85,7 @@ class CrossEntropyLoss(SegLoss):
         super().__init__(reduction, aux_weight)
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-        self.register_buffer("weight", None if weight is None else torch.as_tensor(weight, dtype=torch.float32))
+        self.register_class_weight(weight)
         self.ignore_index = ignore_index
         self.label_smoothing = label_smoothing
 

@@ -135,7 +135,7 @@ class OhemCrossEntropyLoss(SegLoss):
         if not isinstance(min_kept, int) or min_kept < 0:
             raise ValueError(f"min_kept must be an integer >= 0, got {min_kept!r}")
         self.min_kept = min_kept
-        self.register_buffer("weight", None if weight is None else torch.as_tensor(weight, dtype=torch.float32))
+        self.register_class_weight(weight)
         self.ignore_index = ignore_index
 
     def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -165,7 +165,7 @@ class TopKCrossEntropyLoss(SegLoss):
     ):
         super().__init__(reduction, aux_weight)
         self.k = check_range("k", k, 0.0, 100.0, low_open=True)
-        self.register_buffer("weight", None if weight is None else torch.as_tensor(weight, dtype=torch.float32))
+        self.register_class_weight(weight)
         self.ignore_index = ignore_index
 
     def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

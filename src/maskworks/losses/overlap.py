@@ -599,10 +599,6 @@ def generalized_dice_loss(
 
 
 # ----------------------------------------------------------------------------------------------------------- modules
-def _weight_buffer(weight: torch.Tensor | Sequence[float] | None) -> torch.Tensor | None:
-    return None if weight is None else torch.as_tensor(weight, dtype=torch.float32)
-
-
 class _OverlapLoss(SegLoss):
     """Shared constructor of the Dice / Jaccard / Tversky / Focal Tversky modules (options validated here)."""
 
@@ -636,7 +632,7 @@ class _OverlapLoss(SegLoss):
         self.per_image = per_image
         self.ignore_index = ignore_index
         self.mask_absent = mask_absent
-        self.register_buffer("weight", _weight_buffer(weight))
+        self.register_class_weight(weight)
         self.extra = extra
 
     def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

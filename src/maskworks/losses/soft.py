@@ -192,7 +192,7 @@ class SoftCrossEntropyLoss(SegLoss):
     ):
         super().__init__(reduction, aux_weight)
         self.smoothing = check_range("smoothing", smoothing, 0.0, 1.0, high_open=True)
-        self.register_buffer("weight", None if weight is None else torch.as_tensor(weight, dtype=torch.float32))
+        self.register_class_weight(weight)
         self.ignore_index = ignore_index
 
     def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
