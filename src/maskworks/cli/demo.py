@@ -17,7 +17,7 @@ RECIPE = {
     "num_train": 2048,
     "num_val": 128,
     "model": {"name": "unet_vanilla", "features": (16, 32, 64, 128)},
-    "epochs": 7,
+    "epochs": 6,
     "batch_size": 16,
     "lr": 4e-3,
     "schedule": "cosine",
