@@ -254,9 +254,12 @@ def test_train_with_compound_loss_median_weights_and_rare_class_sampling(tmp_pat
         "train.class_weights=median",
         "--set",
         "train.rare_class_sampling=0.9",
+        "--set",
+        "data.copy_paste={classes: [2, 3], p: 0.5}",
         "--run-dir",
         str(run),
     ]
     assert main(args) == 0
     assert json.loads((run / "history.jsonl").read_text().splitlines()[0])["train_loss"] > 0
     assert main([*args[:-2], "--set", "train.loss=ce+dicee", "--run-dir", str(run)]) == 2
+    assert main([*args[:-2], "--set", "data.copy_paste={classes: [2], q: 1}", "--run-dir", str(run)]) == 2

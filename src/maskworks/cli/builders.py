@@ -87,6 +87,31 @@ def build_datasets(data: dict[str, Any], with_train: bool = True, augment: bool 
     return (Subset(full_train, train_idx) if with_train else None), (Subset(full_val, val_idx) if val_idx else None)
 
 
+def add_copy_paste(train_set, spec, progress: bool = True):
+    """Prepend rare-class copy-paste (``data.copy_paste``: a list of classes or a dict of options) to the
+    training transform; the object bank comes from the training samples only."""
+    from torchvision.transforms import v2
+
+    from maskworks.data import RareClassCopyPaste
+
+    opts = {"classes": spec} if isinstance(spec, (list, tuple)) else dict(spec)
+    if "classes" not in opts or not isinstance(opts["classes"], (list, tuple)):
+        raise ConfigError(f"data.copy_paste={spec!r}: expected a list of class ids or a dict with 'classes'")
+    allowed = {"classes", "p", "max_objects", "max_per_class", "min_area", "hflip", "class_probs", "seed"}
+    unknown = set(opts) - allowed
+    if unknown:
+        raise ConfigError(f"data.copy_paste has unknown keys {sorted(unknown)}; allowed: {sorted(allowed)}")
+    base = base_dataset(train_set)
+    indices = getattr(train_set, "indices", None)
+    try:
+        paste = RareClassCopyPaste.from_dataset(base, progress=progress, indices=indices, **opts)
+    except ValueError as e:
+        raise ConfigError(f"data.copy_paste: {e}") from e
+    base.transform = v2.Compose([paste, base.transform]) if base.transform is not None else paste
+    log.info("copy-paste: %r", paste)
+    return paste
+
+
 def base_dataset(ds):
     return getattr(ds, "dataset", ds)
 

@@ -48,6 +48,8 @@ def train(args) -> int:
     run_dir = Path(cfg["run_dir"])
     train_set, val_set = builders.build_datasets(cfg["data"])
     base = builders.base_dataset(train_set)
+    if cfg["data"].get("copy_paste"):
+        builders.add_copy_paste(train_set, cfg["data"]["copy_paste"], progress=not args.no_progress)
     model = builders.build_model(cfg["model"], base.num_classes, base.in_channels)
     loss = builders.build_loss(cfg["train"], train_set)
     sample_weights = None

@@ -37,6 +37,7 @@ DEFAULTS: dict[str, Any] = {
         "rotate": 0.0,
         "elastic": 0.0,
         "color_jitter": 0.0,
+        "copy_paste": None,  # rare classes to copy-paste, e.g. [5, 9, 10] or {classes: [...], p: 0.5, max_objects: 3}
     },
     "train": {
         "epochs": 10,

@@ -1,6 +1,7 @@
 """Datasets, joint transforms and file reading: every dataset returns the sample dict of :mod:`maskworks.data.io`."""
 
 from maskworks.data.camvid import CamVid
+from maskworks.data.copy_paste import BankedObject, RareClassCopyPaste, extract_objects
 from maskworks.data.folder import FolderDataset, PairedFileDataset
 from maskworks.data.io import (
     IGNORE_INDEX,
@@ -28,6 +29,9 @@ from maskworks.data.transforms import (
 )
 
 __all__ = [
+    "BankedObject",
+    "RareClassCopyPaste",
+    "extract_objects",
     "IGNORE_INDEX",
     "IMAGE_EXTENSIONS",
     "CamVid",
