@@ -6,6 +6,14 @@ with random weights, same batch, same input size).
 
     python benchmarks/camvid_unet.py --budget-min 20
     python benchmarks/camvid_unet.py --budget-min 2 --data ../shared/data/camvid   # smoke run
+    python benchmarks/camvid_unet.py --steps 900 --loss ce          # fixed step budget, plain CE
+    python benchmarks/camvid_unet.py --steps 900 --loss wce+dice    # same budget, weighted CE + Dice
+
+``--loss`` is ``ce`` (unweighted cross-entropy), ``wce`` (SegNet median-frequency weighted CE, the
+default) or any :func:`maskworks.losses.build_loss` spec; ``wce`` inside a spec means the weighted CE,
+so ``wce+dice`` is median-frequency weighted CE plus multiclass Dice. ``--steps`` replaces the
+wall-clock budget by a fixed number of optimizer steps (the schedule then runs over steps), which
+makes two runs comparable even when the machine is shared.
 
 The learning rate follows a poly schedule over *elapsed time* (lr * (1 - t/T)^0.9), so the run
 ends annealed whatever the machine's speed. Training uses random scale + crop at
@@ -29,7 +37,7 @@ from maskworks import create_model
 from maskworks.data import CamVid, build_transforms
 from maskworks.data import collate_samples as collate
 from maskworks.engine import build_optimizer, seed_everything
-from maskworks.losses import CrossEntropyLoss
+from maskworks.losses import build_loss
 from maskworks.metrics import ConfusionMatrix
 
 CAMVID_MEDIAN_FREQ = [0.2595, 0.1826, 4.5640, 0.1417, 0.9051, 0.3826, 9.6446, 1.8418, 0.6823, 6.2478, 7.3614]
@@ -83,6 +91,8 @@ def evaluate(model, dataset, eval_scale: float, device) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--budget-min", type=float, default=20.0, help="training wall-clock budget in minutes")
+    p.add_argument("--steps", type=int, default=0, help="fixed number of optimizer steps (overrides --budget-min)")
+    p.add_argument("--loss", default="wce", help="ce | wce | a build_loss spec where wce is the weighted CE")
     p.add_argument("--data", default="../shared/data/camvid")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=2e-3)
@@ -111,7 +121,10 @@ def main() -> None:
     val_set = CamVid(args.data, split="val", transform=build_transforms(train=False))
     model = create_model("unet", encoder="resnet18", num_classes=train_set.num_classes).to(device)
     opt = build_optimizer(model, "adamw", lr=args.lr, weight_decay=1e-4)
-    loss_fn = CrossEntropyLoss(weight=CAMVID_MEDIAN_FREQ).to(device)
+    weighted = "wce" in args.loss  # the median-frequency weights go to the CE term only
+    options = {"ce": {"weight": torch.tensor(CAMVID_MEDIAN_FREQ)}} if weighted else None
+    loss_fn = build_loss(args.loss.replace("wce", "ce"), options=options)
+    loss_fn = loss_fn.to(device)
     loader = DataLoader(
         train_set,
         batch_size=args.batch_size,
@@ -126,7 +139,7 @@ def main() -> None:
     while not done:
         model.train()
         for batch in loader:
-            frac = (time.perf_counter() - t0) / budget
+            frac = steps / args.steps if args.steps else (time.perf_counter() - t0) / budget
             if frac >= 1.0:
                 done = True
                 break
@@ -147,7 +160,9 @@ def main() -> None:
     train_s = time.perf_counter() - t0
     metrics = evaluate(model, val_set, args.eval_scale, device)
     result = {
-        "budget_min": args.budget_min,
+        "budget_min": None if args.steps else args.budget_min,
+        "budget_steps": args.steps or None,
+        "loss": args.loss,
         "train_seconds": round(train_s, 1),
         "steps": steps,
         "epochs": round(steps * args.batch_size / len(train_set), 2),
@@ -162,7 +177,8 @@ def main() -> None:
     print(json.dumps(result, indent=2, default=lambda v: None if isinstance(v, float) and math.isnan(v) else v))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
-    print(f"val mIoU after {args.budget_min:g} min: {metrics['miou']:.4f}")
+    budget_txt = f"{args.steps} steps" if args.steps else f"{args.budget_min:g} min"
+    print(f"val mIoU after {budget_txt} ({args.loss}): {metrics['miou']:.4f}")
 
 
 if __name__ == "__main__":

@@ -2,9 +2,16 @@
 
     python benchmarks/losses.py                       # (8, 12, 512, 512), as in the issue
     python benchmarks/losses.py --shape 2 12 128 128  # quick
+    python benchmarks/losses.py --inputs regions --only hausdorff_dt boundary
 
 Prints one row per (loss, peer) with milliseconds and the ratio ours / peer (<= 1.0: ours is at
 least as fast). Peers get the same logits and the same integer target (MONAI's as (B, 1, H, W)).
+
+``--inputs noise`` (default): i.i.d. Gaussian logits and uniformly random labels per pixel, so every
+pixel is on a class boundary. ``--inputs regions``: label maps made of smooth regions (the argmax of
+bilinearly upsampled random fields on a 1/32 grid, like a scene of objects) and logits that are a
+smooth field correlated with the labels plus noise, like a half-trained network's; distance-based
+losses depend on this structure, the others do not.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import statistics
 import time
 
 import torch
+import torch.nn.functional as F
 
 from maskworks.losses import BoundaryLoss, DiceLoss, FocalLoss, HausdorffDTLoss, LovaszSoftmaxLoss
 from maskworks.losses.boundary import signed_distance_map
@@ -34,10 +42,27 @@ def timed(fn, logits, repeats: int) -> float:
     return statistics.median(times)
 
 
+def make_inputs(kind: str, b: int, k: int, h: int, w: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    if kind == "noise":
+        logits = torch.randn(b, k, h, w, generator=g)
+        return logits, torch.randint(0, k, (b, h, w), generator=g)
+
+    def field(cells: int) -> torch.Tensor:
+        low = torch.randn(b, k, max(1, h // cells), max(1, w // cells), generator=g)
+        return F.interpolate(low, size=(h, w), mode="bilinear", align_corners=False)
+
+    scene = field(32)
+    target = scene.argmax(1)
+    logits = 4.0 * (scene + 0.7 * field(16)) + 0.5 * torch.randn(b, k, h, w, generator=g)
+    return logits, target
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", type=int, nargs=4, default=(8, 12, 512, 512), metavar=("B", "K", "H", "W"))
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--inputs", choices=("noise", "regions"), default="noise", help="see the module docstring")
+    p.add_argument("--only", nargs="+", help="run only these losses (names as printed)")
     p.add_argument("--json", help="write the rows to this file")
     args = p.parse_args()
     import monai.losses as ml
@@ -46,8 +71,8 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     b, k, h, w = args.shape
     g = torch.Generator().manual_seed(0)
-    logits = torch.randn(b, k, h, w, generator=g).to(device)
-    target = torch.randint(0, k, (b, h, w), generator=g).to(device)
+    logits, target = make_inputs(args.inputs, b, k, h, w, g)
+    logits, target = logits.to(device), target.to(device)
     target_1 = target[:, None]
     dist = signed_distance_map(target.cpu(), k).to(device)
 
@@ -72,7 +97,12 @@ def main() -> None:
         "boundary (precomputed maps)": [],
     }
     rows = []
+    unknown = set(args.only or []) - set(ours) - {n.split()[0] for n in ours}
+    if unknown:
+        p.error(f"--only: unknown losses {sorted(unknown)}; available: {sorted(ours)}")
     for name, fn in ours.items():
+        if args.only and name not in args.only and name.split()[0] not in args.only:
+            continue
         if not peers[name]:
             ms = timed(fn, logits, args.repeats)
             rows.append({"loss": name, "peer": None, "ours_ms": round(ms, 1)})
@@ -94,7 +124,7 @@ def main() -> None:
                 }
             )
             print(f"{name:<28} ours {o:9.1f} ms   {peer_name:<6} {q:9.1f} ms   ratio {o / q:.2f}", flush=True)
-    meta = {"shape": [b, k, h, w], "device": str(device), "threads": torch.get_num_threads()}
+    meta = {"shape": [b, k, h, w], "inputs": args.inputs, "device": str(device), "threads": torch.get_num_threads()}
     print(json.dumps(meta))
     if args.json:
         with open(args.json, "w") as f:

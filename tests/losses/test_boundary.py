@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -209,3 +210,31 @@ def test_options_validated():
     x, y = _data()
     with pytest.raises(ValueError):
         boundary_loss(x, y, dist_maps=torch.zeros(2, 2, 12, 12))
+
+
+def test_distance_field_bounding_box_shortcut_is_exact():
+    """The inside distance runs on the object's box when that is exact; compare with full-array transforms."""
+    from scipy.ndimage import distance_transform_edt as edt
+
+    from maskworks.losses.boundary import _nearest_distance
+
+    rng = np.random.default_rng(0)
+    for trial in range(40):
+        pos = np.zeros((40, 37), bool)
+        y, x = rng.integers(0, 36, 2)
+        h, w = rng.integers(1, 12, 2)
+        pos[y : y + h, x : x + w] = True
+        pos[y + 1 : y + 2, x + 1 : x + 3] = False  # a hole inside the object
+        valid = np.ones_like(pos)
+        if trial % 3 == 1:  # ignore far from the object (shortcut still applies)
+            valid[:, :2] = (pos[:, :2]) | (x < 5)
+        if trial % 3 == 2:  # ignore touching the object (falls back to the full array)
+            valid[max(y - 1, 0), :] = False
+            valid |= pos
+        other = valid & ~pos
+        got = _nearest_distance(pos, valid)
+        if not other.any():
+            assert got is None
+            continue
+        want = np.where(pos, edt(~other), edt(~pos))
+        np.testing.assert_array_equal(got, want)

@@ -50,37 +50,58 @@ __all__ = [
 
 
 # ----------------------------------------------------------------------------------------------- distance maps
-def _distances(pos: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-    """``(d_out, d_in)`` for one binary mask, or None when it has no inside or no (labelled) outside.
+def _crop_for_inside(pos: np.ndarray, valid: np.ndarray) -> tuple[slice, ...] | None:
+    """Slices of ``pos``'s bounding box grown by one pixel, or None if a pixel of that ring is not labelled.
 
-    ``d_out`` (read at non-``pos`` pixels) is the distance to the nearest ``pos`` pixel; ``d_in`` (read at
-    ``pos`` pixels) is the distance to the nearest valid non-``pos`` pixel, so ignored pixels never act as edges.
+    For a pixel inside ``pos`` the nearest labelled non-``pos`` pixel lies in this crop when every ring pixel is
+    labelled: clamping any farther pixel onto the box gives a ring pixel that is at least as close.
+    """
+    sl = []
+    for axis in range(pos.ndim):
+        other_axes = tuple(a for a in range(pos.ndim) if a != axis)
+        hit = np.flatnonzero(pos.any(axis=other_axes))
+        sl.append(slice(max(int(hit[0]) - 1, 0), min(int(hit[-1]) + 2, pos.shape[axis])))
+    sl = tuple(sl)
+    # Checks every non-pos pixel of the crop, not only the ring: stricter, still exact, and cheap.
+    return sl if valid[sl][~pos[sl]].all() else None
+
+
+def _nearest_distance(pos: np.ndarray, valid: np.ndarray) -> np.ndarray | None:
+    """Per pixel: outside ``pos`` the distance to the nearest ``pos`` pixel, inside ``pos`` the distance to the
+    nearest labelled non-``pos`` pixel (so ignored pixels never act as edges). None when ``pos`` has no inside or
+    no labelled outside.
+
+    Two Euclidean distance transforms; the inside one runs only on ``pos``'s bounding box when that is exact and
+    at most half of the array (objects are usually much smaller than the image).
     """
     other = valid & ~pos
     if not pos.any() or not other.any():
         return None
-    return distance_transform_edt(~pos), distance_transform_edt(~other)
+    d = distance_transform_edt(~pos)  # outside: distance to the nearest pos pixel
+    sl = _crop_for_inside(pos, valid)
+    if sl is not None and np.prod([s.stop - s.start for s in sl]) * 2 <= pos.size:
+        inside = pos[sl]
+        d[sl][inside] = distance_transform_edt(~other[sl])[inside]
+    else:
+        np.copyto(d, distance_transform_edt(~other), where=pos)
+    return d
 
 
-def _per_mask(fn, pos: torch.Tensor, valid: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Apply ``fn(pos, valid, d_out, d_in)`` to every ``(b, c)`` mask; zeros where :func:`_distances` is None."""
+def _per_mask(kind: str, pos: torch.Tensor, valid: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Distance fields of every ``(b, c)`` mask: ``"signed"`` (Kervadec's ``one_hot2dist``) or ``"unsigned"``
+    (distance to the boundary on both sides); zeros where :func:`_nearest_distance` is None."""
     pos_np = pos.detach().bool().cpu().numpy()
     valid_np = np.broadcast_to(valid.detach().bool().cpu().numpy(), pos_np.shape)
     out = np.zeros(pos_np.shape, dtype=np.float64)
     for b in range(pos_np.shape[0]):
         for c in range(pos_np.shape[1]):
-            d = _distances(pos_np[b, c], valid_np[b, c])
-            if d is not None:
-                out[b, c] = fn(pos_np[b, c], valid_np[b, c], *d)
+            d = _nearest_distance(pos_np[b, c], valid_np[b, c])
+            if d is None:
+                continue
+            if kind == "signed":
+                d = np.where(pos_np[b, c], 1.0 - d, d) * valid_np[b, c]
+            out[b, c] = d
     return torch.from_numpy(out).to(device=like.device, dtype=like.dtype)
-
-
-def _signed(pos, valid, d_out, d_in):
-    return np.where(pos, -(d_in - 1), d_out) * valid
-
-
-def _unsigned(pos, valid, d_out, d_in):
-    return np.where(pos, d_in, d_out)
 
 
 def signed_distance_map(
@@ -104,7 +125,7 @@ def signed_distance_map(
     """
     target = torch.as_tensor(target)
     one_hot, valid = one_hot_with_ignore(target.long(), num_classes, ignore_index)
-    return _per_mask(_signed, one_hot, valid, one_hot)
+    return _per_mask("signed", one_hot, valid, one_hot)
 
 
 @torch.no_grad()
@@ -218,7 +239,7 @@ def boundary_loss(
     check_reduction(reduction)
     probs, one_hot, valid = _probs_and_targets(logits, target, mode, ignore_index)
     if dist_maps is None:
-        dist_maps = _per_mask(_signed, one_hot.bool(), valid, probs)
+        dist_maps = _per_mask("signed", one_hot.bool(), valid, probs)
     else:
         if mode == "binary" and dist_maps.shape[1] == 2:
             dist_maps = dist_maps[:, 1:]
@@ -291,8 +312,8 @@ def hausdorff_dt_loss(
     check_reduction(reduction)
     probs, one_hot, valid = _probs_and_targets(logits, target, mode, ignore_index)
     probs, one_hot, valid = _drop_background(include_background, probs, one_hot, valid.expand_as(probs))
-    pred_dt = _per_mask(_unsigned, probs.detach() > 0.5, torch.ones_like(valid), probs)
-    target_dt = _per_mask(_unsigned, one_hot.bool(), valid, probs)
+    pred_dt = _per_mask("unsigned", probs.detach() > 0.5, torch.ones_like(valid), probs)
+    target_dt = _per_mask("unsigned", one_hot.bool(), valid, probs)
     field = (probs - one_hot) ** 2 * (pred_dt**alpha + target_dt**alpha) * valid
     dims = ([0] if batch else []) + list(range(2, probs.dim()))
     loss = field.sum(dims) / valid.sum(dims).clamp_min(1).to(field.dtype)
