@@ -1,5 +1,7 @@
 """Streaming segmentation metrics."""
 
+from maskworks.metrics.calibration import Calibration
 from maskworks.metrics.confusion import ConfusionMatrix
+from maskworks.metrics.soft import SoftMaskMetrics
 
-__all__ = ["ConfusionMatrix"]
+__all__ = ["Calibration", "ConfusionMatrix", "SoftMaskMetrics"]

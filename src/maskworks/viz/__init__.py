@@ -1,6 +1,6 @@
 """Visualisation: coloured masks, overlays, label PNGs, training curves, confusion matrices and HTML reports."""
 
-from maskworks.viz.plots import plot_confusion_matrix, plot_training_curves
+from maskworks.viz.plots import plot_confusion_matrix, plot_reliability, plot_training_curves
 from maskworks.viz.render import (
     colorize,
     default_palette,
@@ -20,6 +20,7 @@ __all__ = [
     "make_grid",
     "overlay",
     "plot_confusion_matrix",
+    "plot_reliability",
     "plot_training_curves",
     "save_label_png",
     "save_rgb_png",

@@ -1,4 +1,4 @@
-"""Training curves and confusion-matrix figures, written as PNG files.
+"""Training curves, confusion-matrix and reliability figures, written as PNG files.
 
 Figures are built with ``matplotlib.figure.Figure`` and the Agg canvas directly, never through ``pyplot``, so
 plotting works headless, from worker threads, and does not touch the user's global backend or open windows.
@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["plot_training_curves", "plot_confusion_matrix"]
+__all__ = ["plot_training_curves", "plot_confusion_matrix", "plot_reliability"]
 
 log = logging.getLogger(__name__)
 
@@ -184,4 +184,53 @@ def plot_confusion_matrix(
                 v = m[i, j]
                 text = f"{v:.2f}" if normalize else f"{int(v)}"
                 ax.text(j, i, text, ha="center", va="center", fontsize=8, color="white" if v > 0.6 * vmax else "black")
+    return _save(fig, path, dpi)
+
+
+def plot_reliability(calibration: dict[str, Any], path: str | PathLike, dpi: int = 100) -> Path:
+    """Reliability diagram: accuracy against confidence per bin, with the gap to the diagonal and bin counts.
+
+    Args:
+        calibration: the dict of :meth:`maskworks.metrics.Calibration.compute` (uses ``reliability``, ``ece``).
+        path: output PNG file (parent folders are created).
+        dpi: resolution.
+
+    Returns:
+        The written path.
+    """
+    rel = calibration.get("reliability") if isinstance(calibration, dict) else None
+    if not rel or not {"edges", "count", "accuracy", "confidence"} <= set(rel):
+        raise ValueError("calibration must be Calibration.compute() output with a 'reliability' entry")
+    edges = np.asarray(rel["edges"], dtype=np.float64)
+    count = np.asarray(rel["count"], dtype=np.float64)
+    acc = np.asarray(rel["accuracy"], dtype=np.float64)
+    conf = np.asarray(rel["confidence"], dtype=np.float64)
+    if len(edges) != len(count) + 1:
+        raise ValueError(f"reliability has {len(edges)} edges for {len(count)} bins; expected one more edge than bins")
+    centers, widths = (edges[:-1] + edges[1:]) / 2, np.diff(edges)
+    ok = count > 0
+    fig = _new_figure(5.5, 6.5)
+    ax, ax_n = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
+    ax.bar(centers[ok], acc[ok], width=widths[ok], color="#4c72b0", edgecolor="white", label="accuracy")
+    ax.bar(
+        centers[ok],
+        conf[ok] - acc[ok],
+        bottom=acc[ok],
+        width=widths[ok],
+        color="#dd8452",
+        alpha=0.45,
+        edgecolor="#dd8452",
+        label="gap to confidence",
+    )
+    ax.plot([0, 1], [0, 1], "--", color="gray", lw=1, label="perfect calibration")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy")
+    ece = calibration.get("ece")
+    title = "reliability diagram" + (f" (ECE {ece:.4f})" if isinstance(ece, float) and math.isfinite(ece) else "")
+    ax.set_title(title)
+    ax.legend(loc="upper left", fontsize=8)
+    ax_n.bar(centers, count / max(count.sum(), 1), width=widths, color="#55a868", edgecolor="white")
+    ax_n.set_xlabel("confidence")
+    ax_n.set_ylabel("pixel fraction")
     return _save(fig, path, dpi)
