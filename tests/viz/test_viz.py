@@ -172,3 +172,18 @@ def test_html_report_contents_and_escaping(tmp_path):
     assert "1,234" in text
     no_table = write_html_report(tmp_path / "r2.html", "t", metrics, per_class_table=False).read_text()
     assert "road" not in no_table
+
+
+def test_reliability_diagram_png(tmp_path):
+    import torch
+    from PIL import Image
+
+    from maskworks.metrics import Calibration
+    from maskworks.viz import plot_reliability
+
+    cal = Calibration(3, from_logits=True)
+    cal.update(torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)), torch.zeros(2, 16, 16).long())
+    path = plot_reliability(cal.compute(), tmp_path / "sub" / "reliability.png")
+    assert path.exists() and Image.open(path).size[0] > 100
+    with pytest.raises(ValueError, match="reliability"):
+        plot_reliability({"ece": 0.1}, tmp_path / "x.png")
