@@ -1,7 +1,8 @@
 """Streaming segmentation metrics."""
 
 from maskworks.metrics.calibration import Calibration
+from maskworks.metrics.coco import MaskAP
 from maskworks.metrics.confusion import ConfusionMatrix
 from maskworks.metrics.soft import SoftMaskMetrics
 
-__all__ = ["Calibration", "ConfusionMatrix", "SoftMaskMetrics"]
+__all__ = ["Calibration", "ConfusionMatrix", "MaskAP", "SoftMaskMetrics"]
