@@ -4,5 +4,6 @@ from maskworks.metrics.calibration import Calibration
 from maskworks.metrics.coco import MaskAP
 from maskworks.metrics.confusion import ConfusionMatrix
 from maskworks.metrics.soft import SoftMaskMetrics
+from maskworks.metrics.surface import SurfaceDistance
 
-__all__ = ["Calibration", "ConfusionMatrix", "MaskAP", "SoftMaskMetrics"]
+__all__ = ["Calibration", "ConfusionMatrix", "MaskAP", "SoftMaskMetrics", "SurfaceDistance"]
