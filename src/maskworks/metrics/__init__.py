@@ -3,7 +3,8 @@
 from maskworks.metrics.calibration import Calibration
 from maskworks.metrics.coco import MaskAP
 from maskworks.metrics.confusion import ConfusionMatrix
+from maskworks.metrics.panoptic import PanopticQuality
 from maskworks.metrics.soft import SoftMaskMetrics
 from maskworks.metrics.surface import SurfaceDistance
 
-__all__ = ["Calibration", "ConfusionMatrix", "MaskAP", "SoftMaskMetrics", "SurfaceDistance"]
+__all__ = ["Calibration", "ConfusionMatrix", "MaskAP", "PanopticQuality", "SoftMaskMetrics", "SurfaceDistance"]
