@@ -1,5 +1,6 @@
 """Streaming segmentation metrics."""
 
+from maskworks.metrics.boundary import BoundaryF1, BoundaryIoU
 from maskworks.metrics.calibration import Calibration
 from maskworks.metrics.coco import MaskAP
 from maskworks.metrics.confusion import ConfusionMatrix
@@ -7,4 +8,13 @@ from maskworks.metrics.panoptic import PanopticQuality
 from maskworks.metrics.soft import SoftMaskMetrics
 from maskworks.metrics.surface import SurfaceDistance
 
-__all__ = ["Calibration", "ConfusionMatrix", "MaskAP", "PanopticQuality", "SoftMaskMetrics", "SurfaceDistance"]
+__all__ = [
+    "BoundaryF1",
+    "BoundaryIoU",
+    "Calibration",
+    "ConfusionMatrix",
+    "MaskAP",
+    "PanopticQuality",
+    "SoftMaskMetrics",
+    "SurfaceDistance",
+]
