@@ -94,6 +94,16 @@ def test_train_eval_predict_round_trip(tmp_path, capsys):
     report = json.loads((tmp_path / "ev" / "eval.json").read_text())
     assert report["num_images"] == 8 and 0 <= report["miou"] <= 1
     assert (tmp_path / "ev" / "confusion_matrix.png").exists()
+    assert (tmp_path / "ev" / "reliability.png").exists()
+    assert 0 <= report["calibration"]["ece"] <= 1 and report["calibration"]["num_pixels"] > 0
+    assert 0 <= report["boundary_f1"]["mbf1"] <= 1 and "boundary_iou" in report["boundary_iou"]
+    assert "BF1" in out and "ECE" in out
+    ev2 = ["eval", "--checkpoint", str(run / "best.safetensors"), "--out", str(tmp_path / "ev2")]
+    assert main([*ev2, "--metrics", "confusion,surface"]) == 0
+    report2 = json.loads((tmp_path / "ev2" / "eval.json").read_text())
+    assert "surface" in report2 and "calibration" not in report2 and not (tmp_path / "ev2" / "reliability.png").exists()
+    assert "HD95" in capsys.readouterr().out
+    assert main([*ev2, "--metrics", "confusion,bogus"]) == 2
 
     imgs = tmp_path / "imgs"
     imgs.mkdir()

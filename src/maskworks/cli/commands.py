@@ -7,13 +7,14 @@ import logging
 import math
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import yaml
 
 from maskworks.cli import builders
-from maskworks.cli.config import apply_overrides, load_config
+from maskworks.cli.config import ConfigError, apply_overrides, load_config
 
 log = logging.getLogger("maskworks")
 
@@ -110,12 +111,26 @@ def _model_and_meta(checkpoint: str, device: str):
     return model, model.maskworks_meta, dev
 
 
+EVAL_METRICS = ("confusion", "boundary", "calibration", "surface")
+
+
+def parse_eval_metrics(spec: str) -> list[str]:
+    names = [m.strip() for m in spec.split(",") if m.strip()]
+    unknown = [m for m in names if m not in EVAL_METRICS]
+    if unknown:
+        raise ConfigError(f"--metrics: unknown {unknown}; choose from {', '.join(EVAL_METRICS)}")
+    return ["confusion"] + [m for m in names if m != "confusion"]
+
+
 def evaluate(args) -> int:
+    from tqdm.auto import tqdm
+
     from maskworks.data import collate_samples as collate
     from maskworks.losses import split_outputs
-    from maskworks.metrics import ConfusionMatrix
-    from maskworks.viz import plot_confusion_matrix
+    from maskworks.metrics import Calibration, ConfusionMatrix
+    from maskworks.viz import plot_confusion_matrix, plot_reliability
 
+    wanted = parse_eval_metrics(args.metrics)
     cfg = resolve_config(args)
     model, meta, dev = _model_and_meta(args.checkpoint, cfg["train"]["device"])
     data_cfg = dict(cfg["data"])
@@ -127,17 +142,31 @@ def evaluate(args) -> int:
     base = builders.base_dataset(dataset)
     names = list(getattr(base, "class_names", None) or meta.get("class_names") or [])
     k = getattr(base, "num_classes", None) or meta.get("num_classes")
+    names = names or [str(i) for i in range(k)]
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate)
-    cm = ConfusionMatrix(k, class_names=names or None, device=dev)
-    from tqdm.auto import tqdm
+    metrics: dict[str, Any] = {"confusion": ConfusionMatrix(k, class_names=names, device=dev)}
+    if "boundary" in wanted:
+        from maskworks.metrics import BoundaryF1, BoundaryIoU
+
+        metrics["boundary_f1"] = BoundaryF1(k, class_names=names)
+        metrics["boundary_iou"] = BoundaryIoU(k, class_names=names)
+    if "surface" in wanted:
+        from maskworks.metrics import SurfaceDistance
+
+        metrics["surface"] = SurfaceDistance(k, include_background=True, class_names=names)
+    if "calibration" in wanted and k > 1:
+        metrics["calibration"] = Calibration(k, from_logits=True)
 
     t0 = time.perf_counter()
     with torch.no_grad():
         for batch in tqdm(loader, desc="eval", dynamic_ncols=True):
             logits, _ = split_outputs(model(batch["image"].to(dev)))
+            target = batch["mask"].to(dev)
             pred = logits.argmax(1) if logits.shape[1] > 1 else (logits[:, 0] > 0).long()
-            cm.update(pred, batch["mask"].to(dev))
-    result = cm.compute()
+            for name, metric in metrics.items():
+                metric.update(logits if name == "calibration" else pred, target)
+    results = {name: metric.compute() for name, metric in metrics.items()}
+    result = results["confusion"]
     out = Path(args.out) if args.out else Path(args.checkpoint).parent
     out.mkdir(parents=True, exist_ok=True)
     report = {
@@ -147,26 +176,59 @@ def evaluate(args) -> int:
         "num_images": len(dataset),
         "seconds": time.perf_counter() - t0,
         **result,
+        **{name: value for name, value in results.items() if name != "confusion"},
     }
     (out / "eval.json").write_text(json.dumps(report, indent=2, default=str))
-    plot_confusion_matrix(cm.matrix.cpu().numpy(), names or [str(i) for i in range(k)], out / "confusion_matrix.png")
-    print(format_table(result, names or [str(i) for i in range(k)]))
-    print(f"report: {out / 'eval.json'}, {out / 'confusion_matrix.png'}")
+    written = [
+        out / "eval.json",
+        plot_confusion_matrix(metrics["confusion"].matrix.cpu().numpy(), names, out / "confusion_matrix.png"),
+    ]
+    if "calibration" in results:
+        written.append(plot_reliability(results["calibration"], out / "reliability.png"))
+    print(format_table(result, names, results))
+    print("report: " + ", ".join(str(w) for w in written))
     return 0
 
 
-def format_table(result: dict, names: list[str]) -> str:
-    """Per-class IoU / Dice / precision / recall table followed by the summary numbers."""
+def format_table(result: dict, names: list[str], extra: dict | None = None) -> str:
+    """Per-class table (IoU / Dice / precision / recall, and boundary F1 / boundary IoU / HD95 when evaluated)
+    followed by the summary numbers."""
+    extra = extra or {}
     width = max(8, *(len(n) for n in names))
-    lines = [f"{'class':<{width}}  {'IoU':>7} {'Dice':>7} {'Prec':>7} {'Recall':>7}"]
+    columns = [
+        ("IoU", result["iou"]),
+        ("Dice", result["dice"]),
+        ("Prec", result["precision"]),
+        ("Recall", result["recall"]),
+    ]
+    if "boundary_f1" in extra:
+        columns.append(("BF1", extra["boundary_f1"]["bf1"]))
+    if "boundary_iou" in extra:
+        columns.append(("BIoU", extra["boundary_iou"]["boundary_iou"]))
+    if "surface" in extra:
+        columns.append(("HD95", extra["surface"]["hd95"]))
+    lines = [f"{'class':<{width}}  " + " ".join(f"{c:>7}" for c, _ in columns)]
     for i, name in enumerate(names):
-        cells = [result[key][i] for key in ("iou", "dice", "precision", "recall")]
+        cells = [values[i] for _, values in columns]
         lines.append(f"{name:<{width}}  " + " ".join("    n/a" if math.isnan(c) else f"{c:7.4f}" for c in cells))
     lines.append("-" * len(lines[0]))
     lines.append(
         f"{'mIoU':<{width}}  {result['miou']:7.4f}   mDice {result['mdice']:.4f}   "
-        f"pixel acc {result['pixel_acc']:.4f}   mean acc {result['mean_acc']:.4f}"
+        f"pixel acc {result['pixel_acc']:.4f}   mean acc {result['mean_acc']:.4f}   fwIoU {result['fwiou']:.4f}"
     )
+    summary = []
+    if "boundary_f1" in extra:
+        summary.append(f"boundary F1 {extra['boundary_f1']['mbf1']:.4f}")
+    if "boundary_iou" in extra:
+        summary.append(f"boundary IoU {extra['boundary_iou']['mboundary_iou']:.4f}")
+    if "surface" in extra:
+        s = extra["surface"]
+        summary.append(f"HD {s['mhd']:.2f}  HD95 {s['mhd95']:.2f}  ASSD {s['massd']:.2f} px")
+    if "calibration" in extra:
+        c = extra["calibration"]
+        summary.append(f"ECE {c['ece']:.4f}  NLL {c['nll']:.4f}  Brier {c['brier']:.4f}")
+    if summary:
+        lines.append("   ".join(summary))
     return "\n".join(lines)
 
 

@@ -78,14 +78,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "eval",
         help="evaluate a checkpoint on a dataset",
-        description="Evaluate a checkpoint: prints a per-class table and writes eval.json and "
-        "confusion_matrix.png into --out (default: beside the checkpoint).",
+        description="Evaluate a checkpoint: prints a per-class table (IoU, Dice, precision, recall, boundary F1, "
+        "boundary IoU) with mIoU, calibration (ECE, NLL, Brier) and, on request, Hausdorff distances, and writes "
+        "eval.json, confusion_matrix.png and reliability.png into --out (default: beside the checkpoint).",
     )
     p.add_argument("--checkpoint", required=True, help="a .safetensors checkpoint with its .json beside it")
     _add_config_args(p)
     p.add_argument("--split", default="val", help="dataset split (default: val)")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--out", help="folder for the report (default: the checkpoint's folder)")
+    p.add_argument(
+        "--metrics",
+        default="confusion,boundary,calibration",
+        help="comma-separated metric groups: confusion (always), boundary (boundary F1 / IoU), calibration "
+        "(ECE, NLL, Brier, reliability diagram), surface (Hausdorff, HD95, ASSD; slower). "
+        "Default: confusion,boundary,calibration",
+    )
     p.set_defaults(func=commands.evaluate)
 
     p = sub.add_parser(
