@@ -158,11 +158,12 @@ class ConfusionMatrix:
         target = target.to(device=device, dtype=torch.int64).reshape(-1)  # int64 BEFORE target * K + pred
         pred = pred.to(device=device, dtype=torch.int64).reshape(-1)
         k = self.num_classes
-        if self.ignore_index is not None:
-            keep = target != self.ignore_index
-            target, pred = target[keep], pred[keep]
+        keep = target != self.ignore_index if self.ignore_index is not None else None
         bad_t = (target < 0) | (target >= k)
         bad_p = (pred < 0) | (pred >= k)
+        if keep is not None:
+            bad_t &= keep
+            bad_p &= keep
         if bool((bad_t | bad_p).any()):  # one host sync for both checks
             if bool(bad_t.any()):
                 raise ValueError(
@@ -170,7 +171,10 @@ class ConfusionMatrix:
                     f"{self.ignore_index}: {_list_values(target[bad_t])}"
                 )
             raise ValueError(f"pred holds labels outside 0..{k - 1}: {_list_values(pred[bad_p])}")
-        counts = torch.bincount(target * k + pred, minlength=k * k).reshape(k, k)  # (K target, K pred)
+        index = target * k + pred
+        if keep is not None:  # ignored pixels go to an extra bin that is dropped (no boolean-mask copies)
+            index = torch.where(keep, index, k * k)
+        counts = torch.bincount(index, minlength=k * k + 1)[: k * k].reshape(k, k)  # (K target, K pred)
         self.matrix += counts.to(self.matrix.device)
 
     def _argmax(self, scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
