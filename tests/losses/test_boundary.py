@@ -214,9 +214,8 @@ def test_options_validated():
 
 def test_distance_field_bounding_box_shortcut_is_exact():
     """The inside distance runs on the object's box when that is exact; compare with full-array transforms."""
-    from scipy.ndimage import distance_transform_edt as edt
-
     from maskworks.losses.boundary import _nearest_distance
+    from maskworks.losses.boundary import euclidean_distance as edt
 
     rng = np.random.default_rng(0)
     for trial in range(40):
@@ -238,3 +237,14 @@ def test_distance_field_bounding_box_shortcut_is_exact():
             continue
         want = np.where(pos, edt(~other), edt(~pos))
         np.testing.assert_array_equal(got, want)
+
+
+def test_euclidean_distance_matches_scipy():
+    from scipy.ndimage import distance_transform_edt
+
+    from maskworks.losses.boundary import euclidean_distance
+
+    rng = np.random.default_rng(1)
+    for shape in [(37, 41), (8, 9, 10)]:
+        mask = rng.random(shape) > 0.2
+        np.testing.assert_allclose(euclidean_distance(mask), distance_transform_edt(mask), rtol=1e-6)

@@ -30,6 +30,11 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import distance_transform_edt
 
+try:  # exact Euclidean distance transform, about 4x faster than scipy's (same values up to float32 rounding)
+    import edt as _edt_lib
+except ImportError:  # pragma: no cover - edt is a dependency; scipy is the fallback
+    _edt_lib = None
+
 from maskworks.losses._utils import check_mode, check_reduction, one_hot_with_ignore, reduce
 from maskworks.losses.base import SegLoss
 from maskworks.losses.soft import check_range, pixel_cross_entropy
@@ -50,6 +55,18 @@ __all__ = [
 
 
 # ----------------------------------------------------------------------------------------------- distance maps
+def euclidean_distance(mask: np.ndarray) -> np.ndarray:
+    """Exact Euclidean distance of every pixel to the nearest ``False`` pixel (0 on ``False`` pixels).
+
+    Uses the ``edt`` package (Zlateski / Silversmith's exact separable algorithm) when installed and scipy's
+    ``distance_transform_edt`` otherwise; both are exact, ``edt`` works in float32 (relative differences of
+    about 1e-7). The image border is not treated as ``False``. Returns float64.
+    """
+    if _edt_lib is not None:
+        return _edt_lib.edt(np.ascontiguousarray(mask, dtype=bool), black_border=False, parallel=1).astype(np.float64)
+    return distance_transform_edt(mask)
+
+
 def _crop_for_inside(pos: np.ndarray, valid: np.ndarray) -> tuple[slice, ...] | None:
     """Slices of ``pos``'s bounding box grown by one pixel, or None if a pixel of that ring is not labelled.
 
@@ -77,13 +94,13 @@ def _nearest_distance(pos: np.ndarray, valid: np.ndarray) -> np.ndarray | None:
     other = valid & ~pos
     if not pos.any() or not other.any():
         return None
-    d = distance_transform_edt(~pos)  # outside: distance to the nearest pos pixel
+    d = euclidean_distance(~pos)  # outside: distance to the nearest pos pixel
     sl = _crop_for_inside(pos, valid)
     if sl is not None and np.prod([s.stop - s.start for s in sl]) * 2 <= pos.size:
         inside = pos[sl]
-        d[sl][inside] = distance_transform_edt(~other[sl])[inside]
+        d[sl][inside] = euclidean_distance(~other[sl])[inside]
     else:
-        np.copyto(d, distance_transform_edt(~other), where=pos)
+        np.copyto(d, euclidean_distance(~other), where=pos)
     return d
 
 
@@ -112,7 +129,7 @@ def signed_distance_map(
     ``phi_k = d_out`` outside class ``k`` (Euclidean distance to the class) and ``-(d_in - 1)`` inside
     (``d_in``: distance to the nearest pixel labelled with another class). A class that is absent, or that
     fills every labelled pixel, gets an all-zero map; ignored pixels read 0. Computed with
-    ``scipy.ndimage.distance_transform_edt`` on the CPU; call it once per target (dataset transform or
+    :func:`euclidean_distance` on the CPU; call it once per target (dataset transform or
     precompute) and pass the result to :func:`boundary_loss`.
 
     Args:
@@ -161,7 +178,7 @@ def boundary_weight_map(
     dist = np.full(edge_np.shape, np.inf)
     for b in range(edge_np.shape[0]):
         if edge_np[b].any():
-            dist[b] = distance_transform_edt(~edge_np[b])
+            dist[b] = euclidean_distance(~edge_np[b])
     weight = 1.0 + w0 * np.exp(-(dist**2) / (2.0 * sigma**2))
     return torch.from_numpy(weight).to(device=target.device, dtype=torch.float32)
 
