@@ -116,6 +116,15 @@ def test_train_eval_predict_round_trip(tmp_path, capsys):
     label = Image.open(tmp_path / "pred" / "a_label.png")
     assert label.mode == "P" and label.size == (45, 37)
     assert (tmp_path / "pred" / "b_overlay.png").exists()
+    pred2 = tmp_path / "pred2"
+    extra = ["--tile", "16", "--overlap", "0.5", "--tta", "flip", "--crf", "--uncertainty", "--out", str(pred2)]
+    assert main(["predict", str(imgs), "--checkpoint", str(run / "best.safetensors"), *extra]) == 0
+    assert Image.open(pred2 / "a_label.png").size == (45, 37)
+    heat = Image.open(pred2 / "a_uncertainty.png")
+    assert heat.mode == "RGB" and heat.size == (45, 37)
+    assert "TTA flip" in capsys.readouterr().out
+    bad = ["predict", str(imgs), "--checkpoint", str(run / "best.safetensors"), "--overlap", "1.5"]
+    assert main(bad) == 2
     assert main(["predict", str(tmp_path / "nope.png"), "--checkpoint", str(run / "best.safetensors")]) == 2
     assert "does not exist" in capsys.readouterr().err
 

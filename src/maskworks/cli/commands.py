@@ -261,30 +261,68 @@ def load_image_for_model(path: Path, in_channels: int, mean, std) -> tuple[np.nd
     return (arr if arr.shape[2] == 3 else np.repeat(arr, 3, axis=2)), x[None]
 
 
+def predict_probs(model, x: torch.Tensor, args, num_classes: int) -> torch.Tensor:
+    """Class probabilities ``(1, K, H, W)`` for a normalised image: optional TTA inside optional tiling."""
+    from maskworks.inference import TTAWrapper, sliding_window
+    from maskworks.losses import split_outputs
+
+    binary = num_classes == 1
+    activation = "sigmoid" if binary else "softmax"
+    net = model
+    if args.tta:
+        net = TTAWrapper(model, transforms=args.tta, activation=activation, as_logits=True)
+    if args.tile:
+        probs = sliding_window(net, x, window=args.tile, overlap=args.overlap, activation=activation, batch_size=4)
+    else:
+        logits, _ = split_outputs(net(x))
+        probs = torch.sigmoid(logits) if binary else torch.softmax(logits, 1)
+    return torch.cat([1 - probs, probs], 1) if binary else probs
+
+
 def predict(args) -> int:
     from tqdm.auto import tqdm
 
-    from maskworks.losses import split_outputs
+    from maskworks.inference import MeanFieldCRF, entropy_map
     from maskworks.viz import default_palette, overlay, save_label_png, save_rgb_png
 
+    if args.tile is not None and args.tile < 8:
+        raise ConfigError(f"--tile must be at least 8 pixels, got {args.tile}")
+    if not 0 <= args.overlap < 1:
+        raise ConfigError(f"--overlap must be in [0, 1), got {args.overlap}")
     model, meta, dev = _model_and_meta(args.checkpoint, args.device)
     files = _collect_images(args.inputs)
     k = meta.get("num_classes") or model.num_classes
     in_ch = meta.get("in_channels", 3)
     mean, std = meta.get("mean", [0.5] * in_ch), meta.get("std", [0.25] * in_ch)
-    palette = [tuple(c) for c in meta.get("palette") or default_palette(k)]
+    palette = [tuple(c) for c in meta.get("palette") or default_palette(max(k, 2))]
+    crf = MeanFieldCRF(max(k, 2), iterations=args.crf_iterations).to(dev) if args.crf else None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
         for f in tqdm(files, desc="predict", dynamic_ncols=True):
             rgb, x = load_image_for_model(f, in_ch, mean, std)
-            logits, _ = split_outputs(model(x.to(dev)))
-            pred = (logits.argmax(1) if logits.shape[1] > 1 else (logits[:, 0] > 0).long())[0].cpu().numpy()
+            probs = predict_probs(model, x.to(dev), args, k)  # (1, K', H, W), K' = max(K, 2)
+            if crf is not None:
+                guide = torch.from_numpy(np.array(rgb)).permute(2, 0, 1)[None].float().to(dev)  # 0-255 RGB
+                probs = crf(torch.log(probs.clamp_min(1e-8)), guide).exp()
+            pred = probs.argmax(1)[0].cpu().numpy()
             save_label_png(pred, out / f"{f.stem}_label.png", palette)
             if not args.no_overlay:
                 save_rgb_png(overlay(rgb, pred, palette, alpha=args.alpha), out / f"{f.stem}_overlay.png")
-    print(f"wrote {len(files)} prediction(s) to {out}")
+            if args.uncertainty:
+                ent = entropy_map(probs)[0] / math.log(probs.shape[1])  # normalised to [0, 1]
+                save_rgb_png(heatmap(ent.cpu().numpy()), out / f"{f.stem}_uncertainty.png")
+    extras = [name for name, on in (("TTA " + str(args.tta), args.tta), ("tiles", args.tile), ("CRF", args.crf)) if on]
+    print(f"wrote {len(files)} prediction(s) to {out}" + (f" ({', '.join(extras)})" if extras else ""))
     return 0
+
+
+def heatmap(values: np.ndarray, cmap: str = "magma") -> np.ndarray:
+    """uint8 RGB image of values in [0, 1] through a matplotlib colour map."""
+    from matplotlib import colormaps
+
+    rgba = colormaps[cmap](np.clip(values, 0.0, 1.0))
+    return (rgba[..., :3] * 255.0 + 0.5).astype(np.uint8)
 
 
 # --------------------------------------------------------------------------- models

@@ -99,8 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "predict",
         help="segment image files or folders",
-        description="Segment images: writes <name>_label.png (palette PNG of class ids) and "
-        "<name>_overlay.png for every input image.",
+        description="Segment images of any size: writes <name>_label.png (palette PNG of class ids), "
+        "<name>_overlay.png and, with --uncertainty, <name>_uncertainty.png (normalised predictive entropy) for "
+        "every input image. --tile runs a Gaussian-blended sliding window; --tta averages the probabilities of "
+        "flipped/rotated/rescaled inputs (inside every tile when tiling); --crf refines with a dense CRF.",
     )
     p.add_argument("inputs", nargs="+", help="image files and/or folders of images")
     p.add_argument("--checkpoint", required=True, help="a .safetensors checkpoint with its .json beside it")
@@ -108,6 +110,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity (default 0.5)")
     p.add_argument("--no-overlay", action="store_true", help="write label PNGs only")
+    p.add_argument("--tile", type=int, help="sliding-window size in pixels (e.g. 512); default: whole image at once")
+    p.add_argument("--overlap", type=float, default=0.25, help="tile overlap fraction in [0, 1) (default 0.25)")
+    p.add_argument(
+        "--tta",
+        help="test-time augmentation preset: flip, mirror, rot90, d4, scales, flip_scales, ms_flip (default: none)",
+    )
+    p.add_argument("--crf", action="store_true", help="refine with a dense CRF (mean field, Potts, 5 iterations)")
+    p.add_argument("--crf-iterations", type=int, default=5, help="mean-field iterations of --crf (default 5)")
+    p.add_argument("--uncertainty", action="store_true", help="also write <name>_uncertainty.png (entropy heat map)")
     p.set_defaults(func=commands.predict)
 
     p = sub.add_parser(
