@@ -75,7 +75,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from maskworks.metrics.confusion import _as_tensor, _list_values, _nanmean, _safe_ratio
+from maskworks.metrics.confusion import (
+    _as_tensor,
+    _list_values,
+    _nanmean,
+    _safe_ratio,
+    check_common_args,
+    labels_from_scores,
+)
 
 __all__ = ["BoundaryF1", "BoundaryIoU"]
 
@@ -96,24 +103,13 @@ def _check_real(value: Any, name: str, *, allow_none: bool = False) -> float | N
 
 
 def _labels_from_scores(scores: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Labels from float scores: class dim 1 for ``(B, K, H, W)``, 0 for ``(K, H, W)`` against ``(H, W)``."""
-    if scores.ndim != target.ndim + 1 or scores.ndim not in (3, 4):
+    """Labels from float scores ``(B, K, H, W)`` against ``(B, H, W)`` or ``(K, H, W)`` against ``(H, W)``."""
+    if scores.ndim not in (3, 4):
         raise ValueError(
             f"float pred must be scores (B, K, H, W) matching target (B, H, W) or (K, H, W) matching (H, W); got "
             f"pred {tuple(scores.shape)} vs target {tuple(target.shape)}"
         )
-    dim = 0 if scores.ndim == 3 else 1
-    if scores.shape[dim] != num_classes:
-        hint = (
-            " (threshold single-channel binary logits yourself, e.g. (logits > 0).long())"
-            if scores.shape[dim] == 1
-            else ""
-        )
-        raise ValueError(
-            f"float pred has {scores.shape[dim]} channels in dim {dim}, expected num_classes={num_classes}{hint}; "
-            f"pred shape {tuple(scores.shape)}"
-        )
-    return scores.argmax(dim)
+    return labels_from_scores(scores, target, num_classes)
 
 
 def _inner_boundary(labels: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -256,20 +252,7 @@ class _BoundaryMetric:
         class_names: Sequence[str] | None,
         device: str | torch.device | None,
     ) -> None:
-        if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-        if ignore_index is not None and (
-            isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, np.integer))
-        ):
-            raise ValueError(f"ignore_index must be an int or None, got {ignore_index!r}")
-        if class_names is not None:
-            if isinstance(class_names, str):
-                raise ValueError(
-                    f"class_names must be a sequence of {num_classes} names, got the string {class_names!r}"
-                )
-            class_names = [str(n) for n in class_names]
-            if len(class_names) != num_classes:
-                raise ValueError(f"class_names has {len(class_names)} entries, expected num_classes={num_classes}")
+        class_names = check_common_args(num_classes, ignore_index, class_names)
         self.num_classes = int(num_classes)
         self.ignore_index = None if ignore_index is None else int(ignore_index)
         self.class_names = class_names

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-__all__ = ["ConfusionMatrix"]
+__all__ = ["ConfusionMatrix", "check_common_args", "labels_from_scores"]
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,50 @@ def _nanmean(x: torch.Tensor) -> float:
     return float(x[keep].mean()) if bool(keep.any()) else math.nan
 
 
+def check_common_args(num_classes: Any, ignore_index: Any, class_names: Sequence[str] | None) -> list[str] | None:
+    """Validate the arguments every streaming metric shares; returns ``class_names`` as a list of str (or None)."""
+    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, np.integer))):
+        raise ValueError(f"ignore_index must be an int or None, got {ignore_index!r}")
+    if class_names is None:
+        return None
+    if isinstance(class_names, str):
+        raise ValueError(f"class_names must be a sequence of {num_classes} names, got the string {class_names!r}")
+    names = [str(n) for n in class_names]
+    if len(names) != num_classes:
+        raise ValueError(f"class_names has {len(names)} entries, expected num_classes={num_classes}")
+    return names
+
+
+def labels_from_scores(
+    scores: torch.Tensor, target: torch.Tensor, num_classes: int, batched_only: bool = False
+) -> torch.Tensor:
+    """Labels from float scores by ``argmax`` over the class dimension.
+
+    The class dimension is 1 for ``(B, K, *spatial)`` scores against a ``(B, *spatial)`` target, and 0 for one
+    ``(K, H, W)`` score map against an ``(H, W)`` target (unless ``batched_only``).
+    """
+    if scores.ndim != target.ndim + 1 or scores.ndim < 2:
+        single = "" if batched_only else " or (K, H, W) matching (H, W)"
+        raise ValueError(
+            f"float pred must be scores (B, K, *spatial) matching target (B, *spatial){single}; got pred "
+            f"{tuple(scores.shape)} vs target {tuple(target.shape)}"
+        )
+    dim = 0 if (not batched_only and scores.ndim == 3 and target.ndim == 2) else 1
+    if scores.shape[dim] != num_classes:
+        hint = (
+            " (threshold single-channel binary logits yourself, e.g. (logits > 0).long())"
+            if scores.shape[dim] == 1
+            else ""
+        )
+        raise ValueError(
+            f"float pred has {scores.shape[dim]} channels in dim {dim}, expected num_classes={num_classes}{hint}; "
+            f"pred shape {tuple(scores.shape)}"
+        )
+    return scores.argmax(dim)
+
+
 class ConfusionMatrix:
     """Streaming ``K x K`` confusion matrix (rows = target class, columns = predicted class).
 
@@ -101,16 +145,7 @@ class ConfusionMatrix:
         class_names: Sequence[str] | None = None,
         device: str | torch.device | None = None,
     ) -> None:
-        if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-        if ignore_index is not None and (
-            isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, np.integer))
-        ):
-            raise ValueError(f"ignore_index must be an int or None, got {ignore_index!r}")
-        if class_names is not None:
-            class_names = [str(n) for n in class_names]
-            if len(class_names) != num_classes:
-                raise ValueError(f"class_names has {len(class_names)} entries, expected num_classes={num_classes}")
+        class_names = check_common_args(num_classes, ignore_index, class_names)
         self.num_classes = int(num_classes)
         self.ignore_index = None if ignore_index is None else int(ignore_index)
         self.class_names = class_names
@@ -178,24 +213,7 @@ class ConfusionMatrix:
         self.matrix += counts.to(self.matrix.device)
 
     def _argmax(self, scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Labels from float scores: class dim 1 for ``(B, K, ...)``, 0 for ``(K, H, W)`` against ``(H, W)``."""
-        if scores.ndim != target.ndim + 1 or scores.ndim < 2:
-            raise ValueError(
-                f"float pred must be scores (B, K, H, W) matching target (B, H, W); got pred "
-                f"{tuple(scores.shape)} vs target {tuple(target.shape)}"
-            )
-        dim = 0 if (scores.ndim == 3 and target.ndim == 2) else 1
-        if scores.shape[dim] != self.num_classes:
-            hint = (
-                " (threshold single-channel binary logits yourself, e.g. (logits > 0).long())"
-                if scores.shape[dim] == 1
-                else ""
-            )
-            raise ValueError(
-                f"float pred has {scores.shape[dim]} channels in dim {dim}, expected num_classes="
-                f"{self.num_classes}{hint}; pred shape {tuple(scores.shape)}"
-            )
-        return scores.argmax(dim)
+        return labels_from_scores(scores, target, self.num_classes)
 
     def _device_for(self, target: torch.Tensor) -> torch.device:
         """Device to count on: the inputs' device; a matrix created with ``device=None`` moves there with its counts."""

@@ -63,7 +63,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from maskworks.metrics.confusion import _as_tensor
+from maskworks.metrics.confusion import _as_tensor, check_common_args, labels_from_scores
 
 __all__ = ["SurfaceDistance"]
 
@@ -177,8 +177,7 @@ class SurfaceDistance:
         ignore_index: int | None = 255,
         class_names: Sequence[str] | None = None,
     ) -> None:
-        if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        class_names = check_common_args(num_classes, ignore_index, class_names)
         if not isinstance(include_background, (bool, np.bool_)):
             raise ValueError(f"include_background must be a bool, got {include_background!r}")
         if not include_background and num_classes == 1:
@@ -193,14 +192,6 @@ class SurfaceDistance:
             or not 0 < percentile <= 100
         ):
             raise ValueError(f"percentile must be a number in (0, 100], got {percentile!r}")
-        if ignore_index is not None and (
-            isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, np.integer))
-        ):
-            raise ValueError(f"ignore_index must be an int or None, got {ignore_index!r}")
-        if class_names is not None:
-            class_names = [str(n) for n in class_names]
-            if len(class_names) != num_classes:
-                raise ValueError(f"class_names has {len(class_names)} entries, expected num_classes={num_classes}")
         self.num_classes = int(num_classes)
         self.include_background = bool(include_background)
         self.percentile = float(percentile)
@@ -314,22 +305,7 @@ class SurfaceDistance:
 
     def _argmax(self, scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Labels from float scores ``(B, K, ...)`` against a ``(B, ...)`` target."""
-        if scores.ndim != target.ndim + 1:
-            raise ValueError(
-                f"float pred must be scores (B, K, *spatial) matching target (B, *spatial); got pred "
-                f"{tuple(scores.shape)} vs target {tuple(target.shape)}"
-            )
-        if scores.shape[1] != self.num_classes:
-            hint = (
-                " (threshold single-channel binary logits yourself, e.g. (logits > 0).long())"
-                if scores.shape[1] == 1
-                else ""
-            )
-            raise ValueError(
-                f"float pred has {scores.shape[1]} channels in dim 1, expected num_classes={self.num_classes}{hint}; "
-                f"pred shape {tuple(scores.shape)}"
-            )
-        return scores.argmax(1)
+        return labels_from_scores(scores, target, self.num_classes, batched_only=True)
 
     @staticmethod
     def _sampling(spacing: float | tuple[float, ...] | None, ndim: int) -> tuple[float, ...]:
