@@ -261,17 +261,14 @@ _MEMORY_SCRIPT = textwrap.dedent(
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 def test_peak_memory_stays_far_below_a_full_accumulator(tmp_path):
-    """A 16384 x 4096 uint8 image, 2 classes, window 512: the full float32 accumulator would take 512 MiB.
+    """A 16384 x 16384 uint8 image, 2 classes, window 512: the full float32 accumulator would take 2 GiB.
 
-    (A tall image rather than 16384 x 16384, to keep the test within a few seconds on 2 shared cores: the strips
-    grow with the width and the window height only, so a tall image shows the bound best.) The peak resident memory
+    The peak resident memory
     added by the call is the process's high-water mark after it (VmHWM, reset just before the call) minus the
     resident size before it. ``ru_maxrss`` is not used: it also counts the parent's memory at the fork before exec.
-    It must stay below the labels file (64 MiB, whose written pages are resident) plus 0.35 of that accumulator;
-    about 90 MiB above the labels was measured (strip accumulator, input rows, one batch of windows and the
-    allocator's slack).
+    It must stay below the labels file (256 MiB, whose written pages are resident) plus 0.35 of that accumulator.
     """
-    h, w = 16384, 4096
+    h, w = 16384, 16384
     src = tmp_path / "big.npy"
     with open(src, "wb") as f:  # written in row blocks, so this process never holds the image either
         np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": (h, w)})
@@ -286,6 +283,7 @@ def test_peak_memory_stays_far_below_a_full_accumulator(tmp_path):
     assert proc.returncode == 0, proc.stderr
     mem = json.loads(proc.stdout.strip().splitlines()[-1])
     added = mem["peak"] - mem["before"]
+    print(f"16384 x 16384: peak resident memory added {added / 2**20:.0f} MiB")
     accumulator = 2 * h * w * 4
     labels = np.load(out, mmap_mode="r")
     assert labels.shape == (h, w) and labels.dtype == np.uint8
