@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import math
 import sys
 
@@ -312,12 +313,13 @@ def test_given_area_max_dets_and_class_names():
         MaskAP(class_names=["bg", "cat"]).update(preds, targets)  # label 2 has no name
 
 
-def test_verbose_prints_summary(capsys):
+def test_verbose_logs_summary(caplog):
     preds, targets = _hand_case()
     metric = MaskAP(verbose=True)
     metric.update(preds, targets)
-    metric.compute()
-    out = capsys.readouterr().out
+    with caplog.at_level(logging.INFO, logger="maskworks.metrics.coco"):
+        metric.compute()
+    out = caplog.text
     assert "Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ]" in out
 
 

@@ -69,6 +69,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -240,7 +241,7 @@ def _matched(queries: torch.Tensor, ref_keys: torch.Tensor, row_len: int, theta:
 
 
 # ---------------------------------------------------------------------------------------------------- base class
-class _BoundaryMetric:
+class _BoundaryMetric(ABC):
     """Argument checks, input preparation, chunking and device handling shared by the boundary metrics."""
 
     _state_names: tuple[str, ...] = ()
@@ -261,8 +262,9 @@ class _BoundaryMetric:
         self.num_images = 0
         self._init_state()
 
-    def _init_state(self) -> None:  # pragma: no cover - overridden
-        raise NotImplementedError
+    @abstractmethod
+    def _init_state(self) -> None:
+        """Create the running totals (zeros) of the subclass."""
 
     @property
     def device(self) -> torch.device:

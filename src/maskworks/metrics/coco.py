@@ -48,6 +48,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -56,6 +57,8 @@ import numpy as np
 import torch
 
 __all__ = ["MaskAP"]
+
+log = logging.getLogger(__name__)
 
 _IOU_TYPES = ("segm", "bbox")
 _AREAS = ("small", "medium", "large")
@@ -128,7 +131,8 @@ class MaskAP:
             labels without a name are rejected by :meth:`update`.
         max_dets: increasing limits on the number of detections per image (``COCOeval.params.maxDets``); one
             ``mar_<d>`` result per entry, and AP uses the last one.
-        verbose: print pycocotools' progress messages and the usual COCO summary table during :meth:`compute`.
+        verbose: let pycocotools print its progress messages and log the usual COCO summary table (logger
+            ``maskworks.metrics.coco``, level INFO) during :meth:`compute`.
 
     Raises:
         ImportError: if pycocotools is not installed (``pip install "maskworks[coco]"``).
@@ -429,7 +433,7 @@ class MaskAP:
                 ev.evaluate()
                 ev.accumulate()
             if self.verbose:
-                print(f"MaskAP ({iou_type}):")
+                log.info("MaskAP (%s):", iou_type)
             out.update(self._summary(ev, prefix, len(classes)))
         out["classes"] = classes
         if self.class_names is not None:
@@ -492,4 +496,4 @@ class MaskAP:
         for is_ap, iou, area, dets, key in rows:
             v = values[prefix + key]
             title, short = ("Average Precision", "(AP)") if is_ap else ("Average Recall", "(AR)")
-            print(line.format(title, short, iou, area, dets, -1.0 if math.isnan(v) else v))
+            log.info(line.format(title, short, iou, area, dets, -1.0 if math.isnan(v) else v))
