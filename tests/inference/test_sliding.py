@@ -288,6 +288,7 @@ def test_sliding_window_class():
         ({"padding_mode": "circular"}, ValueError, "padding_mode must be one of"),
         ({"margin": -1}, ValueError, "margin must be a non-negative int"),
         ({"sigma_scale": 0}, ValueError, "sigma_scale must be a positive number"),
+        ({"channels_last": 1}, TypeError, "channels_last must be True or False"),
     ],
 )
 def test_bad_options(kwargs, error, match):
@@ -326,3 +327,23 @@ def test_windows_touch_every_pixel_with_positive_weight():
     out = sliding_window(PlusOne(), x, 16, 0.25, "gaussian")
     assert out[0, 0, 0, 0] == pytest.approx(6.0) and out[0, 0, -1, -1] == pytest.approx(6.0)
     assert out.shape == x.shape
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_channels_last_layout_reaches_the_model_and_changes_no_value(ndim):
+    net = conv_net(ndim)
+    layouts = []
+
+    def model(x):
+        fmt = torch.channels_last if x.ndim == 4 else torch.channels_last_3d
+        layouts.append(x.is_contiguous(memory_format=fmt) and not x.is_contiguous())
+        return net(x)
+
+    size = (37, 41) if ndim == 2 else (13, 17, 11)
+    x = torch.randn(2, 3, *size)
+    fast = sliding_window(model, x, 8, 0.5, batch_size=3)
+    assert layouts and all(layouts)
+    layouts.clear()
+    plain = sliding_window(model, x, 8, 0.5, batch_size=3, channels_last=False)
+    assert not any(layouts)
+    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-5)

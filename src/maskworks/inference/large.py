@@ -31,7 +31,6 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from numpy.lib.format import open_memmap
 from PIL import Image
 from tqdm import tqdm
 
@@ -430,6 +429,44 @@ def _temporary(dest: Path) -> Path:
     return dest.with_name(f".{dest.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial")
 
 
+class NpyWriter:
+    """Writes a C-ordered ``.npy`` array row block by row block with positional writes.
+
+    The written pages go to the operating system's file cache, not to this process's memory (a writable memory map
+    would keep every written page resident until it is flushed and unmapped).
+
+    Args:
+        path: the file to create.
+        dtype: element type.
+        shape: ``(H, W)`` or ``(K, H, W)``; rows are along the ``H`` axis.
+    """
+
+    def __init__(self, path: Path, dtype: Any, shape: tuple[int, ...]):
+        self.dtype, self.shape = np.dtype(dtype), tuple(shape)
+        with open(path, "wb") as f:
+            header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": self.shape}
+            np.lib.format.write_array_header_1_0(f, header)
+            self._offset = f.tell()
+            f.truncate(self._offset + math.prod(self.shape) * self.dtype.itemsize)
+        self._fd = os.open(path, os.O_WRONLY)
+
+    def write_rows(self, start: int, rows: np.ndarray) -> None:
+        """Write ``rows`` (``(n, W)``, or ``(K, n, W)`` for a 3-D array) at row ``start``."""
+        rows = np.ascontiguousarray(rows, dtype=self.dtype)
+        h, w = self.shape[-2:]
+        planes = rows[None] if rows.ndim == 2 else rows
+        for k, plane in enumerate(planes):
+            data, offset = memoryview(plane).cast("B"), self._offset + ((k * h + start) * w) * self.dtype.itemsize
+            while data:
+                n = os.pwrite(self._fd, data, offset)
+                data, offset = data[n:], offset + n
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
 def _probs_path(out_path: Path) -> Path:
     return out_path.with_name(f"{out_path.stem}_probs.npy")
 
@@ -516,6 +553,7 @@ def predict_large_image(
     activation: str | None = None,
     padding_mode: str = "reflect",
     cval: float = 0.0,
+    channels_last: bool = True,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
     save_probs: bool = False,
@@ -539,7 +577,7 @@ def predict_large_image(
         window: window size ``(h, w)`` or one int.
         overlap: overlap fraction in [0, 1), one or per axis.
         num_classes: K, the model's output channels.
-        blend, batch_size, sigma_scale, margin, activation, padding_mode, cval: as in
+        blend, batch_size, sigma_scale, margin, activation, padding_mode, cval, channels_last: as in
             :func:`~maskworks.inference.sliding.sliding_window`.
         mean: per-channel mean in 0-1 units; its length is the number of channels the model expects.
         std: per-channel standard deviation in 0-1 units.
@@ -557,7 +595,9 @@ def predict_large_image(
     out_path = Path(out_path)
     png_path = None if png_path is None else Path(png_path)
     _check_large_options(num_classes, mean, std, out_path, png_path)
-    opts = check_options(2, window, overlap, blend, batch_size, sigma_scale, margin, activation, padding_mode, cval)
+    opts = check_options(
+        2, window, overlap, blend, batch_size, sigma_scale, margin, activation, padding_mode, cval, channels_last
+    )
     reader = open_image_regions(source, channels=len(mean))
     temporaries: list[Path] = []
     try:
@@ -565,18 +605,19 @@ def predict_large_image(
         labels_tmp = _temporary(out_path)
         temporaries.append(labels_tmp)
         label_dtype = np.uint8 if num_classes <= 256 else np.int16
-        labels = open_memmap(labels_tmp, mode="w+", dtype=label_dtype, shape=(h, w))
+        labels = NpyWriter(labels_tmp, label_dtype, (h, w))
         probs = None
         if save_probs:
             temporaries.append(_temporary(_probs_path(out_path)))
-            probs = open_memmap(temporaries[-1], mode="w+", dtype=np.uint8, shape=(num_classes, h, w))
+            probs = NpyWriter(temporaries[-1], np.uint8, (num_classes, h, w))
         device = model_device(model, torch.device("cpu")) if device is None else torch.device(device)
-        with torch.no_grad(), eval_mode(model):
-            _predict_strips(model, reader, opts, num_classes, mean, std, labels, probs, device, progress)
-        for array in (labels, probs):
-            if array is not None:
-                array.flush()
-        del labels, probs
+        try:
+            with torch.no_grad(), eval_mode(model):
+                _predict_strips(model, reader, opts, num_classes, mean, std, labels, probs, device, progress)
+        finally:
+            for writer in (labels, probs):
+                if writer is not None:
+                    writer.close()
         os.replace(labels_tmp, out_path)
         probs_path = None
         if save_probs:
@@ -598,8 +639,8 @@ def _predict_strips(
     num_classes: int,
     mean: Sequence[float],
     std: Sequence[float],
-    labels: np.ndarray,
-    probs: np.ndarray | None,
+    labels: NpyWriter,
+    probs: NpyWriter | None,
     device: torch.device,
     progress: bool,
 ) -> None:
@@ -635,9 +676,9 @@ def _predict_strips(
             for r0 in range(done, end, _FINISH_ROWS):
                 r1 = min(r0 + _FINISH_ROWS, end)
                 row_labels, row_probs = _finish_rows(band[:, r0 - done : r1 - done], opts.activation, probs is not None)
-                labels[r0:r1] = row_labels.numpy()
+                labels.write_rows(r0, row_labels.numpy())
                 if row_probs is not None:
-                    probs[:, r0:r1] = row_probs.mul(255).round_().clamp_(0, 255).to(torch.uint8).numpy()
+                    probs.write_rows(r0, row_probs.mul(255).round_().clamp_(0, 255).to(torch.uint8).numpy())
             _shift_up(acc, end - done)
 
 

@@ -63,6 +63,7 @@ class WindowOptions:
     activation: str | None
     padding_mode: str
     cval: float
+    channels_last: bool = True
 
     @property
     def tile(self) -> tuple[int, ...]:
@@ -97,13 +98,14 @@ def check_options(
     activation: str | None = None,
     padding_mode: str = "reflect",
     cval: float = 0.0,
+    channels_last: bool = True,
 ) -> WindowOptions:
     """Validate the sliding-window options for an image with ``ndim`` spatial dimensions.
 
     Args:
         ndim: number of spatial dimensions (2 or 3).
-        window, overlap, blend, batch_size, sigma_scale, margin, activation, padding_mode, cval: see
-            :func:`sliding_window`.
+        window, overlap, blend, batch_size, sigma_scale, margin, activation, padding_mode, cval, channels_last:
+            see :func:`sliding_window`.
 
     Returns:
         The options with every per-axis value expanded to a tuple of ``ndim`` entries.
@@ -120,6 +122,8 @@ def check_options(
         raise ValueError(f"activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
     if padding_mode not in PADDING_MODES:
         raise ValueError(f"padding_mode must be one of {list(PADDING_MODES)}, got {padding_mode!r}")
+    if not isinstance(channels_last, bool):
+        raise TypeError(f"channels_last must be True or False, got {channels_last!r}")
     return WindowOptions(
         window=tuple(int(v) for v in window),
         overlap=tuple(float(v) for v in overlap),
@@ -130,6 +134,7 @@ def check_options(
         activation=activation,
         padding_mode=padding_mode,
         cval=float(cval),
+        channels_last=channels_last,
     )
 
 
@@ -321,6 +326,21 @@ def predict_tiles(model: Model, tiles: torch.Tensor, opts: WindowOptions) -> tor
     return out
 
 
+def batch_tiles(parts: Sequence[torch.Tensor], device: torch.device, channels_last: bool) -> torch.Tensor:
+    """Stack ``(1, C, *tile)`` tiles into one ``(N, C, *tile)`` batch on ``device``, copied once.
+
+    With ``channels_last`` the batch is laid out channels-last (``channels_last_3d`` for volumes), which oneDNN
+    and cuDNN convolutions run several times faster on, with smaller temporaries; values are unchanged.
+    """
+    if not channels_last or parts[0].ndim not in (4, 5):
+        return torch.cat(list(parts)).to(device)
+    fmt = torch.channels_last if parts[0].ndim == 4 else torch.channels_last_3d
+    batch = torch.empty((len(parts), *parts[0].shape[1:]), dtype=parts[0].dtype, device=device, memory_format=fmt)
+    for dst, part in zip(batch, parts):
+        dst.copy_(part[0])
+    return batch
+
+
 def stitch(
     model: Model,
     source: torch.Tensor,
@@ -360,21 +380,19 @@ def stitch(
     device = source.device if device is None else device
     for i in range(0, len(windows), opts.batch_size):
         chunk = windows[i : i + opts.batch_size]
-        tiles = torch.cat(
-            [
-                extract_tile(
-                    source[b : b + 1],
-                    source_origin,
-                    image_size,
-                    lo=[s - m for s, m in zip(corner, opts.margin)],
-                    hi=[s + w + m for s, w, m in zip(corner, opts.window, opts.margin)],
-                    padding_mode=opts.padding_mode,
-                    cval=opts.cval,
-                )
-                for b, corner in chunk
-            ]
-        )
-        pred = predict_tiles(model, tiles.to(device), opts).to(weight.device)  # (n, K, *window)
+        parts = [
+            extract_tile(
+                source[b : b + 1],
+                source_origin,
+                image_size,
+                lo=[s - m for s, m in zip(corner, opts.margin)],
+                hi=[s + w + m for s, w, m in zip(corner, opts.window, opts.margin)],
+                padding_mode=opts.padding_mode,
+                cval=opts.cval,
+            )
+            for b, corner in chunk
+        ]
+        pred = predict_tiles(model, batch_tiles(parts, device, opts.channels_last), opts).to(weight.device)
         if acc is None:
             dtype = torch.promote_types(pred.dtype, weight.dtype)
             acc = torch.zeros((source.shape[0], pred.shape[1], *image_size), dtype=dtype, device=weight.device)
@@ -483,6 +501,7 @@ def sliding_window(
     activation: str | None = None,
     padding_mode: str = "reflect",
     cval: float = 0.0,
+    channels_last: bool = True,
     device: torch.device | str | None = None,
     output_device: torch.device | str | None = None,
     progress: bool = False,
@@ -509,6 +528,9 @@ def sliding_window(
         padding_mode: how pixels outside the image are made, for windows larger than the image and for the
             margin: ``"reflect"``, ``"replicate"`` or ``"constant"`` (``cval``; MONAI's default).
         cval: fill value for ``padding_mode="constant"``.
+        channels_last: feed the model channels-last batches (``channels_last_3d`` for volumes): the same values,
+            and on CPU (oneDNN) and GPU (cuDNN) convolutions run several times faster with smaller temporaries.
+            Set False for a model that needs contiguous NCHW input (e.g. one that calls ``.view`` on it).
         device: device the model runs on (default: the model's parameters' device, else the image's).
         output_device: device of the blended output (default: the image's); e.g. ``"cpu"`` with a GPU model keeps
             only one batch of windows on the GPU.
@@ -528,7 +550,17 @@ def sliding_window(
     if not image.is_floating_point():
         raise TypeError(f"image must be a normalised float tensor, got dtype {image.dtype}")
     opts = check_options(
-        image.ndim - 2, window, overlap, blend, batch_size, sigma_scale, margin, activation, padding_mode, cval
+        image.ndim - 2,
+        window,
+        overlap,
+        blend,
+        batch_size,
+        sigma_scale,
+        margin,
+        activation,
+        padding_mode,
+        cval,
+        channels_last,
     )
     size = tuple(image.shape[2:])
     device = model_device(model, image.device) if device is None else torch.device(device)
@@ -548,8 +580,8 @@ class SlidingWindow:
     """:func:`sliding_window` with its options stored: ``SlidingWindow(window=256)(model, image)``.
 
     Args:
-        window, overlap, blend, batch_size, sigma_scale, margin, activation, padding_mode, cval, device,
-            output_device, progress: see :func:`sliding_window`; checked here, and again against the image's
+        window, overlap, blend, batch_size, sigma_scale, margin, activation, padding_mode, cval, channels_last,
+            device, output_device, progress: see :func:`sliding_window`; checked here, and again against the image's
             number of spatial dimensions when called.
     """
 
@@ -565,13 +597,16 @@ class SlidingWindow:
         activation: str | None = None,
         padding_mode: str = "reflect",
         cval: float = 0.0,
+        channels_last: bool = True,
         device: torch.device | str | None = None,
         output_device: torch.device | str | None = None,
         progress: bool = False,
     ):
         per_axis = (window, overlap, sigma_scale, margin)
         ndim = next((len(v) for v in per_axis if isinstance(v, Sequence) and not isinstance(v, str)), 2)
-        check_options(ndim, window, overlap, blend, batch_size, sigma_scale, margin, activation, padding_mode, cval)
+        check_options(
+            ndim, window, overlap, blend, batch_size, sigma_scale, margin, activation, padding_mode, cval, channels_last
+        )
         self.window = window
         self.overlap = overlap
         self.blend = blend
@@ -581,6 +616,7 @@ class SlidingWindow:
         self.activation = activation
         self.padding_mode = padding_mode
         self.cval = cval
+        self.channels_last = channels_last
         self.device = device
         self.output_device = output_device
         self.progress = progress
@@ -599,6 +635,7 @@ class SlidingWindow:
             activation=self.activation,
             padding_mode=self.padding_mode,
             cval=self.cval,
+            channels_last=self.channels_last,
             device=self.device,
             output_device=self.output_device,
             progress=self.progress,
