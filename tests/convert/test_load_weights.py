@@ -126,3 +126,36 @@ def test_bad_source_and_non_tensor_values():
         load_weights(_tiny_unet(), {}, source="keras")
     with pytest.raises(ValueError, match="entry 'epoch' is a int"):
         load_weights(_tiny_unet(), {"conv1.weight": torch.zeros(1), "epoch": 3})
+
+
+def test_torchvision_deeplabv3_checkpoint_loads_through_load_weights(tmp_path):
+    from torchvision.models.segmentation import deeplabv3_resnet50
+
+    ref = deeplabv3_resnet50(weights=None, weights_backbone=None, num_classes=4, aux_loss=True).eval()
+    path = tmp_path / "tv_deeplab.pth"
+    torch.save(ref.state_dict(), path)
+    for aux in (True, False):
+        ours = create_model("deeplabv3", encoder="resnet50", num_classes=4, aux=aux).eval()
+        result = load_weights(ours, path)  # auto-detected as torchvision
+        assert result.missing_keys == []
+        dropped_aux = [k for k in result.unexpected_keys if k.startswith("aux_classifier.")]
+        assert bool(dropped_aux) is (not aux)
+        x = torch.randn(1, 3, 40, 56)
+        with torch.no_grad():
+            torch.testing.assert_close(ours(x), ref(x)["out"], atol=1e-4, rtol=1e-4)
+
+
+def test_torchvision_mobilenet_checkpoint_goes_into_the_encoder(tmp_path):
+    from torchvision.models import mobilenet_v3_large
+
+    ref = mobilenet_v3_large(weights=None)
+    path = tmp_path / "mnv3.pth"
+    torch.save(ref.state_dict(), path)
+    model = create_model("unet", encoder="mobilenet_v3_large", num_classes=2, in_channels=1)
+    result = load_weights(model, path, source="torchvision")
+    assert result.missing_keys and not any(k.startswith("encoder.") for k in result.missing_keys)
+    assert result.unexpected_keys and all(k.startswith("classifier.") for k in result.unexpected_keys)
+    expected = ref.features[3].block[0][0].weight
+    torch.testing.assert_close(model.encoder.features[3].block[0][0].weight, expected)
+    # the 3-channel stem is summed into the 1-channel input conv
+    torch.testing.assert_close(model.encoder.features[0][0].weight, ref.features[0][0].weight.sum(1, keepdim=True))

@@ -5,7 +5,8 @@ Contract shared by every backbone: ``forward_intermediates(x)`` returns a list o
 "module"}`` for each map.
 """
 
-from maskworks.backbones import resnet
+from maskworks.backbones import mobilenet, resnet
+from maskworks.backbones.mobilenet import MobileNetV2, MobileNetV3
 from maskworks.backbones.resnet import BasicBlock, Bottleneck, ResNet
 
-__all__ = ["resnet", "ResNet", "BasicBlock", "Bottleneck"]
+__all__ = ["mobilenet", "resnet", "ResNet", "BasicBlock", "Bottleneck", "MobileNetV2", "MobileNetV3"]

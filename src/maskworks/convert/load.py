@@ -13,10 +13,12 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 
+from maskworks.convert.deeplab import convert_torchvision_deeplabv3, is_torchvision_deeplab_state_dict
+from maskworks.convert.mobilenet import convert_torchvision_mobilenet, is_mobilenet_state_dict
 from maskworks.convert.resnet import convert_timm_resnet, convert_torchvision_resnet, is_resnet_state_dict
 from maskworks.convert.smp import convert_smp
 
-__all__ = ["LoadResult", "load_weights", "read_state_dict", "CONVERTERS"]
+__all__ = ["LoadResult", "load_weights", "read_state_dict", "CONVERTERS", "convert_torchvision"]
 
 log = logging.getLogger(__name__)
 
@@ -29,15 +31,42 @@ def _as_is(state_dict: Mapping[str, torch.Tensor], in_channels: int | None = Non
     return dict(state_dict), []
 
 
+def convert_torchvision(
+    state_dict: Mapping[str, torch.Tensor], in_channels: int | None = None, aux: bool = True
+) -> tuple[StateDict, list[str]]:
+    """A torchvision checkpoint -> maskworks keys, by what it holds: a segmentation model (``deeplabv3_*``), or a
+    bare backbone (``resnet*`` / ``resnext*``, ``mobilenet_v2`` / ``mobilenet_v3_*``) whose classifier is dropped.
+
+    Args:
+        state_dict: the torchvision state dict.
+        in_channels: input channels of the target; the first conv is adapted when it differs.
+        aux: for ``deeplabv3_*``: the target has an auxiliary head (otherwise ``aux_classifier.*`` is dropped).
+
+    Returns:
+        The converted state dict and the dropped keys.
+    """
+    if is_torchvision_deeplab_state_dict(state_dict):
+        return convert_torchvision_deeplabv3(state_dict, in_channels, aux=aux)
+    if is_mobilenet_state_dict(state_dict):
+        return convert_torchvision_mobilenet(state_dict, in_channels)
+    return convert_torchvision_resnet(state_dict, in_channels)
+
+
 # source name -> converter(state_dict, in_channels=None) -> (state dict, dropped keys)
 CONVERTERS: dict[str, Converter] = {
     "maskworks": _as_is,
     "smp": convert_smp,
-    "torchvision": convert_torchvision_resnet,
+    "torchvision": convert_torchvision,
     "timm": convert_timm_resnet,
 }
-# Sources whose checkpoints are a bare backbone: they load into `model.encoder` when there is one.
+# Sources whose checkpoints may be a bare backbone: those load into `model.encoder` when there is one.
 _BACKBONE_SOURCES = ("torchvision", "timm")
+
+
+def _is_backbone_state_dict(state_dict: Mapping[str, torch.Tensor]) -> bool:
+    return is_resnet_state_dict(state_dict) or is_mobilenet_state_dict(state_dict)
+
+
 _WRAPPER_KEYS = ("state_dict", "model")
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DataParallel / DDP, torch.compile
 
@@ -102,9 +131,12 @@ def read_state_dict(path_or_state_dict: str | os.PathLike | Mapping[str, torch.T
 
 
 def _detect_source(state_dict: Mapping[str, torch.Tensor]) -> str:
-    # A bare ResNet (torchvision, timm or our backbone) is converted as torchvision: the keys are the
-    # same and it is routed into `model.encoder`; anything else is taken to be in our (= smp) layout.
-    return "torchvision" if is_resnet_state_dict(state_dict) else "maskworks"
+    # A bare ResNet / MobileNet (torchvision, timm or our backbone) is converted as torchvision: the keys are the
+    # same and it is routed into `model.encoder`; so is a torchvision DeepLabv3; anything else is taken to be in
+    # our (= smp) layout.
+    if _is_backbone_state_dict(state_dict) or is_torchvision_deeplab_state_dict(state_dict):
+        return "torchvision"
+    return "maskworks"
 
 
 def load_weights(
@@ -115,9 +147,11 @@ def load_weights(
 ) -> LoadResult:
     """Load a local checkpoint into ``model``, converting it from its source format.
 
-    With ``source="auto"``, maskworks and smp checkpoints load as-is, and a bare torchvision /
-    timm ResNet state dict goes into ``model.encoder`` when the model has one (into the model
-    itself otherwise); its classifier ``fc.*`` is dropped and reported as unexpected.
+    With ``source="auto"``, maskworks and smp checkpoints load as-is; a bare torchvision / timm ResNet or
+    torchvision MobileNet state dict goes into ``model.encoder`` when the model has one (into the model itself
+    otherwise), its classifier (``fc.*`` / ``classifier.*``) dropped and reported as unexpected; a torchvision
+    ``deeplabv3_*`` checkpoint is renamed into a maskworks ``deeplabv3`` (its ``aux_classifier`` kept when the
+    model has one).
 
     Args:
         model: the model to fill (its parameters are copied in place).
@@ -141,9 +175,12 @@ def load_weights(
 
     target, prefix = model, ""
     encoder = getattr(model, "encoder", None)
-    if source in _BACKBONE_SOURCES and isinstance(encoder, nn.Module):
+    if source in _BACKBONE_SOURCES and isinstance(encoder, nn.Module) and _is_backbone_state_dict(state_dict):
         target, prefix = encoder, "encoder."
-    converted, dropped = CONVERTERS[source](state_dict, in_channels=getattr(target, "in_channels", None))
+    kwargs = {"in_channels": getattr(target, "in_channels", None)}
+    if source == "torchvision" and is_torchvision_deeplab_state_dict(state_dict):
+        kwargs["aux"] = isinstance(getattr(model, "aux_classifier", None), nn.Module)
+    converted, dropped = CONVERTERS[source](state_dict, **kwargs)
     converted = {prefix + k: v for k, v in converted.items()}
 
     own = model.state_dict()

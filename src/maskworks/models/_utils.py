@@ -7,10 +7,57 @@ grid is unchanged and cropping is a plain slice.
 
 from __future__ import annotations
 
+import os
+
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["pad_to_multiple", "crop_to", "center_crop"]
+from maskworks.convert import load_weights
+from maskworks.registry import model_entry
+
+__all__ = ["pad_to_multiple", "crop_to", "center_crop", "build_encoder", "init_like_smp"]
+
+
+def build_encoder(
+    encoder: str, in_channels: int, encoder_weights: str | os.PathLike | None = None, **kwargs
+) -> nn.Module:
+    """Build the registered backbone ``encoder`` and load ``encoder_weights`` (a local file) when given.
+
+    Args:
+        encoder: name of a registered backbone (``kind="backbone"``).
+        in_channels: input image channels.
+        encoder_weights: a local checkpoint (torchvision / timm / maskworks keys), or None for random init.
+        **kwargs: further backbone arguments (e.g. ``output_stride``).
+
+    Returns:
+        The backbone.
+    """
+    entry = model_entry(encoder)
+    if entry.kind != "backbone":
+        raise ValueError(f"encoder must be a registered backbone, got {encoder!r} (kind={entry.kind!r})")
+    model = entry.fn(in_channels=in_channels, **kwargs)
+    if encoder_weights is not None:
+        load_weights(model, encoder_weights)
+    return model
+
+
+def init_like_smp(decoder: nn.Module, head: nn.Module) -> None:
+    """smp's ``initialize_decoder`` / ``initialize_head``, so training from scratch behaves the same: Kaiming
+    uniform convs and unit BatchNorm in the decoder, Xavier uniform convs in the head, zero biases."""
+    for m in decoder.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_uniform_(m.weight, mode="fan_in", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    for m in head.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
 
 
 def pad_to_multiple(

@@ -1,5 +1,27 @@
 """Semantic segmentation models: logits ``(B, K, H, W)`` at input resolution."""
 
+from maskworks.models.semantic.attention_unet import AttentionGate, AttentionUNet
+from maskworks.models.semantic.bisenet import BiSeNetV1, BiSeNetV2
+from maskworks.models.semantic.deeplab import DeepLabV3, DeepLabV3Plus
+from maskworks.models.semantic.fast_scnn import FastSCNN
+from maskworks.models.semantic.fpn import FPN
+from maskworks.models.semantic.pspnet import PSPNet
 from maskworks.models.semantic.unet import UNet, UNetVanilla, valid_input_size, valid_output_size
+from maskworks.models.semantic.unetpp import UNetPlusPlus
 
-__all__ = ["UNet", "UNetVanilla", "valid_input_size", "valid_output_size"]
+__all__ = [
+    "AttentionGate",
+    "AttentionUNet",
+    "BiSeNetV1",
+    "BiSeNetV2",
+    "DeepLabV3",
+    "DeepLabV3Plus",
+    "FPN",
+    "FastSCNN",
+    "PSPNet",
+    "UNet",
+    "UNetPlusPlus",
+    "UNetVanilla",
+    "valid_input_size",
+    "valid_output_size",
+]

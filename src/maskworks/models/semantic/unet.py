@@ -26,10 +26,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from maskworks.convert import load_weights
 from maskworks.layers import ConvNormAct
-from maskworks.models._utils import center_crop, crop_to, pad_to_multiple
-from maskworks.registry import model_entry, register_model
+from maskworks.models._utils import build_encoder, center_crop, crop_to, init_like_smp, pad_to_multiple
+from maskworks.registry import register_model
 
 __all__ = ["UNetVanilla", "UNet", "UnetDecoder", "UnetDecoderBlock", "valid_output_size", "valid_input_size"]
 
@@ -253,22 +252,6 @@ class UnetDecoder(nn.Module):
         return x
 
 
-def _init_like_smp(decoder: nn.Module, head: nn.Module) -> None:
-    # smp's initialize_decoder / initialize_head, so training from scratch behaves the same.
-    for m in decoder.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_uniform_(m.weight, mode="fan_in", nonlinearity="relu")
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-    for m in head.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.xavier_uniform_(m.weight)
-            nn.init.zeros_(m.bias)
-
-
 @register_model(name="unet")
 class UNet(nn.Module):
     """U-Net with a registered backbone as encoder; the layout and keys of ``smp.Unet``.
@@ -295,18 +278,13 @@ class UNet(nn.Module):
         super().__init__()
         if not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-        entry = model_entry(encoder)
-        if entry.kind != "backbone":
-            raise ValueError(f"encoder must be a registered backbone, got {encoder!r} (kind={entry.kind!r})")
         self.num_classes = num_classes
         self.in_channels = in_channels
-        self.encoder = entry.fn(in_channels=in_channels)
-        if encoder_weights is not None:
-            load_weights(self.encoder, encoder_weights)
+        self.encoder = build_encoder(encoder, in_channels, encoder_weights)
         enc_channels = [info["num_chs"] for info in self.encoder.feature_info]
         self.decoder = UnetDecoder(enc_channels, tuple(decoder_channels), batch_norm=decoder_batch_norm)
         self.segmentation_head = nn.Sequential(nn.Conv2d(decoder_channels[-1], num_classes, 3, padding=1))
-        _init_like_smp(self.decoder, self.segmentation_head)
+        init_like_smp(self.decoder, self.segmentation_head)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``(B, num_classes, H, W)`` for images ``(B, in_channels, H, W)`` of any size."""
