@@ -1,13 +1,17 @@
-"""Train ``unet`` (ResNet-18 encoder, from scratch) on CamVid for a fixed wall-clock budget.
+"""Train a registered model (default ``unet`` with a ResNet-18 encoder, from scratch) on CamVid for a fixed
+wall-clock budget.
 
-Prints the validation mIoU (11 classes, void ignored) and, first, a side-by-side training
-throughput check against ``segmentation_models_pytorch.Unet`` with the same encoder (both built
-with random weights, same batch, same input size).
+Prints the validation mIoU (11 classes, void ignored), the model's inference latency at CamVid's full 360x480
+(batch 1, median of 10 after warm-up) and, for ``unet``, first a side-by-side training throughput check against
+``segmentation_models_pytorch.Unet`` with the same encoder (both built with random weights, same batch, same
+input size).
 
     python benchmarks/camvid_unet.py --budget-min 20
     python benchmarks/camvid_unet.py --budget-min 2 --data ../shared/data/camvid   # smoke run
     python benchmarks/camvid_unet.py --steps 900 --loss ce          # fixed step budget, plain CE
     python benchmarks/camvid_unet.py --steps 900 --loss wce+dice    # same budget, weighted CE + Dice
+    python benchmarks/camvid_unet.py --model bisenetv2 --budget-min 20   # real-time nets, same budget
+    python benchmarks/camvid_unet.py --model fast_scnn --model-kwargs '{"aux": true}'
 
 ``--loss`` is ``ce`` (unweighted cross-entropy), ``wce`` (SegNet median-frequency weighted CE, the
 default) or any :func:`maskworks.losses.build_loss` spec; ``wce`` inside a spec means the weighted CE,
@@ -58,6 +62,20 @@ def throughput(model: torch.nn.Module, batch: int, size: tuple[int, int], steps:
     return batch * steps / (time.perf_counter() - t0)
 
 
+@torch.no_grad()
+def latency_ms(model: torch.nn.Module, size: tuple[int, int] = (360, 480), runs: int = 10) -> float:
+    """Median eval-mode forward time of one ``size`` image, after two warm-up calls."""
+    model.eval()
+    x = torch.randn(1, 3, *size)
+    times = []
+    for i in range(runs + 2):
+        t0 = time.perf_counter()
+        model(x)
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
+    return 1000 * sorted(times)[len(times) // 2]
+
+
 def peer_speed(batch: int, size: tuple[int, int]) -> dict | None:
     try:
         import segmentation_models_pytorch as smp
@@ -90,6 +108,10 @@ def evaluate(model, dataset, eval_scale: float, device) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="unet", help="registered model name")
+    p.add_argument(
+        "--model-kwargs", default=None, help='JSON constructor arguments (default for unet: {"encoder": "resnet18"})'
+    )
     p.add_argument("--budget-min", type=float, default=20.0, help="training wall-clock budget in minutes")
     p.add_argument("--steps", type=int, default=0, help="fixed number of optimizer steps (overrides --budget-min)")
     p.add_argument("--loss", default="wce", help="ce | wce | a build_loss spec where wce is the weighted CE")
@@ -106,7 +128,10 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     seed_everything(args.seed)
 
-    speed = peer_speed(args.batch_size, tuple(args.crop))
+    model_kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
+    if args.model == "unet":
+        model_kwargs.setdefault("encoder", "resnet18")
+    speed = peer_speed(args.batch_size, tuple(args.crop)) if args.model == "unet" else None
     if speed:
         print(
             f"training throughput at {args.crop[0]}x{args.crop[1]}, batch {args.batch_size}: maskworks "
@@ -119,7 +144,7 @@ def main() -> None:
     )
     train_set = CamVid(args.data, split="train", transform=tf)
     val_set = CamVid(args.data, split="val", transform=build_transforms(train=False))
-    model = create_model("unet", encoder="resnet18", num_classes=train_set.num_classes).to(device)
+    model = create_model(args.model, num_classes=train_set.num_classes, **model_kwargs).to(device)
     opt = build_optimizer(model, "adamw", lr=args.lr, weight_decay=1e-4)
     weighted = "wce" in args.loss  # the median-frequency weights go to the CE term only
     options = {"ce": {"weight": torch.tensor(CAMVID_MEDIAN_FREQ)}} if weighted else None
@@ -159,7 +184,12 @@ def main() -> None:
             epochs += 1
     train_s = time.perf_counter() - t0
     metrics = evaluate(model, val_set, args.eval_scale, device)
+    latency = latency_ms(model) if device.type == "cpu" else None
     result = {
+        "model": args.model,
+        "model_kwargs": model_kwargs,
+        "params": sum(p.numel() for p in model.parameters()),
+        "latency_ms_360x480": latency,
         "budget_min": None if args.steps else args.budget_min,
         "budget_steps": args.steps or None,
         "loss": args.loss,
@@ -178,7 +208,7 @@ def main() -> None:
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     budget_txt = f"{args.steps} steps" if args.steps else f"{args.budget_min:g} min"
-    print(f"val mIoU after {budget_txt} ({args.loss}): {metrics['miou']:.4f}")
+    print(f"{args.model}: val mIoU after {budget_txt} ({args.loss}): {metrics['miou']:.4f}")
 
 
 if __name__ == "__main__":
