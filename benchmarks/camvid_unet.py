@@ -112,6 +112,15 @@ def main() -> None:
     p.add_argument(
         "--model-kwargs", default=None, help='JSON constructor arguments (default for unet: {"encoder": "resnet18"})'
     )
+    p.add_argument(
+        "--impl", choices=("maskworks", "smp"), default="maskworks", help="smp: train smp.Unet (same encoder) instead"
+    )
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument(
+        "--same-init-as-smp",
+        action="store_true",
+        help="unet only: start from smp.Unet's initial weights (built with the same seed) for a like-for-like run",
+    )
     p.add_argument("--budget-min", type=float, default=20.0, help="training wall-clock budget in minutes")
     p.add_argument("--steps", type=int, default=0, help="fixed number of optimizer steps (overrides --budget-min)")
     p.add_argument("--loss", default="wce", help="ce | wce | a build_loss spec where wce is the weighted CE")
@@ -126,12 +135,18 @@ def main() -> None:
     p.add_argument("--json", help="also write the result to this JSON file")
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     seed_everything(args.seed)
+    if args.impl == "smp" and args.model != "unet":
+        raise SystemExit("--impl smp trains smp.Unet: use it with --model unet")
 
     model_kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
     if args.model == "unet":
         model_kwargs.setdefault("encoder", "resnet18")
-    speed = peer_speed(args.batch_size, tuple(args.crop)) if args.model == "unet" else None
+    speed = None
+    if args.model == "unet" and args.impl == "maskworks" and not args.threads:
+        speed = peer_speed(args.batch_size, tuple(args.crop))
     if speed:
         print(
             f"training throughput at {args.crop[0]}x{args.crop[1]}, batch {args.batch_size}: maskworks "
@@ -144,7 +159,18 @@ def main() -> None:
     )
     train_set = CamVid(args.data, split="train", transform=tf)
     val_set = CamVid(args.data, split="val", transform=build_transforms(train=False))
-    model = create_model(args.model, num_classes=train_set.num_classes, **model_kwargs).to(device)
+    if args.impl == "smp" or args.same_init_as_smp:
+        import segmentation_models_pytorch as smp
+
+        # built first in both runs, so the random state that follows (data order, augmentation) is the same too
+        reference = smp.Unet(model_kwargs["encoder"], encoder_weights=None, classes=train_set.num_classes)
+    if args.impl == "smp":
+        model = reference.to(device)
+    else:
+        model = create_model(args.model, num_classes=train_set.num_classes, **model_kwargs)
+        if args.same_init_as_smp:
+            model.load_state_dict(reference.state_dict())  # identical keys: the same initial function
+        model = model.to(device)
     opt = build_optimizer(model, "adamw", lr=args.lr, weight_decay=1e-4)
     weighted = "wce" in args.loss  # the median-frequency weights go to the CE term only
     options = {"ce": {"weight": torch.tensor(CAMVID_MEDIAN_FREQ)}} if weighted else None
@@ -187,6 +213,7 @@ def main() -> None:
     latency = latency_ms(model) if device.type == "cpu" else None
     result = {
         "model": args.model,
+        "impl": args.impl,
         "model_kwargs": model_kwargs,
         "params": sum(p.numel() for p in model.parameters()),
         "latency_ms_360x480": latency,
@@ -208,7 +235,7 @@ def main() -> None:
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     budget_txt = f"{args.steps} steps" if args.steps else f"{args.budget_min:g} min"
-    print(f"{args.model}: val mIoU after {budget_txt} ({args.loss}): {metrics['miou']:.4f}")
+    print(f"{args.impl} {args.model}: val mIoU after {budget_txt} ({args.loss}): {metrics['miou']:.4f}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The ``maskworks`` command line: demo, train, eval, predict, models."""
+"""The ``maskworks`` command line: demo, train, eval, predict, models, bench."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ EPILOG = """examples:
   maskworks train --data folder --set data.root=my_data --resume --run-dir runs/mine
   maskworks eval --checkpoint runs/camvid/best.safetensors
   maskworks predict --checkpoint runs/camvid/best.safetensors photos/ --out preds/
+  maskworks bench unet_resnet34 --mode both         # ours vs smp, same weights, interleaved timing
   torchrun --nproc_per_node 2 -m maskworks.cli.main train --config my.yaml   # DDP
 """
 
@@ -129,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("pattern", nargs="?", default="*", help="glob pattern, e.g. 'resnet*' (default: all)")
     p.add_argument("--no-params", action="store_true", help="skip building models to count parameters")
     p.set_defaults(func=commands.models)
+
+    from maskworks.cli import bench
+
+    bench.add_parser(sub)
     return parser
 
 
