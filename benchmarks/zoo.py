@@ -145,7 +145,7 @@ def main() -> None:
     p.add_argument("--json", help="write the rows to this file")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    names = args.only or [n for n in list_models(kind="model") if n in STANDARD]
+    names = args.only or [n for n in list_models(kind="model") if n in STANDARD]  # the semantic models
     rows = []
     for name in names:
         row = measure(name, tuple(args.size), args.repeats)

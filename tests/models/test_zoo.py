@@ -12,6 +12,7 @@ import torch.nn as nn
 
 from maskworks import create_model, list_models
 from maskworks.losses import CrossEntropyLoss, split_outputs
+from maskworks.registry import model_entry
 
 # tiny constructor arguments per registered model; every semantic model must appear here
 TINY: dict[str, dict] = {
@@ -27,7 +28,7 @@ TINY: dict[str, dict] = {
     "bisenetv2": {"aux": True, "head_channels": 64},
     "fast_scnn": {"aux": True},
 }
-SEMANTIC = list_models(kind="model")
+SEMANTIC = [n for n in list_models(kind="model") if model_entry(n).task == "semantic"]
 
 
 def build(name: str, num_classes: int = 3, in_channels: int = 3) -> nn.Module:
