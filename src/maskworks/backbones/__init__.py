@@ -5,8 +5,19 @@ Contract shared by every backbone: ``forward_intermediates(x)`` returns a list o
 "module"}`` for each map.
 """
 
-from maskworks.backbones import mobilenet, resnet
+from maskworks.backbones import mobilenet, resnet, vit
 from maskworks.backbones.mobilenet import MobileNetV2, MobileNetV3
 from maskworks.backbones.resnet import BasicBlock, Bottleneck, ResNet
+from maskworks.backbones.vit import VisionTransformer
 
-__all__ = ["mobilenet", "resnet", "ResNet", "BasicBlock", "Bottleneck", "MobileNetV2", "MobileNetV3"]
+__all__ = [
+    "mobilenet",
+    "resnet",
+    "vit",
+    "ResNet",
+    "BasicBlock",
+    "Bottleneck",
+    "MobileNetV2",
+    "MobileNetV3",
+    "VisionTransformer",
+]

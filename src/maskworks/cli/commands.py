@@ -333,14 +333,15 @@ def models(args) -> int:
     if not names:
         print(f"no registered model matches {args.pattern!r}")
         return 1
-    print(f"{'name':<28} {'kind':<9} {'task':<9} {'params':>10}")
+    print(f"{'name':<32} {'kind':<9} {'task':<11} {'params':>10}")
     for name in names:
         entry = model_entry(name)
         count = ""
         if not args.no_params:
-            m = create_model(name)
+            with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+                m = create_model(name)
             count = f"{sum(p.numel() for p in m.parameters()) / 1e6:9.2f}M"
-        print(f"{name:<28} {entry.kind:<9} {entry.task:<9} {count:>10}")
+        print(f"{name:<32} {entry.kind:<9} {entry.task:<11} {count:>10}")
     return 0
 
 
