@@ -5,12 +5,14 @@ Contract shared by every backbone: ``forward_intermediates(x)`` returns a list o
 "module"}`` for each map.
 """
 
-from maskworks.backbones import mobilenet, resnet, vit
+from maskworks.backbones import deit, mobilenet, resnet, vit
+from maskworks.backbones.deit import VisionTransformerDistilled
 from maskworks.backbones.mobilenet import MobileNetV2, MobileNetV3
 from maskworks.backbones.resnet import BasicBlock, Bottleneck, ResNet
 from maskworks.backbones.vit import VisionTransformer
 
 __all__ = [
+    "deit",
     "mobilenet",
     "resnet",
     "vit",
@@ -20,4 +22,5 @@ __all__ = [
     "MobileNetV2",
     "MobileNetV3",
     "VisionTransformer",
+    "VisionTransformerDistilled",
 ]
