@@ -1,4 +1,4 @@
-"""The ``maskworks`` command line: demo, train, eval, predict, models, bench."""
+"""The ``maskworks`` command line: demo, train, eval, predict, models, bench, pretrain-mae, complexity, attention."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ EPILOG = """examples:
   maskworks eval --checkpoint runs/camvid/best.safetensors
   maskworks predict --checkpoint runs/camvid/best.safetensors photos/ --out preds/
   maskworks bench unet_resnet34 --mode both         # ours vs smp, same weights, interleaved timing
+  maskworks pretrain-mae --images unlabeled/ --model mae_vit_base_patch16 --epochs 100 --out runs/mae
   torchrun --nproc_per_node 2 -m maskworks.cli.main train --config my.yaml   # DDP
 """
 
@@ -131,9 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-params", action="store_true", help="skip building models to count parameters")
     p.set_defaults(func=commands.models)
 
-    from maskworks.cli import bench
+    from maskworks.cli import bench, mae
 
     bench.add_parser(sub)
+    mae.add_parser(sub)
     return parser
 
 
