@@ -159,3 +159,56 @@ def test_torchvision_mobilenet_checkpoint_goes_into_the_encoder(tmp_path):
     torch.testing.assert_close(model.encoder.features[3].block[0][0].weight, expected)
     # the 3-channel stem is summed into the 1-channel input conv
     torch.testing.assert_close(model.encoder.features[0][0].weight, ref.features[0][0].weight.sum(1, keepdim=True))
+
+
+def _tiny_vit(**kw):
+    return create_model("vit_test_patch16", num_classes=10, **kw).eval()
+
+
+def test_timm_vit_checkpoint_at_another_resolution_loads_with_resampling():
+    import timm.models.vision_transformer as tvt
+
+    torch.manual_seed(0)
+    ref = tvt.VisionTransformer(img_size=32, patch_size=16, embed_dim=64, depth=2, num_heads=2, num_classes=10)
+    ours = _tiny_vit()  # built at 64: a 4x4 grid where the checkpoint has 2x2
+    result = load_weights(ours, ref.state_dict(), source="timm")
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    expected = tvt.resample_abs_pos_embed(ref.pos_embed, (4, 4), num_prefix_tokens=1)
+    torch.testing.assert_close(ours.pos_embed, expected)
+
+
+def test_hf_vit_and_torchvision_vit_checkpoints_are_recognised():
+    import torchvision
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 64, 64)
+    cfg = ViTConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=256,
+        image_size=64,
+        patch_size=16,
+        num_labels=10,
+        layer_norm_eps=1e-6,
+        qkv_bias=True,
+    )
+    hf = ViTForImageClassification(cfg).eval()
+    ours = _tiny_vit()
+    assert load_weights(ours, hf.state_dict()).missing_keys == []  # auto-detected as "hf"
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), hf(pixel_values=x).logits, atol=1e-4, rtol=1e-4)
+
+    tv = torchvision.models.VisionTransformer(
+        image_size=64, patch_size=16, num_layers=2, num_heads=2, hidden_dim=64, mlp_dim=256, num_classes=10
+    ).eval()
+    ours = _tiny_vit()
+    assert load_weights(ours, tv.state_dict()).missing_keys == []  # auto-detected as "torchvision"
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), tv(x), atol=1e-4, rtol=1e-4)
+
+
+def test_unknown_hf_checkpoint_is_refused():
+    with pytest.raises(ValueError, match="not a supported Hugging Face checkpoint"):
+        load_weights(_tiny_vit(), {"bert.embeddings.word_embeddings.weight": torch.zeros(2, 2)}, source="hf")

@@ -5,17 +5,20 @@ Contract shared by every backbone: ``forward_intermediates(x)`` returns a list o
 "module"}`` for each map.
 """
 
-from maskworks.backbones import deit, mobilenet, resnet, vit
+from maskworks.backbones import deit, mobilenet, resnet, vit, vit_hybrid
 from maskworks.backbones.deit import VisionTransformerDistilled
 from maskworks.backbones.mobilenet import MobileNetV2, MobileNetV3
 from maskworks.backbones.resnet import BasicBlock, Bottleneck, ResNet
 from maskworks.backbones.vit import VisionTransformer
+from maskworks.backbones.vit_hybrid import HybridVisionTransformer
 
 __all__ = [
     "deit",
     "mobilenet",
     "resnet",
     "vit",
+    "vit_hybrid",
+    "HybridVisionTransformer",
     "ResNet",
     "BasicBlock",
     "Bottleneck",

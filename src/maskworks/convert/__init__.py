@@ -6,16 +6,36 @@ the keys and loads them, refusing any shape mismatch.
 """
 
 from maskworks.convert.deeplab import convert_torchvision_deeplabv3
-from maskworks.convert.load import CONVERTERS, LoadResult, convert_torchvision, load_weights, read_state_dict
+from maskworks.convert.deit import convert_hf_deit, convert_timm_deit
+from maskworks.convert.load import (
+    CONVERTERS,
+    LoadResult,
+    convert_hf,
+    convert_timm,
+    convert_torchvision,
+    load_weights,
+    read_state_dict,
+)
+from maskworks.convert.mae import convert_hf_vitmae
 from maskworks.convert.mobilenet import convert_torchvision_mobilenet
 from maskworks.convert.resnet import adapt_input_conv, convert_timm_resnet, convert_torchvision_resnet
 from maskworks.convert.smp import convert_smp
+from maskworks.convert.vit import convert_timm_vit
+from maskworks.convert.vit_hf_tv import convert_hf_vit, convert_torchvision_vit
 
 __all__ = [
     "CONVERTERS",
     "LoadResult",
     "adapt_input_conv",
+    "convert_hf",
+    "convert_hf_deit",
+    "convert_hf_vit",
+    "convert_hf_vitmae",
     "convert_smp",
+    "convert_timm",
+    "convert_timm_deit",
+    "convert_timm_vit",
+    "convert_torchvision_vit",
     "convert_timm_resnet",
     "convert_torchvision",
     "convert_torchvision_deeplabv3",

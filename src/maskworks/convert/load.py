@@ -14,11 +14,28 @@ import torch.nn as nn
 from safetensors.torch import load_file
 
 from maskworks.convert.deeplab import convert_torchvision_deeplabv3, is_torchvision_deeplab_state_dict
+from maskworks.convert.deit import convert_hf_deit, convert_timm_deit, is_hf_deit_state_dict
+from maskworks.convert.mae import convert_hf_vitmae, is_hf_vitmae_state_dict
 from maskworks.convert.mobilenet import convert_torchvision_mobilenet, is_mobilenet_state_dict
 from maskworks.convert.resnet import convert_timm_resnet, convert_torchvision_resnet, is_resnet_state_dict
 from maskworks.convert.smp import convert_smp
+from maskworks.convert.vit import is_timm_vit_state_dict
+from maskworks.convert.vit_hf_tv import (
+    convert_hf_vit,
+    convert_torchvision_vit,
+    is_hf_vit_state_dict,
+    is_torchvision_vit_state_dict,
+)
 
-__all__ = ["LoadResult", "load_weights", "read_state_dict", "CONVERTERS", "convert_torchvision"]
+__all__ = [
+    "CONVERTERS",
+    "LoadResult",
+    "convert_hf",
+    "convert_timm",
+    "convert_torchvision",
+    "load_weights",
+    "read_state_dict",
+]
 
 log = logging.getLogger(__name__)
 
@@ -32,24 +49,60 @@ def _as_is(state_dict: Mapping[str, torch.Tensor], in_channels: int | None = Non
 
 
 def convert_torchvision(
-    state_dict: Mapping[str, torch.Tensor], in_channels: int | None = None, aux: bool = True
+    state_dict: Mapping[str, torch.Tensor],
+    in_channels: int | None = None,
+    aux: bool = True,
+    model: nn.Module | None = None,
 ) -> tuple[StateDict, list[str]]:
-    """A torchvision checkpoint -> maskworks keys, by what it holds: a segmentation model (``deeplabv3_*``), or a
-    bare backbone (``resnet*`` / ``resnext*``, ``mobilenet_v2`` / ``mobilenet_v3_*``) whose classifier is dropped.
+    """A torchvision checkpoint -> maskworks keys, by what it holds: a segmentation model (``deeplabv3_*``), a
+    Vision Transformer (``vit_*``), or a bare backbone (``resnet*`` / ``resnext*``, ``mobilenet_v2`` /
+    ``mobilenet_v3_*``) whose classifier is dropped.
 
     Args:
         state_dict: the torchvision state dict.
         in_channels: input channels of the target; the first conv is adapted when it differs.
         aux: for ``deeplabv3_*``: the target has an auxiliary head (otherwise ``aux_classifier.*`` is dropped).
+        model: for ViTs: the target, whose grid and patch size the position table and kernel are resampled to.
 
     Returns:
         The converted state dict and the dropped keys.
     """
     if is_torchvision_deeplab_state_dict(state_dict):
         return convert_torchvision_deeplabv3(state_dict, in_channels, aux=aux)
+    if is_torchvision_vit_state_dict(state_dict):
+        return convert_torchvision_vit(state_dict, model=model, in_channels=in_channels)
     if is_mobilenet_state_dict(state_dict):
         return convert_torchvision_mobilenet(state_dict, in_channels)
     return convert_torchvision_resnet(state_dict, in_channels)
+
+
+def convert_timm(
+    state_dict: Mapping[str, torch.Tensor], in_channels: int | None = None, model: nn.Module | None = None
+) -> tuple[StateDict, list[str]]:
+    """A timm checkpoint -> maskworks keys: ViT / DeiT (resampled to ``model``'s grid and patch size when given),
+    or a ResNet backbone (classifier dropped)."""
+    if is_timm_vit_state_dict(state_dict) or "patch_embed.proj.weight" in state_dict:
+        return convert_timm_deit(state_dict, model=model, in_channels=in_channels)  # the ViT rules plus DeiT's
+    return convert_timm_resnet(state_dict, in_channels)
+
+
+def convert_hf(
+    state_dict: Mapping[str, torch.Tensor], in_channels: int | None = None, model: nn.Module | None = None
+) -> tuple[StateDict, list[str]]:
+    """A Hugging Face transformers checkpoint -> maskworks keys: ``DeiT*`` (distillation token), ``ViTMAE*``
+    (MAE with its decoder) or ``ViTModel`` / ``ViTForImageClassification``; either the hub key layout or the one of
+    transformers 5."""
+    if is_hf_deit_state_dict(state_dict):
+        return convert_hf_deit(state_dict, model=model, in_channels=in_channels)
+    if is_hf_vit_state_dict(state_dict):
+        return convert_hf_vit(state_dict, model=model, in_channels=in_channels)
+    if is_hf_vitmae_state_dict(state_dict):
+        return convert_hf_vitmae(state_dict, in_channels=in_channels)
+    raise ValueError(
+        "not a supported Hugging Face checkpoint: expected ViTModel / ViTForImageClassification, "
+        "DeiTForImageClassificationWithTeacher or ViTMAEForPreTraining keys (e.g. "
+        "'vit.embeddings.patch_embeddings.projection.weight')"
+    )
 
 
 # source name -> converter(state_dict, in_channels=None) -> (state dict, dropped keys)
@@ -57,7 +110,8 @@ CONVERTERS: dict[str, Converter] = {
     "maskworks": _as_is,
     "smp": convert_smp,
     "torchvision": convert_torchvision,
-    "timm": convert_timm_resnet,
+    "timm": convert_timm,
+    "hf": convert_hf,
 }
 # Sources whose checkpoints may be a bare backbone: those load into `model.encoder` when there is one.
 _BACKBONE_SOURCES = ("torchvision", "timm")
@@ -136,7 +190,11 @@ def _detect_source(state_dict: Mapping[str, torch.Tensor]) -> str:
     # our (= smp) layout.
     if _is_backbone_state_dict(state_dict) or is_torchvision_deeplab_state_dict(state_dict):
         return "torchvision"
-    return "maskworks"
+    if is_torchvision_vit_state_dict(state_dict):
+        return "torchvision"
+    if is_hf_deit_state_dict(state_dict) or is_hf_vit_state_dict(state_dict) or is_hf_vitmae_state_dict(state_dict):
+        return "hf"
+    return "maskworks"  # our own keys, which are also timm's for ViT / DeiT and smp's for CNN models
 
 
 def load_weights(
@@ -151,12 +209,15 @@ def load_weights(
     torchvision MobileNet state dict goes into ``model.encoder`` when the model has one (into the model itself
     otherwise), its classifier (``fc.*`` / ``classifier.*``) dropped and reported as unexpected; a torchvision
     ``deeplabv3_*`` checkpoint is renamed into a maskworks ``deeplabv3`` (its ``aux_classifier`` kept when the
-    model has one).
+    model has one); torchvision ``vit_*`` and Hugging Face ViT / DeiT / ViTMAE checkpoints are recognised and
+    renamed. timm ViT / DeiT keys are ours: pass ``source="timm"`` to also resample the position table and patch
+    kernel of a checkpoint made at another resolution or patch size, and drop a head of another class count.
 
     Args:
         model: the model to fill (its parameters are copied in place).
         path_or_state_dict: a ``.safetensors`` / ``.pt`` / ``.pth`` / ``.bin`` path, or a state dict.
-        source: ``"auto"``, ``"maskworks"``, ``"smp"``, ``"torchvision"`` or ``"timm"``.
+        source: ``"auto"``, ``"maskworks"``, ``"smp"``, ``"torchvision"``, ``"timm"`` or ``"hf"`` (Hugging Face
+            transformers ViT / DeiT / ViTMAE).
         strict: raise when any key is missing or unexpected.
 
     Returns:
@@ -177,9 +238,13 @@ def load_weights(
     encoder = getattr(model, "encoder", None)
     if source in _BACKBONE_SOURCES and isinstance(encoder, nn.Module) and _is_backbone_state_dict(state_dict):
         target, prefix = encoder, "encoder."
-    kwargs = {"in_channels": getattr(target, "in_channels", None)}
+    kwargs: dict = {"in_channels": getattr(target, "in_channels", None)}
     if source == "torchvision" and is_torchvision_deeplab_state_dict(state_dict):
         kwargs["aux"] = isinstance(getattr(model, "aux_classifier", None), nn.Module)
+    if source in ("timm", "hf", "torchvision") and not _is_backbone_state_dict(state_dict):
+        kwargs["model"] = target  # ViT family: resample position tables / patch kernels to the target
+    if source == "hf" and is_hf_vitmae_state_dict(state_dict) and not is_hf_vit_state_dict(state_dict):
+        kwargs.pop("model")
     converted, dropped = CONVERTERS[source](state_dict, **kwargs)
     converted = {prefix + k: v for k, v in converted.items()}
 
