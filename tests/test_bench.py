@@ -107,3 +107,15 @@ def test_every_pair_names_a_registered_model():
     missing = [p.model for p in PAIRS.values() if not is_model(p.model)]
     # ViT pairs join when the ViT family is registered
     assert all(m.startswith("vit_") for m in missing), missing
+
+
+def test_count_macs_sees_attention_on_the_fused_path():
+    from maskworks import create_model
+    from maskworks.explain import vit_macs
+
+    model = create_model("vit_test_patch8")
+    assert all(m.fused_attn for m in model.modules() if hasattr(m, "fused_attn"))
+    macs = count_macs(model, torch.randn(1, 3, 32, 32))
+    assert all(m.fused_attn for m in model.modules() if hasattr(m, "fused_attn"))  # flags restored
+    expected = vit_macs(img_size=32, patch=8, dim=32, depth=2, mlp_ratio=4.0, num_classes=1000)
+    assert macs == expected

@@ -227,17 +227,26 @@ def compare(
 
 
 def count_macs(model: torch.nn.Module, *inputs: torch.Tensor) -> int:
-    """Multiply-accumulates of one forward pass, counted by ``torch.utils.flop_counter`` (convolutions, matmuls,
-    attention; elementwise ops are not counted), as FLOPs / 2."""
+    """Multiply-accumulates of one forward pass, counted by ``torch.utils.flop_counter`` (convolutions, matrix
+    products, attention; elementwise ops are not counted), as FLOPs / 2.
+
+    Attention modules with a ``fused_attn`` flag run their explicit path while counting, because the counter does
+    not see the fused scaled-dot-product kernel on CPU; the flags are restored afterwards.
+    """
     from torch.utils.flop_counter import FlopCounterMode
 
     was_training = model.training
+    fused = [(m, m.fused_attn) for m in model.modules() if isinstance(getattr(m, "fused_attn", None), bool)]
     model.eval()
     try:
+        for m, _ in fused:
+            m.fused_attn = False
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             model(*inputs)
     finally:
         model.train(was_training)
+        for m, flag in fused:
+            m.fused_attn = flag
     return counter.get_total_flops() // 2
 
 

@@ -18,6 +18,8 @@ EPILOG = """examples:
   maskworks predict --checkpoint runs/camvid/best.safetensors photos/ --out preds/
   maskworks bench unet_resnet34 --mode both         # ours vs smp, same weights, interleaved timing
   maskworks pretrain-mae --images unlabeled/ --model mae_vit_base_patch16 --epochs 100 --out runs/mae
+  maskworks attention photo.jpg --model vit_base_patch16_224 --checkpoint vit.safetensors --out attn/
+  maskworks complexity --dim 768 --heads 12 --tokens 196 784 3136 --out complexity/
   torchrun --nproc_per_node 2 -m maskworks.cli.main train --config my.yaml   # DDP
 """
 
@@ -132,10 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-params", action="store_true", help="skip building models to count parameters")
     p.set_defaults(func=commands.models)
 
-    from maskworks.cli import bench, mae
+    from maskworks.cli import bench, mae, vit_tools
 
     bench.add_parser(sub)
     mae.add_parser(sub)
+    vit_tools.add_parsers(sub)
     return parser
 
 

@@ -10,12 +10,46 @@ from maskworks.layers.atrous import (
     receptive_field_mask,
 )
 from maskworks.layers.conv import ConvNormAct, create_act
+from maskworks.layers.efficient_attention import (
+    LinearAttention,
+    PerformerAttention,
+    PooledKVAttention,
+    WindowAttention2d,
+)
 from maskworks.layers.fpn import FeaturePyramid
 from maskworks.layers.norm import PooledBatchNorm2d
 from maskworks.layers.ppm import PSPModule
+from maskworks.layers.vit_layers import (
+    Attention,
+    Block,
+    DropPath,
+    LayerScale,
+    Mlp,
+    PatchEmbed,
+    capture_attention,
+    get_1d_sincos_pos_embed,
+    get_2d_sincos_pos_embed,
+    resample_abs_pos_embed,
+    resample_patch_embed,
+)
 
 __all__ = [
     "ASPP",
+    "Attention",
+    "Block",
+    "DropPath",
+    "LayerScale",
+    "LinearAttention",
+    "Mlp",
+    "PatchEmbed",
+    "PerformerAttention",
+    "PooledKVAttention",
+    "WindowAttention2d",
+    "capture_attention",
+    "get_1d_sincos_pos_embed",
+    "get_2d_sincos_pos_embed",
+    "resample_abs_pos_embed",
+    "resample_patch_embed",
     "ConvNormAct",
     "FeaturePyramid",
     "GriddingReport",
