@@ -8,7 +8,7 @@ For each model, ours is built from timm's state dict (identical keys), so both c
 images per second of a no-grad forward. Train: images per second of forward + cross-entropy + backward + SGD step.
 Both sides run in the same process, alternately (ours, timm, timm, ours, ...); the median of ``--repeats`` rounds
 is reported with the ratio ours / timm in throughput (>= 1.0: at least as fast). The machine limit is the best
-fp32 GFLOP/s of a 2048x2048 matrix product on the same device; each model's achieved GFLOP/s (MACs counted by
+GFLOP/s of a 2048x2048 matrix product on the same device (fp32, or bf16 with ``--amp``); each model's achieved GFLOP/s (MACs counted by
 ``torch.utils.flop_counter``, training counted as 3x the forward) is reported as a fraction of it.
 """
 
@@ -100,8 +100,9 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    limit = matmul_gflops(device=device)
-    print(f"machine limit: fp32 matmul {limit:.1f} GFLOP/s on {device}", flush=True)
+    dtype = torch.bfloat16 if args.amp else torch.float32
+    limit = matmul_gflops(8192 if device.type == "cuda" else 2048, device=device, dtype=dtype)
+    print(f"machine limit: {dtype} matmul {limit:.1f} GFLOP/s on {device}", flush=True)
     rows = []
     for name in args.models:
         rows += measure(name, args.batch, device, args.amp, args.repeats, limit)

@@ -70,9 +70,15 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--device {args.device}: CUDA is not available on this machine")
     limits = {}
     if args.machine_limit:
-        limits = {"matmul_gflops": matmul_gflops(device=device), "conv_gflops": conv_gflops(device=device)}
+        dtype = torch.bfloat16 if args.amp else torch.float32
+        limits = {
+            "dtype": str(dtype).removeprefix("torch."),
+            "matmul_gflops": matmul_gflops(8192 if device.type == "cuda" else 2048, device=device, dtype=dtype),
+            "conv_gflops": conv_gflops(device=device),
+        }
         print(
-            f"machine limit: fp32 matmul {limits['matmul_gflops']:.1f} GFLOP/s, conv {limits['conv_gflops']:.1f} GFLOP/s"
+            f"machine limit: {limits['dtype']} matmul {limits['matmul_gflops']:.1f} GFLOP/s, "
+            f"fp32 conv {limits['conv_gflops']:.1f} GFLOP/s"
         )
     modes = {"eval": [False], "train": [True], "both": [False, True]}[args.mode]
     rows = []
