@@ -4,13 +4,13 @@ import re
 
 import pytest
 import torch
-import torch.nn as nn
 
 from maskworks import create_model, list_models
 from maskworks.backbones import deit  # noqa: F401  (registers the DeiT variants)
 from maskworks.backbones.deit import VisionTransformerDistilled
 from maskworks.backbones.vit import VisionTransformer
 from maskworks.convert.deit import convert_hf_deit, convert_timm_deit, deit_kwargs_from_hf_config, is_hf_deit_state_dict
+from maskworks.testing import perturb_parameters
 
 timm = pytest.importorskip("timm")
 
@@ -21,15 +21,6 @@ DISTILLED = [
     "deit_base_distilled_patch16_384",
 ]
 PLAIN = ["deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224", "deit_base_patch16_384"]
-
-
-@torch.no_grad()
-def _perturb(model: nn.Module, seed: int = 0, scale: float = 0.05) -> nn.Module:
-    """Move every parameter off its init (LayerNorm 1 / 0, zero biases), so parity tests mean something."""
-    g = torch.Generator().manual_seed(seed)
-    for p in model.parameters():
-        p.add_(torch.randn(p.shape, generator=g) * scale)
-    return model
 
 
 def _tiny(**kwargs) -> VisionTransformerDistilled:
@@ -82,7 +73,7 @@ def test_token_layout_at_224():
 
 def test_train_returns_both_heads_eval_returns_mean():
     torch.manual_seed(0)
-    model = _perturb(_tiny())
+    model = perturb_parameters(_tiny())
     x = torch.randn(2, 3, 64, 64)
 
     model.train()
@@ -102,7 +93,7 @@ def test_train_returns_both_heads_eval_returns_mean():
 
 def test_forward_heads_uses_tokens_0_and_1():
     torch.manual_seed(0)
-    model = _perturb(_tiny()).eval()
+    model = perturb_parameters(_tiny()).eval()
     x = torch.randn(2, 3, 64, 64)
     tokens = model.forward_features(x)  # (B, 2 + 16, C)
     assert tokens.shape == (2, 18, 64)
@@ -143,7 +134,7 @@ def test_reset_classifier_and_validation():
 # ------------------------------------------------------------------------------------------------ timm parity
 def test_timm_parity_tiny_distilled_224():
     torch.manual_seed(0)
-    ref = _perturb(timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False)).eval()
+    ref = perturb_parameters(timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False)).eval()
     ours = create_model("deit_tiny_distilled_patch16_224")
     converted, dropped = convert_timm_deit(ref.state_dict(), model=ours)
     assert dropped == []
@@ -164,7 +155,7 @@ def test_timm_parity_tiny_distilled_224():
 
 def test_timm_converter_wrapper_resample_and_plain_target():
     torch.manual_seed(0)
-    ref = _perturb(_tiny())
+    ref = perturb_parameters(_tiny())
     sd = {"model": {f"module.{k}": v for k, v in ref.state_dict().items()}}  # official DeiT .pth layout + DDP
 
     # same architecture at 32 px: pos_embed resampled to 2 x 2, prefix rows kept bit-exactly
@@ -204,7 +195,7 @@ def _hf_teacher_model(layer_norm_eps: float):
         layer_norm_eps=layer_norm_eps,
     )
     torch.manual_seed(0)
-    return _perturb(transformers.DeiTForImageClassificationWithTeacher(config)).eval(), config
+    return perturb_parameters(transformers.DeiTForImageClassificationWithTeacher(config)).eval(), config
 
 
 _V5_TO_V4 = [  # transformers 5 module names -> the hub (transformers 4) checkpoint names

@@ -10,6 +10,7 @@ import maskworks.backbones.mobilenet  # noqa: F401  (registers the backbones)
 from maskworks import create_model, list_models
 from maskworks.backbones.mobilenet import MobileNetV2, MobileNetV3
 from maskworks.convert.mobilenet import convert_torchvision_mobilenet, is_mobilenet_state_dict
+from maskworks.testing import randomize_norms
 
 smp = pytest.importorskip("segmentation_models_pytorch")
 
@@ -29,19 +30,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def _randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial BatchNorm affine parameters and running statistics, so parity tests mean something."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            n = m.num_features
-            m.weight.data = torch.rand(n, generator=g) + 0.5
-            m.bias.data = torch.randn(n, generator=g) * 0.1
-            m.running_mean = torch.randn(n, generator=g) * 0.1
-            m.running_var = torch.rand(n, generator=g) + 0.5
-    return model.eval()
 
 
 def _features_only(state_dict: dict) -> dict:
@@ -72,7 +60,7 @@ def test_registered_as_backbones():
 @pytest.mark.parametrize("name", NAMES)
 def test_torchvision_parity(name):
     taps, channels, num_params = TAPS[name]
-    ref = _randomize_norms(getattr(torchvision.models, name)(weights=None))
+    ref = randomize_norms(getattr(torchvision.models, name)(weights=None))
     ours = create_model(name).eval()
     ours.load_state_dict(_features_only(ref.state_dict()))  # strict: identical keys
     assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in ref.features.parameters()) == num_params
@@ -90,7 +78,7 @@ def test_torchvision_parity(name):
     [("mobilenet_v2", {"width_mult": 0.5}), ("mobilenet_v3_large", {"width_mult": 0.75, "reduced_tail": True})],
 )
 def test_width_options_match_torchvision(name, kwargs):
-    ref = _randomize_norms(getattr(torchvision.models, name)(weights=None, **kwargs))
+    ref = randomize_norms(getattr(torchvision.models, name)(weights=None, **kwargs))
     ours = create_model(name, **kwargs).eval()
     ours.load_state_dict(_features_only(ref.state_dict()))
     x = torch.randn(1, 3, 64, 64)
@@ -101,7 +89,7 @@ def test_width_options_match_torchvision(name, kwargs):
 @pytest.mark.parametrize("name", ["mobilenet_v3_large", "mobilenet_v3_small"])
 def test_output_stride_16_matches_torchvision_dilated(name):
     setting, last_channel = tv_mobilenetv3._mobilenet_v3_conf(name, dilated=True)
-    ref = _randomize_norms(tv_mobilenetv3.MobileNetV3(setting, last_channel))
+    ref = randomize_norms(tv_mobilenetv3.MobileNetV3(setting, last_channel))
     ours = create_model(name, output_stride=16).eval()
     ours.load_state_dict(_features_only(ref.state_dict()))
     assert [i["reduction"] for i in ours.feature_info] == [2, 4, 8, 16, 16]
@@ -113,7 +101,7 @@ def test_output_stride_16_matches_torchvision_dilated(name):
 
 @pytest.mark.parametrize("output_stride", [16, 8])
 def test_mobilenet_v2_output_stride_matches_smp(output_stride):
-    ref = _randomize_norms(smp.encoders.get_encoder("mobilenet_v2", weights=None, output_stride=output_stride))
+    ref = randomize_norms(smp.encoders.get_encoder("mobilenet_v2", weights=None, output_stride=output_stride))
     ours = create_model("mobilenet_v2", output_stride=output_stride).eval()
     ours.load_state_dict(ref.state_dict())  # smp's encoder keys are torchvision's `features.*`
     x = torch.randn(1, 3, 64, 96)
@@ -171,7 +159,7 @@ def test_converter_drops_classifier_and_loads_strictly():
 
 def test_converter_adapts_stem_to_grayscale():
     # A 1-channel stem with the summed filters sees a gray image as the RGB stem sees it repeated 3 times.
-    ref = _randomize_norms(torchvision.models.mobilenet_v3_small(weights=None))
+    ref = randomize_norms(torchvision.models.mobilenet_v3_small(weights=None))
     converted, _ = convert_torchvision_mobilenet(ref.state_dict(), in_channels=1)
     assert converted["features.0.0.weight"].shape[1] == 1
     ours = create_model("mobilenet_v3_small", in_channels=1).eval()
@@ -194,7 +182,7 @@ def test_channels_match_smp_unet_encoder():
 def test_unet_with_mobilenet_v2_matches_smp_unet():
     from maskworks.models.semantic.unet import UNet
 
-    ref = _randomize_norms(smp.Unet("mobilenet_v2", encoder_weights=None, classes=2))
+    ref = randomize_norms(smp.Unet("mobilenet_v2", encoder_weights=None, classes=2))
     ours = UNet(encoder="mobilenet_v2", num_classes=2).eval()
     ours.load_state_dict(ref.state_dict())  # strict: smp's `encoder.features.*` keys are ours
     x = torch.randn(1, 3, 64, 96)

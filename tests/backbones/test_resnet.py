@@ -8,21 +8,9 @@ import torchvision
 from maskworks import create_model, list_models
 from maskworks.backbones import ResNet
 from maskworks.convert import load_weights
+from maskworks.testing import randomize_norms
 
 timm = pytest.importorskip("timm")
-
-
-def _randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial BatchNorm affine parameters and running statistics, so parity tests mean something."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            n = m.num_features
-            m.weight.data = torch.rand(n, generator=g) + 0.5
-            m.bias.data = torch.randn(n, generator=g) * 0.1
-            m.running_mean = torch.randn(n, generator=g) * 0.1
-            m.running_var = torch.rand(n, generator=g) + 0.5
-    return model.eval()
 
 
 def _torchvision_intermediates(model: torchvision.models.ResNet, x: torch.Tensor) -> list[torch.Tensor]:
@@ -48,7 +36,7 @@ def test_registered_as_backbones():
 
 @pytest.mark.parametrize("name", ["resnet18", "resnet50"])
 def test_torchvision_parity(name):
-    ref = _randomize_norms(getattr(torchvision.models, name)(weights=None))
+    ref = randomize_norms(getattr(torchvision.models, name)(weights=None))
     ours = create_model(name).eval()
     result = load_weights(ours, ref.state_dict(), source="torchvision", strict=False)
     assert result.missing_keys == [] and sorted(result.unexpected_keys) == ["fc.bias", "fc.weight"]
@@ -65,7 +53,7 @@ def test_torchvision_parity(name):
 
 @pytest.mark.parametrize("name", ["resnet18", "resnet34", "resnet50"])
 def test_timm_parity(name):
-    ref = _randomize_norms(timm.create_model(name, pretrained=False))
+    ref = randomize_norms(timm.create_model(name, pretrained=False))
     ours = create_model(name).eval()
     load_weights(ours, ref.state_dict(), source="timm", strict=False)
     x = torch.randn(1, 3, 64, 64)
@@ -78,7 +66,7 @@ def test_timm_parity(name):
 
 @pytest.mark.parametrize("output_stride, dilate", [(16, [False, False, True]), (8, [False, True, True])])
 def test_output_stride_matches_torchvision_dilation(output_stride, dilate):
-    ref = _randomize_norms(torchvision.models.resnet50(weights=None, replace_stride_with_dilation=dilate))
+    ref = randomize_norms(torchvision.models.resnet50(weights=None, replace_stride_with_dilation=dilate))
     ours = create_model("resnet50", output_stride=output_stride).eval()
     load_weights(ours, ref.state_dict(), source="torchvision")
     x = torch.randn(1, 3, 64, 64)
@@ -92,7 +80,7 @@ def test_output_stride_matches_torchvision_dilation(output_stride, dilate):
 @pytest.mark.parametrize("name, output_stride", [("resnet18", 16), ("resnet34", 8)])
 def test_output_stride_basic_block_matches_timm(name, output_stride):
     # torchvision's BasicBlock refuses dilation; timm dilates it (first conv keeps the previous rate).
-    ref = _randomize_norms(timm.create_model(name, pretrained=False, output_stride=output_stride))
+    ref = randomize_norms(timm.create_model(name, pretrained=False, output_stride=output_stride))
     ours = create_model(name, output_stride=output_stride).eval()
     load_weights(ours, ref.state_dict(), source="timm")
     x = torch.randn(1, 3, 64, 64)

@@ -10,6 +10,7 @@ import torch.nn as nn
 from maskworks import create_model
 from maskworks.backbones import vit_hybrid as vh  # registers the hybrid variants
 from maskworks.backbones.vit import VisionTransformer
+from maskworks.testing import randomize_norms
 
 timm = pytest.importorskip("timm")
 from timm.layers import HybridEmbed as TimmHybridEmbed  # noqa: E402
@@ -20,21 +21,8 @@ from timm.models.vision_transformer import VisionTransformer as TimmVisionTransf
 
 TINY = {"img_size": 64, "patch_size": 2, "embed_dim": 64, "depth": 2, "num_heads": 2}
 
-
-def _randomize(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial norm affine parameters / BN statistics and perturbed weights, so parity means something."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.02)
-        for m in model.modules():
-            if isinstance(m, (nn.GroupNorm, nn.LayerNorm, nn.BatchNorm2d)):
-                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-    return model.eval()
+# perturbed weights plus non-trivial GroupNorm / LayerNorm / BatchNorm parameters and statistics, in eval mode
+_randomize = partial(randomize_norms, group_norm=True, layer_norm=True, perturb=0.02)
 
 
 def _timm_tiny(padding_same: bool = True, **kw) -> TimmVisionTransformer:

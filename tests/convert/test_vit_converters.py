@@ -16,6 +16,7 @@ from maskworks.convert.vit_hf_tv import (
     is_hf_vit_state_dict,
     is_torchvision_vit_state_dict,
 )
+from maskworks.testing import perturb_parameters
 
 torchvision = pytest.importorskip("torchvision")
 transformers = pytest.importorskip("transformers")
@@ -23,13 +24,9 @@ transformers = pytest.importorskip("transformers")
 SMALL = {"img_size": 64, "patch_size": 16, "embed_dim": 64, "depth": 2, "num_heads": 2}
 
 
-def _perturb(model: nn.Module, seed: int = 0) -> nn.Module:
+def _perturb(model: nn.Module) -> nn.Module:
     """Random offsets on every parameter (the references zero-init heads and set LayerNorms to 1 / 0)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    return model.eval()
+    return perturb_parameters(model).eval()
 
 
 def _tv_small(**kw) -> nn.Module:

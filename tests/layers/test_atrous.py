@@ -16,18 +16,7 @@ from maskworks.layers.atrous import (
     receptive_field,
     receptive_field_mask,
 )
-
-
-def _randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            n = m.num_features
-            m.weight.data = torch.rand(n, generator=g) + 0.5
-            m.bias.data = torch.randn(n, generator=g) * 0.1
-            m.running_mean = torch.randn(n, generator=g) * 0.1
-            m.running_var = torch.rand(n, generator=g) + 0.5
-    return model.eval()
+from maskworks.testing import randomize_norms
 
 
 # --------------------------------------------------------------------------- arithmetic
@@ -163,7 +152,7 @@ def test_aspp_keeps_spatial_size(size, separable):
 
 
 def test_aspp_matches_torchvision():
-    ref = _randomize_norms(TvASPP(2048, [12, 24, 36]))
+    ref = randomize_norms(TvASPP(2048, [12, 24, 36]))
     ours = ASPP(2048, 256, atrous_rates=(12, 24, 36), separable=False).eval()
     assert list(ours.state_dict()) == list(ref.state_dict())
     ours.load_state_dict(ref.state_dict(), strict=True)
@@ -175,7 +164,7 @@ def test_aspp_matches_torchvision():
 
 @pytest.mark.parametrize("separable", [False, True])
 def test_aspp_matches_smp(separable):
-    ref = _randomize_norms(SmpASPP(64, 32, (6, 12, 18), separable=separable, dropout=0.5))
+    ref = randomize_norms(SmpASPP(64, 32, (6, 12, 18), separable=separable, dropout=0.5))
     ours = ASPP(64, 32, atrous_rates=(6, 12, 18), separable=separable).eval()
     assert list(ours.state_dict()) == list(ref.state_dict())
     ours.load_state_dict(ref.state_dict(), strict=True)

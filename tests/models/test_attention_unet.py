@@ -7,25 +7,9 @@ import torch.nn as nn
 import maskworks.models.semantic.attention_unet  # noqa: F401  (registers "attention_unet")
 from maskworks import create_model
 from maskworks.models.semantic.attention_unet import AttentionGate, AttentionUNet
+from maskworks.testing import count_parameters, randomize_norms
 
 SMALL = (32, 16, 16, 8, 8)
-
-
-def _randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial BatchNorm affine parameters and running statistics, so comparisons mean something."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            n = m.num_features
-            m.weight.data = torch.rand(n, generator=g) + 0.5
-            m.bias.data = torch.randn(n, generator=g) * 0.1
-            m.running_mean = torch.randn(n, generator=g) * 0.1
-            m.running_var = torch.rand(n, generator=g) + 0.5
-    return model.eval()
-
-
-def _count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def _gate_params(gate: int, skip: int, inter: int, batch_norm: bool = True) -> int:
@@ -43,7 +27,7 @@ class _PassSkip(nn.Module):
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_gate_coefficients_and_output(mode):
     torch.manual_seed(0)
-    gate = _randomize_norms(AttentionGate(12, 8, 4)).train(mode == "train")
+    gate = randomize_norms(AttentionGate(12, 8, 4)).train(mode == "train")
     g, x = torch.randn(2, 12, 9, 7), torch.randn(2, 8, 9, 7)
     alpha = gate.coefficients(g, x)
     assert alpha.shape == (2, 1, 9, 7)
@@ -54,7 +38,7 @@ def test_gate_coefficients_and_output(mode):
 
 def test_gate_formula_and_resampled_gating_signal():
     torch.manual_seed(0)
-    gate = _randomize_norms(AttentionGate(6, 4, 3))
+    gate = randomize_norms(AttentionGate(6, 4, 3))
     g, x = torch.randn(1, 6, 5, 5), torch.randn(1, 4, 5, 5)
     g1 = gate.W_g[1](gate.W_g[0](g))
     x1 = gate.W_x[1](gate.W_x[0](x))
@@ -67,8 +51,8 @@ def test_gate_formula_and_resampled_gating_signal():
 
 @pytest.mark.parametrize("batch_norm", [True, False])
 def test_gate_parameter_count(batch_norm):
-    assert _count(AttentionGate(64, 64, 32, batch_norm)) == _gate_params(64, 64, 32, batch_norm)
-    assert _count(AttentionGate(512, 256, 128, batch_norm)) == _gate_params(512, 256, 128, batch_norm)
+    assert count_parameters(AttentionGate(64, 64, 32, batch_norm)) == _gate_params(64, 64, 32, batch_norm)
+    assert count_parameters(AttentionGate(512, 256, 128, batch_norm)) == _gate_params(512, 256, 128, batch_norm)
 
 
 def test_seed_vanilla_gate_total():
@@ -78,12 +62,12 @@ def test_seed_vanilla_gate_total():
 
 def test_identity_gates_give_unet():
     torch.manual_seed(0)
-    unet = _randomize_norms(create_model("unet", encoder="resnet18", decoder_channels=SMALL, num_classes=3))
+    unet = randomize_norms(create_model("unet", encoder="resnet18", decoder_channels=SMALL, num_classes=3))
     model = create_model("attention_unet", encoder="resnet18", decoder_channels=SMALL, num_classes=3)
     # every shared key is a UNet key, in the same order; only the gates are extra
     keys = [k for k in model.state_dict() if ".attention_gate." not in k]
     assert keys == list(unet.state_dict())
-    _randomize_norms(model, seed=1)  # non-trivial gate BNs; the shared ones are overwritten by the UNet's
+    randomize_norms(model, seed=1)  # non-trivial gate BNs; the shared ones are overwritten by the UNet's
     result = model.load_state_dict(unet.state_dict(), strict=False)
     assert result.unexpected_keys == [] and all(".attention_gate." in k for k in result.missing_keys)
     x = torch.randn(2, 3, 33, 47)
@@ -122,12 +106,14 @@ def test_parameter_count_is_unet_plus_gates():
     gates = [(512, 256), (256, 128), (128, 64), (64, 64)]
     extra = sum(_gate_params(g, s, s // 2) for g, s in gates)
     assert extra == 134_408
-    assert _count(model) == _count(unet) + extra == 24_436_369 + 134_408
+    assert count_parameters(model) == count_parameters(unet) + extra == 24_436_369 + 134_408
     assert [(gt.W_g[0].in_channels, gt.W_x[0].in_channels) for gt in model.attention_gates()] == gates
     small = create_model("attention_unet", encoder="resnet18", decoder_channels=SMALL, decoder_batch_norm=False)
     small_unet = create_model("unet", encoder="resnet18", decoder_channels=SMALL, decoder_batch_norm=False)
     gates = [(512, 256), (32, 128), (16, 64), (16, 64)]
-    assert _count(small) == _count(small_unet) + sum(_gate_params(g, s, s // 2, False) for g, s in gates)
+    assert count_parameters(small) == count_parameters(small_unet) + sum(
+        _gate_params(g, s, s // 2, False) for g, s in gates
+    )
 
 
 def test_smp_unet_checkpoint_loads_with_only_gates_missing():

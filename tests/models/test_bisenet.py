@@ -15,25 +15,10 @@ from maskworks.models.semantic.bisenet import (
     convert_coincheung_bisenetv1,
     convert_coincheung_bisenetv2,
 )
+from maskworks.testing import count_parameters, randomize_norms
 
 NAMES = ["bisenetv1", "bisenetv2"]
 NUM_AUX = {"bisenetv1": 2, "bisenetv2": 4}
-
-
-def _count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def _randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            n = m.num_features
-            m.weight.data = torch.rand(n, generator=g) + 0.5
-            m.bias.data = torch.randn(n, generator=g) * 0.1
-            m.running_mean = torch.randn(n, generator=g) * 0.1
-            m.running_var = torch.rand(n, generator=g) + 0.5
-    return model
 
 
 @pytest.fixture(scope="module")
@@ -49,10 +34,10 @@ def test_parameter_counts():
     # heads add 1,872,860, 1.35 M of them in the 1/32 booster's 128 -> 1024 conv). Both reproduce the reference
     # outputs exactly after loading its weights (checked against the reference code with random weights).
     v1 = BiSeNetV1()
-    aux_v1 = _count(v1.conv_out16) + _count(v1.conv_out32)
-    assert _count(v1) == 13_392_384
-    assert _count(v1) - aux_v1 == 13_242_240  # aux=False builds no auxiliary heads
-    assert _count(v1.encoder) == 11_176_512
+    aux_v1 = count_parameters(v1.conv_out16) + count_parameters(v1.conv_out32)
+    assert count_parameters(v1) == 13_392_384
+    assert count_parameters(v1) - aux_v1 == 13_242_240  # aux=False builds no auxiliary heads
+    assert count_parameters(v1.encoder) == 11_176_512
     # the three bias-free classifiers have 256, 64 and 64 inputs
     assert [h.conv_out.weight.shape[:2] for h in (v1.conv_out, v1.conv_out16, v1.conv_out32)] == [
         (19, 256),
@@ -60,11 +45,11 @@ def test_parameter_counts():
         (19, 64),
     ]
     v2 = BiSeNetV2()
-    assert _count(v2) == 5_231_487
-    deployed = [_count(getattr(v2, n)) for n in ("detail", "segment", "bga", "head")]
+    assert count_parameters(v2) == 5_231_487
+    deployed = [count_parameters(getattr(v2, n)) for n in ("detail", "segment", "bga", "head")]
     assert deployed == [519_232, 1_159_504, 478_720, 1_201_171]
     assert sum(deployed) == 3_358_627  # "about 3.3-3.4 M": the deployed BiSeNetV2 (aux=False)
-    assert _count(v2) - sum(deployed) == 1_872_860
+    assert count_parameters(v2) - sum(deployed) == 1_872_860
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -158,7 +143,7 @@ def test_in_channels(name, in_channels):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_eval_is_deterministic(models, name):
-    model = _randomize_norms(models[name]).eval()
+    model = randomize_norms(models[name])
     x = torch.randn(1, 3, 65, 97)
     with torch.no_grad():
         torch.testing.assert_close(model(x), model(x), rtol=0, atol=0)
@@ -189,7 +174,7 @@ def test_v2_bilinear_bga_option():
 
 def test_coincheung_converters():
     # CoinCheung's V1 keeps the ResNet-18 under `cp.resnet` (with an ImageNet `fc`); everything else is named alike.
-    ours = _randomize_norms(BiSeNetV1(num_classes=4, aux=False)).eval()
+    ours = randomize_norms(BiSeNetV1(num_classes=4, aux=False))
     foreign = {
         ("cp.resnet." + k[len("encoder.") :] if k.startswith("encoder.") else k): v
         for k, v in ours.state_dict().items()

@@ -12,23 +12,7 @@ from maskworks import create_model
 from maskworks.convert.deeplab import convert_torchvision_deeplabv3, is_torchvision_deeplab_state_dict
 from maskworks.layers import PooledBatchNorm2d
 from maskworks.models.semantic.deeplab import DeepLabV3, DeepLabV3Plus, default_atrous_rates
-
-
-def _randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial BatchNorm affine parameters and running statistics, so parity tests mean something."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            n = m.num_features
-            m.weight.data = torch.rand(n, generator=g) + 0.5
-            m.bias.data = torch.randn(n, generator=g) * 0.1
-            m.running_mean = torch.randn(n, generator=g) * 0.1
-            m.running_var = torch.rand(n, generator=g) + 0.5
-    return model.eval()
-
-
-def _count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+from maskworks.testing import count_parameters, randomize_norms
 
 
 def _tv_deeplab(depth: int = 50) -> nn.Module:
@@ -39,7 +23,7 @@ def _tv_deeplab(depth: int = 50) -> nn.Module:
 # --------------------------------------------------------------------------- torchvision DeepLabv3
 @pytest.fixture(scope="module")
 def tv_pair():
-    ref = _randomize_norms(_tv_deeplab(50))
+    ref = randomize_norms(_tv_deeplab(50))
     ours = create_model("deeplabv3", encoder="resnet50", num_classes=5, output_stride=8, aux=True).eval()
     converted, dropped = convert_torchvision_deeplabv3(ref.state_dict())
     assert dropped == []
@@ -50,7 +34,9 @@ def tv_pair():
 
 def test_torchvision_deeplabv3_parity(tv_pair):
     ref, ours = tv_pair
-    assert _count(ours) == _count(ref) == 41_995_850  # 42,004,074 with 21 classes, torchvision's documented count
+    assert (
+        count_parameters(ours) == count_parameters(ref) == 41_995_850
+    )  # 42,004,074 with 21 classes, torchvision's documented count
     x = torch.randn(2, 3, 65, 97)
     with torch.no_grad():
         expected = ref(x)["out"]
@@ -84,7 +70,7 @@ def test_torchvision_deeplabv3_resnet101_keys():
     own = ours.state_dict()
     assert dropped == [] and set(converted) == set(own)
     assert all(converted[k].shape == own[k].shape for k in own)
-    assert _count(ours) == _count(ref)
+    assert count_parameters(ours) == count_parameters(ref)
 
 
 def test_converter_aux_and_detection(tv_pair):
@@ -106,11 +92,11 @@ def test_converter_aux_and_detection(tv_pair):
 
 # --------------------------------------------------------------------------- smp DeepLabV3 (keys) and legacy keys
 def test_smp_deeplabv3_keys_and_logits():
-    ref = _randomize_norms(smp.DeepLabV3("resnet18", encoder_weights=None, classes=4))
+    ref = randomize_norms(smp.DeepLabV3("resnet18", encoder_weights=None, classes=4))
     ours = create_model("deeplabv3", encoder="resnet18", num_classes=4, uniform_dilation=True).eval()
     assert list(ours.state_dict()) == list(ref.state_dict())
     ours.load_state_dict(ref.state_dict(), strict=True)
-    assert _count(ours) == _count(ref)
+    assert count_parameters(ours) == count_parameters(ref)
     # smp resizes with align_corners=True, torchvision (and we) with False: compare the head's logits
     logits = {}
     ref.segmentation_head[0].register_forward_hook(lambda m, i, o: logits.__setitem__("ref", o))
@@ -143,7 +129,7 @@ def test_legacy_smp_decoder_keys_load():
 # --------------------------------------------------------------------------- smp DeepLabV3+
 @pytest.mark.parametrize("encoder, output_stride, params", [("resnet34", 16, 22_438_485), ("resnet18", 8, 12_330_325)])
 def test_smp_deeplabv3plus_parity(encoder, output_stride, params):
-    ref = _randomize_norms(
+    ref = randomize_norms(
         smp.DeepLabV3Plus(encoder, encoder_weights=None, classes=5, encoder_output_stride=output_stride)
     )
     ours = create_model(
@@ -152,7 +138,7 @@ def test_smp_deeplabv3plus_parity(encoder, output_stride, params):
     assert list(ours.state_dict()) == list(ref.state_dict())
     result = ours.load_state_dict(ref.state_dict(), strict=True)
     assert not result.missing_keys and not result.unexpected_keys
-    assert _count(ours) == _count(ref) == params
+    assert count_parameters(ours) == count_parameters(ref) == params
     with torch.no_grad():
         x = torch.randn(2, 3, 64, 96)
         torch.testing.assert_close(ours(x), ref(x), atol=1e-4, rtol=1e-4)
@@ -166,7 +152,7 @@ def test_smp_deeplabv3plus_parity(encoder, output_stride, params):
 
 def test_dilation_style_matters_for_smp_parity():
     # torchvision-style dilation (first block of layer4 at rate 1) gives other logits from smp's weights
-    ref = _randomize_norms(smp.DeepLabV3Plus("resnet18", encoder_weights=None, classes=2))
+    ref = randomize_norms(smp.DeepLabV3Plus("resnet18", encoder_weights=None, classes=2))
     ours = create_model("deeplabv3plus", encoder="resnet18", num_classes=2, uniform_dilation=False).eval()
     ours.load_state_dict(ref.state_dict(), strict=True)
     assert ours.encoder.layer4[0].conv1.dilation == (1, 1)

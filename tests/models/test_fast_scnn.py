@@ -10,10 +10,7 @@ import maskworks.models.semantic.fast_scnn  # noqa: F401  (registers fast_scnn)
 from maskworks import create_model
 from maskworks.layers import PooledBatchNorm2d
 from maskworks.models.semantic.fast_scnn import DSConv, FastSCNN
-
-
-def _count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+from maskworks.testing import count_parameters
 
 
 @pytest.fixture(scope="module")
@@ -28,24 +25,24 @@ def test_parameter_count_matches_paper():
     # The paper reports 1.11 M.
     net = FastSCNN()
     parts = [
-        _count(net.learning_to_downsample),
-        _count(net.global_feature_extractor),
-        _count(net.feature_fusion),
-        _count(net.classifier),
+        count_parameters(net.learning_to_downsample),
+        count_parameters(net.global_feature_extractor),
+        count_parameters(net.feature_fusion),
+        count_parameters(net.classifier),
     ]
-    assert _count(net) == sum(parts) == 1_138_051
-    assert abs(_count(net) / 1.11e6 - 1) < 0.03
+    assert count_parameters(net) == sum(parts) == 1_138_051
+    assert abs(count_parameters(net) / 1.11e6 - 1) < 0.03
     # classes only change the last 1x1 conv (with bias); the auxiliary head adds 3x3 64->32 + BN + 1x1 32->K
     k = 19
-    assert _count(net.classifier.conv) == 128 * k + k
-    assert _count(FastSCNN(aux=True)) - _count(net) == 64 * 32 * 9 + 2 * 32 + 33 * k
+    assert count_parameters(net.classifier.conv) == 128 * k + k
+    assert count_parameters(FastSCNN(aux=True)) - count_parameters(net) == 64 * 32 * 9 + 2 * 32 + 33 * k
 
 
 def test_dsconv_is_cheap():
     # depthwise 3x3 + BN + pointwise 1x1 + BN, far fewer than a dense 3x3 conv
     cin, cout = 48, 64
-    assert _count(DSConv(cin, cout)) == cin * 9 + 2 * cin + cin * cout + 2 * cout
-    assert _count(DSConv(cin, cout)) < 9 * cin * cout / 5
+    assert count_parameters(DSConv(cin, cout)) == cin * 9 + 2 * cin + cin * cout + 2 * cout
+    assert count_parameters(DSConv(cin, cout)) < 9 * cin * cout / 5
 
 
 @pytest.mark.parametrize("size", [(65, 97), (128, 256), (511, 767), (31, 33)])

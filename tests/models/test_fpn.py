@@ -9,28 +9,11 @@ from maskworks import create_model
 from maskworks.convert import load_weights
 from maskworks.layers.fpn import FeaturePyramid, FPNDecoder, MergeBlock
 from maskworks.models.semantic.fpn import FPN
+from maskworks.testing import count_parameters, randomize_norms
 
 smp = pytest.importorskip("segmentation_models_pytorch")
 
 SMP_FPN_RESNET34_PARAMS = 23_155_651  # smp.FPN("resnet34", classes=3)
-
-
-def _randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial BatchNorm / GroupNorm parameters and running statistics, so parity tests mean something."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
-            n = m.weight.numel()
-            m.weight.data = torch.rand(n, generator=g) + 0.5
-            m.bias.data = torch.randn(n, generator=g) * 0.1
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean = torch.randn(n, generator=g) * 0.1
-            m.running_var = torch.rand(n, generator=g) + 0.5
-    return model.eval()
-
-
-def _count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 # --------------------------------------------------------------------------- generic neck
@@ -90,10 +73,10 @@ def test_feature_pyramid_with_norm_and_errors():
 
 # --------------------------------------------------------------------------- smp-compatible model
 def test_smp_parity_resnet34():
-    ref = _randomize_norms(smp.FPN("resnet34", encoder_weights=None, classes=3))
+    ref = randomize_norms(smp.FPN("resnet34", encoder_weights=None, classes=3), group_norm=True)
     ours = create_model("fpn", encoder="resnet34", num_classes=3).eval()
     assert list(ours.state_dict()) == list(ref.state_dict())
-    assert _count(ours) == _count(ref) == SMP_FPN_RESNET34_PARAMS
+    assert count_parameters(ours) == count_parameters(ref) == SMP_FPN_RESNET34_PARAMS
     result = load_weights(ours, ref.state_dict(), source="auto", strict=True)
     assert result.missing_keys == [] and result.unexpected_keys == []
     x = torch.randn(2, 3, 64, 96)
@@ -103,10 +86,10 @@ def test_smp_parity_resnet34():
 
 def test_smp_parity_cat_merge_small():
     kw = {"decoder_pyramid_channels": 32, "decoder_segmentation_channels": 32, "decoder_merge_policy": "cat"}
-    ref = _randomize_norms(smp.FPN("resnet18", encoder_weights=None, classes=2, in_channels=1, **kw))
+    ref = randomize_norms(smp.FPN("resnet18", encoder_weights=None, classes=2, in_channels=1, **kw), group_norm=True)
     ours = FPN("resnet18", num_classes=2, in_channels=1, **kw).eval()
     ours.load_state_dict(ref.state_dict(), strict=True)
-    assert _count(ours) == _count(ref)
+    assert count_parameters(ours) == count_parameters(ref)
     x = torch.randn(1, 1, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(ours(x), ref(x), atol=1e-4, rtol=1e-4)

@@ -13,27 +13,11 @@ from maskworks.layers.ppm import PSPBlock, PSPModule
 from maskworks.losses import CrossEntropyLoss
 from maskworks.models.semantic.pspnet import PSPNet, run_resnet_stages
 from maskworks.registry import ModelEntry
+from maskworks.testing import count_parameters, randomize_norms
 
 smp = pytest.importorskip("segmentation_models_pytorch")
 
 SMP_PSPNET_RESNET34_PARAMS = 21_447_203  # smp.PSPNet("resnet34", classes=3): encoder_depth=3, layer3/4 kept
-
-
-def _randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial BatchNorm affine parameters and running statistics, so parity tests mean something."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            n = m.num_features
-            m.weight.data = torch.rand(n, generator=g) + 0.5
-            m.bias.data = torch.randn(n, generator=g) * 0.1
-            m.running_mean = torch.randn(n, generator=g) * 0.1
-            m.running_var = torch.rand(n, generator=g) + 0.5
-    return model.eval()
-
-
-def _count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def _small(**kw) -> PSPNet:
@@ -58,10 +42,10 @@ def test_psp_module_shapes_and_global_branch():
 
 # --------------------------------------------------------------------------- smp parity
 def test_smp_parity_resnet34():
-    ref = _randomize_norms(smp.PSPNet("resnet34", encoder_weights=None, classes=3))
+    ref = randomize_norms(smp.PSPNet("resnet34", encoder_weights=None, classes=3))
     ours = create_model("pspnet", encoder="resnet34", num_classes=3).eval()
     assert list(ours.state_dict()) == list(ref.state_dict())
-    assert _count(ours) == _count(ref) == SMP_PSPNET_RESNET34_PARAMS
+    assert count_parameters(ours) == count_parameters(ref) == SMP_PSPNET_RESNET34_PARAMS
     result = load_weights(ours, ref.state_dict(), source="auto", strict=True)
     assert result.missing_keys == [] and result.unexpected_keys == []
     x = torch.randn(2, 3, 64, 96)
@@ -81,10 +65,10 @@ def test_smp_parity_other_depths(depth, batch_norm):
         decoder_use_norm=batch_norm,
         upsampling=2**depth,
     )
-    ref = _randomize_norms(ref)
+    ref = randomize_norms(ref)
     ours = _small(num_classes=2, encoder_depth=depth, psp_use_batchnorm=batch_norm).eval()
     ours.load_state_dict(ref.state_dict(), strict=True)
-    assert _count(ours) == _count(ref)
+    assert count_parameters(ours) == count_parameters(ref)
     x = torch.randn(1, 3, 64, 96)
     with torch.no_grad():
         torch.testing.assert_close(ours(x), ref(x), atol=1e-4, rtol=1e-4)
@@ -105,7 +89,7 @@ def test_unused_stages_are_not_run_and_frozen():
 
 
 def test_run_resnet_stages_matches_forward_intermediates():
-    encoder = _randomize_norms(create_model("resnet18"))
+    encoder = randomize_norms(create_model("resnet18"))
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         full = encoder.forward_intermediates(x)

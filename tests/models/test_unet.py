@@ -7,21 +7,9 @@ import torch.nn as nn
 from maskworks import create_model
 from maskworks.convert import load_weights
 from maskworks.models.semantic import UNet, UNetVanilla, valid_input_size, valid_output_size
+from maskworks.testing import count_parameters, randomize_norms
 
 SMALL = (8, 16, 32, 64)
-
-
-def _randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial BatchNorm affine parameters and running statistics, so parity tests mean something."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            n = m.num_features
-            m.weight.data = torch.rand(n, generator=g) + 0.5
-            m.bias.data = torch.randn(n, generator=g) * 0.1
-            m.running_mean = torch.randn(n, generator=g) * 0.1
-            m.running_var = torch.rand(n, generator=g) + 0.5
-    return model.eval()
 
 
 def _small(name: str, **kw) -> nn.Module:
@@ -31,9 +19,8 @@ def _small(name: str, **kw) -> nn.Module:
 
 
 def test_vanilla_parameter_count():
-    count = lambda m: sum(p.numel() for p in m.parameters() if p.requires_grad)  # noqa: E731
-    assert count(create_model("unet_vanilla")) == 31_043_521
-    assert count(create_model("unet_vanilla", num_classes=2)) == 31_043_586
+    assert count_parameters(create_model("unet_vanilla"), trainable_only=True) == 31_043_521
+    assert count_parameters(create_model("unet_vanilla", num_classes=2), trainable_only=True) == 31_043_586
 
 
 @pytest.mark.parametrize("name", ["unet_vanilla", "unet"])
@@ -163,7 +150,7 @@ def test_unet_attributes():
 @pytest.mark.parametrize("source", ["smp", "auto"])
 def test_smp_parity(encoder, source):
     smp = pytest.importorskip("segmentation_models_pytorch")
-    ref = _randomize_norms(smp.Unet(encoder, encoder_weights=None, classes=3))
+    ref = randomize_norms(smp.Unet(encoder, encoder_weights=None, classes=3))
     ours = create_model("unet", encoder=encoder, num_classes=3).eval()
     assert list(ours.state_dict()) == list(ref.state_dict())
     result = load_weights(ours, ref.state_dict(), source=source, strict=True)

@@ -7,21 +7,9 @@ import torch.nn as nn
 import maskworks.models.semantic.unetpp  # noqa: F401  (registers "unetplusplus")
 from maskworks import create_model
 from maskworks.models.semantic.unetpp import UNetPlusPlus, UnetPlusPlusDecoder
+from maskworks.testing import count_parameters, randomize_norms
 
 SMALL = (32, 16, 16, 8, 8)
-
-
-def _randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial BatchNorm affine parameters and running statistics, so parity tests mean something."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            n = m.num_features
-            m.weight.data = torch.rand(n, generator=g) + 0.5
-            m.bias.data = torch.randn(n, generator=g) * 0.1
-            m.running_mean = torch.randn(n, generator=g) * 0.1
-            m.running_var = torch.rand(n, generator=g) + 0.5
-    return model.eval()
 
 
 def _small(**kw) -> UNetPlusPlus:
@@ -33,11 +21,7 @@ def _small(**kw) -> UNetPlusPlus:
 def ds_model() -> UNetPlusPlus:
     """One small deep-supervised model shared by the tests that do not change its weights."""
     torch.manual_seed(0)
-    return _randomize_norms(_small(deep_supervision=True), seed=1)
-
-
-def _count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+    return randomize_norms(_small(deep_supervision=True), seed=1)
 
 
 def _paper_node(key: str, depth: int) -> tuple[int, int]:
@@ -50,11 +34,11 @@ def _paper_node(key: str, depth: int) -> tuple[int, int]:
 def test_smp_parity_and_parameter_count(encoder):
     smp = pytest.importorskip("segmentation_models_pytorch")
     torch.manual_seed(0)
-    ref = _randomize_norms(smp.UnetPlusPlus(encoder, encoder_weights=None, classes=3))
+    ref = randomize_norms(smp.UnetPlusPlus(encoder, encoder_weights=None, classes=3))
     ours = create_model("unetplusplus", encoder=encoder, num_classes=3).eval()
     assert list(ours.state_dict()) == list(ref.state_dict())
     ours.load_state_dict(ref.state_dict(), strict=True)
-    assert _count(ours) == _count(ref) == {"resnet18": 15_970_739, "resnet34": 26_078_899}[encoder]
+    assert count_parameters(ours) == count_parameters(ref) == {"resnet18": 15_970_739, "resnet34": 26_078_899}[encoder]
     x = torch.randn(2, 3, 64, 96)
     with torch.no_grad():
         torch.testing.assert_close(ours(x), ref(x), atol=1e-4, rtol=1e-4)
@@ -72,7 +56,7 @@ def test_smp_parity_without_decoder_norm_and_default_count():
     ref = smp.UnetPlusPlus(encoder_weights=None)
     ds = create_model("unetplusplus", deep_supervision=True)
     aux = sum(p.numel() for n, p in ds.named_parameters() if n.startswith("aux_heads."))
-    assert _count(ds) - aux == _count(ref) == 26_078_609
+    assert count_parameters(ds) - aux == count_parameters(ref) == 26_078_609
     result = ds.load_state_dict(ref.state_dict(), strict=False)
     assert result.unexpected_keys == [] and result.missing_keys
     assert all(k.startswith("aux_heads.") for k in result.missing_keys)

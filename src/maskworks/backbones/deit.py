@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from maskworks.backbones.vit import VisionTransformer
+from maskworks.backbones.vit import VisionTransformer, _arch
 from maskworks.registry import register_model
 
 __all__ = ["VisionTransformerDistilled"]
@@ -152,16 +152,6 @@ class VisionTransformerDistilled(VisionTransformer):
 # ---------------------------------------------------------------------------------------------------------------
 # Registered variants (names as in timm)
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def _arch(patch_size: int, embed_dim: int, depth: int, num_heads: int, img_size: int) -> dict:
-    return {
-        "patch_size": patch_size,
-        "embed_dim": embed_dim,
-        "depth": depth,
-        "num_heads": num_heads,
-        "img_size": img_size,
-    }
 
 
 def _deit(distilled: bool, arch: dict, **kwargs) -> VisionTransformer:

@@ -36,7 +36,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from functools import partial
 
 import torch
@@ -45,7 +45,8 @@ import torch.nn.functional as F
 
 from maskworks.backbones.vit import VisionTransformer
 from maskworks.layers.conv import ConvNormAct
-from maskworks.layers.vit_layers import DropPath, to_2tuple
+from maskworks.layers.vit_layers import DropPath, LayerFactory, _PatchGrid, to_2tuple
+from maskworks.layers.weight_init import init_kaiming
 from maskworks.registry import register_model
 
 __all__ = [
@@ -65,8 +66,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-LayerFactory = Callable[..., nn.Module]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -400,15 +399,7 @@ class ResNetV2(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        # timm's ResNetV2 initialisation
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.GroupNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_kaiming(self, norm_types=(nn.GroupNorm,))  # timm's ResNetV2 initialisation
 
     @property
     def reduction(self) -> int:
@@ -580,7 +571,7 @@ class HybridEmbed(nn.Module):
         return x.flatten(2).transpose(1, 2)  # (B, N, embed_dim)
 
 
-class ConvStemEmbed(nn.Module):
+class ConvStemEmbed(_PatchGrid):
     """Convolutional stem of Xiao et al. (2021) in place of the patchify convolution.
 
     ``len(stem_channels)`` blocks of 3x3 / 2 conv (no bias) -> norm -> act (:class:`~maskworks.layers.conv.
@@ -635,14 +626,7 @@ class ConvStemEmbed(nn.Module):
         self.stem_channels = stem_channels
         self.strict_img_size = strict_img_size
         self.dynamic_img_pad = dynamic_img_pad
-        if img_size is None:
-            self.img_size = self.grid_size = self.num_patches = None
-        else:
-            self.img_size = to_2tuple(img_size, "img_size")
-            self.grid_size = (self.img_size[0] // p, self.img_size[1] // p)
-            self.num_patches = self.grid_size[0] * self.grid_size[1]
-            if self.num_patches == 0:
-                raise ValueError(f"img_size {self.img_size} is smaller than patch_size {self.patch_size}")
+        self._set_img_size(img_size)
 
         layers, prev = [], in_channels
         for c in stem_channels:
@@ -653,22 +637,12 @@ class ConvStemEmbed(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        # stem convs: He init; proj: torchvision's conv_last init, N(0, sqrt(2 / embed_dim))
-        for m in self.stem.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        # stem convs: He init (biases and norms left at their defaults); proj: torchvision's conv_last init,
+        # N(0, sqrt(2 / embed_dim))
+        init_kaiming(self.stem, norm_types=(), zero_bias=False)
         nn.init.normal_(self.proj.weight, std=math.sqrt(2.0 / self.proj.out_channels))
         if self.proj.bias is not None:
             nn.init.zeros_(self.proj.bias)
-
-    def feat_ratio(self, as_scalar: bool = True) -> int | tuple[int, int]:
-        return max(self.patch_size) if as_scalar else self.patch_size
-
-    def dynamic_feat_size(self, img_size: tuple[int, int]) -> tuple[int, int]:
-        (h, w), (ph, pw) = img_size, self.patch_size
-        if self.dynamic_img_pad:
-            return math.ceil(h / ph), math.ceil(w / pw)
-        return h // ph, w // pw
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _, _, h, w = x.shape

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 
+from maskworks.convert._common import strip_prefixes
 from maskworks.convert.deeplab import convert_torchvision_deeplabv3, is_torchvision_deeplab_state_dict
 from maskworks.convert.deit import convert_hf_deit, convert_timm_deit, is_hf_deit_state_dict
 from maskworks.convert.mae import convert_hf_vitmae, is_hf_vitmae_state_dict
@@ -122,7 +123,6 @@ def _is_backbone_state_dict(state_dict: Mapping[str, torch.Tensor]) -> bool:
 
 
 _WRAPPER_KEYS = ("state_dict", "model")
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DataParallel / DDP, torch.compile
 
 
 class LoadResult(NamedTuple):
@@ -178,9 +178,7 @@ def read_state_dict(path_or_state_dict: str | os.PathLike | Mapping[str, torch.T
     for key, value in obj.items():
         if not isinstance(value, torch.Tensor):
             raise ValueError(f"{where}: entry {key!r} is a {type(value).__name__}, not a tensor")
-        for prefix in _WRAPPER_PREFIXES:
-            key = key.removeprefix(prefix)
-        state_dict[key] = value
+        state_dict[strip_prefixes(key)] = value
     return state_dict
 
 

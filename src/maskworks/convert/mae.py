@@ -36,6 +36,7 @@ from collections.abc import Mapping
 
 import torch
 
+from maskworks.convert._common import WRAPPER_PREFIXES, strip_prefixes
 from maskworks.convert.resnet import adapt_input_conv
 
 __all__ = ["convert_hf_vitmae", "is_hf_vitmae_state_dict"]
@@ -78,10 +79,7 @@ _PATCH_KERNEL = "patch_embed.proj.weight"
 
 
 def _strip(key: str) -> str:
-    for prefix in ("module.", "_orig_mod."):
-        if key.startswith(prefix):
-            key = key[len(prefix) :]
-    return key[len("vit.") :] if key.startswith("vit.") else key
+    return strip_prefixes(key, (*WRAPPER_PREFIXES, "vit."))
 
 
 def is_hf_vitmae_state_dict(state_dict: Mapping[str, torch.Tensor]) -> bool:

@@ -23,33 +23,19 @@ import torch
 import torch.nn as nn
 
 from maskworks.backbones.vit import VisionTransformer, checkpoint_filter_fn
+from maskworks.convert._common import unwrap_state_dict
 from maskworks.convert.resnet import adapt_input_conv
 
 __all__ = ["convert_timm_vit", "is_timm_vit_state_dict"]
 
 log = logging.getLogger(__name__)
 
-_PREFIXES = ("module.", "_orig_mod.")
 _PATCH_KERNEL = "patch_embed.proj.weight"
-
-
-def _unwrap(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    for wrapper in ("model", "state_dict"):
-        inner = state_dict.get(wrapper)
-        if isinstance(inner, Mapping):
-            state_dict = inner
-    out = {}
-    for key, value in state_dict.items():
-        for prefix in _PREFIXES:
-            if key.startswith(prefix):
-                key = key[len(prefix) :]
-        out[key] = value
-    return out
 
 
 def is_timm_vit_state_dict(state_dict: Mapping[str, torch.Tensor]) -> bool:
     """True for a timm-layout ViT state dict (``patch_embed.proj.weight`` and ``blocks.0.attn.qkv.weight``)."""
-    keys = _unwrap(state_dict)
+    keys = unwrap_state_dict(state_dict)
     return _PATCH_KERNEL in keys and "blocks.0.attn.qkv.weight" in keys
 
 
@@ -67,7 +53,7 @@ def convert_timm_vit(
     Returns:
         The converted state dict and the dropped keys.
     """
-    converted = _unwrap(state_dict)
+    converted = unwrap_state_dict(state_dict)
     dropped = sorted(k for k in converted if k.startswith("pre_logits."))
     for key in dropped:
         del converted[key]

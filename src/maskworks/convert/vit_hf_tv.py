@@ -68,6 +68,7 @@ from collections.abc import Mapping
 
 import torch
 
+from maskworks.convert._common import unwrap_state_dict
 from maskworks.convert.resnet import adapt_input_conv
 from maskworks.convert.vit import convert_timm_vit
 
@@ -77,24 +78,8 @@ log = logging.getLogger(__name__)
 
 StateDict = dict[str, torch.Tensor]
 
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _CONV_STEM_FIRST = "patch_embed.stem.0.0.weight"
 _PATCH_KERNEL = "patch_embed.proj.weight"
-
-
-def _unwrap(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
-    """Unwrap ``{"model": ...}`` / ``{"state_dict": ...}`` and strip DDP / ``torch.compile`` prefixes."""
-    for wrapper in ("model", "state_dict"):
-        inner = state_dict.get(wrapper)
-        if isinstance(inner, Mapping):
-            state_dict = inner
-    out = {}
-    for key, value in state_dict.items():
-        for prefix in _WRAPPER_PREFIXES:
-            if key.startswith(prefix):
-                key = key[len(prefix) :]
-        out[key] = value
-    return out
 
 
 def _strip_hf_prefix(key: str) -> str:
@@ -135,7 +120,7 @@ def is_hf_vit_state_dict(state_dict: Mapping[str, torch.Tensor]) -> bool:
     """True for an HF ``ViTModel`` / ``ViTForImageClassification`` state dict (either key layout, with or
     without the ``vit.`` prefix). ``ViTMAEForPreTraining`` checkpoints (an MAE decoder, ``decoder.decoder_embed``)
     are not: :mod:`maskworks.convert.mae` converts those."""
-    keys = {_strip_hf_prefix(k) for k in _unwrap(state_dict)}
+    keys = {_strip_hf_prefix(k) for k in unwrap_state_dict(state_dict)}
     has_embed = "embeddings.patch_embeddings.projection.weight" in keys
     has_layer = "encoder.layer.0.attention.attention.query.weight" in keys or "layers.0.attention.q_proj.weight" in keys
     is_mae = any(k.startswith("decoder.decoder_embed.") for k in keys)
@@ -165,7 +150,7 @@ def convert_hf_vit(
     converted: StateDict = {}
     dropped: list[str] = []
     qkv: dict[tuple[int, str], list[torch.Tensor | None]] = {}
-    for raw_key, value in _unwrap(state_dict).items():
+    for raw_key, value in unwrap_state_dict(state_dict).items():
         key = _strip_hf_prefix(raw_key)
         if key.startswith(_HF_DROPPED_PREFIXES):
             dropped.append(raw_key)
@@ -227,7 +212,7 @@ _TV_FIXED = {
 
 def is_torchvision_vit_state_dict(state_dict: Mapping[str, torch.Tensor]) -> bool:
     """True for a torchvision ``VisionTransformer`` state dict (``class_token`` and ``encoder.pos_embedding``)."""
-    keys = _unwrap(state_dict)
+    keys = unwrap_state_dict(state_dict)
     return "class_token" in keys and "encoder.pos_embedding" in keys
 
 
@@ -251,7 +236,7 @@ def convert_torchvision_vit(
     """
     if not is_torchvision_vit_state_dict(state_dict):
         raise ValueError("state_dict is not a torchvision VisionTransformer state dict")
-    source = _unwrap(state_dict)
+    source = unwrap_state_dict(state_dict)
     drop_heads = any(k.startswith("heads.pre_logits.") for k in source)
     if drop_heads:
         log.warning(

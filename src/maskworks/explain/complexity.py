@@ -47,6 +47,7 @@ from maskworks.layers.efficient_attention import (
     PerformerAttention,
     PooledKVAttention,
     WindowAttention2d,
+    _pair,
 )
 from maskworks.layers.vit_layers import Attention
 
@@ -66,18 +67,6 @@ log = logging.getLogger(__name__)
 
 VARIANTS = ("full", "linear", "window", "performer", "pooled")
 _GRID_VARIANTS = ("window", "pooled")
-
-
-def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
-    if isinstance(value, int) and not isinstance(value, bool):
-        pair = (value, value)
-    elif isinstance(value, Sequence) and len(value) == 2 and all(isinstance(v, int) for v in value):
-        pair = (int(value[0]), int(value[1]))
-    else:
-        raise ValueError(f"{name} must be an int or a pair of ints (height, width), got {value!r}")
-    if min(pair) < 1:
-        raise ValueError(f"{name} must be positive, got {value!r}")
-    return pair
 
 
 def num_patches(img_size: int | Sequence[int], patch_size: int | Sequence[int]) -> int:

@@ -9,7 +9,7 @@ from maskworks.layers.atrous import (
     receptive_field,
     receptive_field_mask,
 )
-from maskworks.layers.conv import ConvNormAct, create_act
+from maskworks.layers.conv import ConvBNReLU, ConvNormAct, create_act
 from maskworks.layers.efficient_attention import (
     LinearAttention,
     PerformerAttention,
@@ -50,6 +50,7 @@ __all__ = [
     "get_2d_sincos_pos_embed",
     "resample_abs_pos_embed",
     "resample_patch_embed",
+    "ConvBNReLU",
     "ConvNormAct",
     "FeaturePyramid",
     "GriddingReport",

@@ -27,11 +27,13 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from maskworks.layers.vit_layers import LayerFactory, _QKVProjections
 
 __all__ = [
     "LinearAttention",
@@ -45,8 +47,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-LayerFactory = Callable[..., nn.Module]
 
 
 def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
@@ -79,9 +79,10 @@ def infer_grid_size(num_tokens: int, grid_size: int | Sequence[int] | None = Non
     return h, w
 
 
-class _QKVAttention(nn.Module):
+class _QKVAttention(_QKVProjections):
     """Shared parameters of all variants: ``qkv``, ``q_norm``, ``k_norm``, ``proj``, ``proj_drop`` (the names and
-    shapes of the standard attention)."""
+    shapes of the standard attention, built by :class:`~maskworks.layers.vit_layers.Attention`'s base), plus
+    :meth:`from_attention`."""
 
     def __init__(
         self,
@@ -92,20 +93,11 @@ class _QKVAttention(nn.Module):
         proj_drop: float = 0.0,
         norm_layer: LayerFactory = nn.LayerNorm,
     ) -> None:
-        super().__init__()
         if not isinstance(dim, int) or dim < 1:
             raise ValueError(f"dim must be a positive int, got {dim!r}")
         if not isinstance(num_heads, int) or num_heads < 1 or dim % num_heads:
             raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads!r})")
-        self.dim = dim
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.scale = self.head_dim**-0.5
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.q_norm = norm_layer(self.head_dim) if qk_norm else nn.Identity()
-        self.k_norm = norm_layer(self.head_dim) if qk_norm else nn.Identity()
-        self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
+        super().__init__(dim, num_heads, qkv_bias, qk_norm, proj_drop, norm_layer)
 
     @classmethod
     def from_attention(cls, attn: nn.Module, **kwargs):
@@ -137,19 +129,6 @@ class _QKVAttention(nn.Module):
         if qk_norm:  # copies keep the source's normalisation class and eps
             module.q_norm, module.k_norm = copy.deepcopy(attn.q_norm), copy.deepcopy(attn.k_norm)
         return module
-
-    def _split_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(B, N, C)`` tokens -> normalised ``q, k, v`` of shape ``(B, h, N, d)`` each."""
-        b, n, _ = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, h, N, d)
-        q, k, v = qkv.unbind(0)  # (B, h, N, d) each
-        return self.q_norm(q), self.k_norm(k), v
-
-    def _merge_heads(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, h, N, d)`` -> projected ``(B, N, C)``."""
-        b, _, n, _ = x.shape
-        x = x.transpose(1, 2).reshape(b, n, self.dim)  # (B, N, C)
-        return self.proj_drop(self.proj(x))
 
 
 def _upcast(*tensors: torch.Tensor) -> list[torch.Tensor]:

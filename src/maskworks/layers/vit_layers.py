@@ -67,7 +67,38 @@ def to_2tuple(value: int | Sequence[int], name: str = "size") -> tuple[int, int]
 # ---------------------------------------------------------------------------------------------------------------
 
 
-class PatchEmbed(nn.Module):
+class _PatchGrid(nn.Module):
+    """Token-grid bookkeeping of a patch embedding (one token per ``patch_size`` cell of the input, the input
+    optionally padded): ``img_size``, ``grid_size``, ``num_patches``, :meth:`feat_ratio`, :meth:`dynamic_feat_size`.
+    Subclasses set ``patch_size`` and ``dynamic_img_pad``."""
+
+    patch_size: tuple[int, int]
+    dynamic_img_pad: bool
+
+    def _set_img_size(self, img_size: int | tuple[int, int] | None) -> None:
+        """Set ``img_size``, ``grid_size`` and ``num_patches`` (all ``None`` when ``img_size`` is ``None``)."""
+        if img_size is None:
+            self.img_size = self.grid_size = self.num_patches = None
+        else:
+            self.img_size = to_2tuple(img_size, "img_size")
+            self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
+            self.num_patches = self.grid_size[0] * self.grid_size[1]
+            if self.num_patches == 0:
+                raise ValueError(f"img_size {self.img_size} is smaller than patch_size {self.patch_size}")
+
+    def feat_ratio(self, as_scalar: bool = True) -> int | tuple[int, int]:
+        """Reduction of the token grid w.r.t. the image: ``max(patch_size)``, or the pair when not ``as_scalar``."""
+        return max(self.patch_size) if as_scalar else self.patch_size
+
+    def dynamic_feat_size(self, img_size: tuple[int, int]) -> tuple[int, int]:
+        """Token grid ``(H', W')`` produced for an input of size ``img_size = (H, W)`` (rounded up when padding)."""
+        (h, w), (ph, pw) = img_size, self.patch_size
+        if self.dynamic_img_pad:
+            return math.ceil(h / ph), math.ceil(w / pw)
+        return h // ph, w // pw
+
+
+class PatchEmbed(_PatchGrid):
     """Image to patch tokens: ``Conv2d(in_channels, embed_dim, kernel_size=patch, stride=patch)``.
 
     The convolution is the paper's linear projection ``z_i = p_i W_E + b_E`` of every flattened patch, with the
@@ -103,30 +134,12 @@ class PatchEmbed(nn.Module):
             raise ValueError(f"patch_size must be positive, got {patch_size!r}")
         if not isinstance(in_channels, int) or in_channels < 1:
             raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
-        if img_size is None:
-            self.img_size = self.grid_size = self.num_patches = None
-        else:
-            self.img_size = to_2tuple(img_size, "img_size")
-            self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
-            self.num_patches = self.grid_size[0] * self.grid_size[1]
-            if self.num_patches == 0:
-                raise ValueError(f"img_size {self.img_size} is smaller than patch_size {self.patch_size}")
+        self._set_img_size(img_size)
         self.flatten = flatten
         self.strict_img_size = strict_img_size
         self.dynamic_img_pad = dynamic_img_pad
         self.proj = nn.Conv2d(in_channels, embed_dim, kernel_size=self.patch_size, stride=self.patch_size, bias=bias)
         self.norm = norm_layer(embed_dim) if norm_layer is not None else nn.Identity()
-
-    def feat_ratio(self, as_scalar: bool = True) -> int | tuple[int, int]:
-        """Reduction of the token grid w.r.t. the image: ``max(patch_size)``, or the pair when not ``as_scalar``."""
-        return max(self.patch_size) if as_scalar else self.patch_size
-
-    def dynamic_feat_size(self, img_size: tuple[int, int]) -> tuple[int, int]:
-        """Token grid ``(H', W')`` produced for an input of size ``img_size = (H, W)`` (rounded up when padding)."""
-        (h, w), (ph, pw) = img_size, self.patch_size
-        if self.dynamic_img_pad:
-            return math.ceil(h / ph), math.ceil(w / pw)
-        return h // ph, w // pw
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _, _, h, w = x.shape
@@ -157,7 +170,51 @@ class PatchEmbed(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-class Attention(nn.Module):
+class _QKVProjections(nn.Module):
+    """The layers of multi-head self-attention under timm's names and their head split / merge, shared by
+    :class:`Attention` and the variants of :mod:`maskworks.layers.efficient_attention`: ``qkv``
+    (``Linear(dim, 3 dim)``), ``q_norm`` / ``k_norm`` (per head, or ``Identity``), ``attn_drop`` (when given),
+    ``proj`` (``Linear(dim, dim)``) and ``proj_drop``, registered in that order. Subclasses check the arguments.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        qkv_bias: bool,
+        qk_norm: bool,
+        proj_drop: float,
+        norm_layer: LayerFactory,
+        attn_drop: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.dim = dim
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim**-0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.q_norm = norm_layer(self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = norm_layer(self.head_dim) if qk_norm else nn.Identity()
+        if attn_drop is not None:
+            self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def _split_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(B, N, C)`` tokens -> normalised ``q, k, v`` of shape ``(B, h, N, d)`` each."""
+        b, n, _ = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, h, N, d)
+        q, k, v = qkv.unbind(0)  # (B, h, N, d) each
+        return self.q_norm(q), self.k_norm(k), v
+
+    def _merge_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, h, N, d)`` -> projected ``(B, N, C)``."""
+        b, _, n, _ = x.shape
+        x = x.transpose(1, 2).reshape(b, n, self.dim)  # (B, N, C)
+        return self.proj_drop(self.proj(x))
+
+
+class Attention(_QKVProjections):
     """Multi-head self-attention with a packed ``qkv`` projection (timm's ``Attention``).
 
     ``fused_attn=True`` (default) calls ``F.scaled_dot_product_attention`` (flash / memory-efficient kernels
@@ -190,24 +247,14 @@ class Attention(nn.Module):
         proj_drop: float = 0.0,
         norm_layer: LayerFactory = nn.LayerNorm,
     ) -> None:
-        super().__init__()
         if num_heads < 1 or dim % num_heads:
             raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.scale = self.head_dim**-0.5
+        super().__init__(dim, num_heads, qkv_bias, qk_norm, proj_drop, norm_layer, attn_drop=attn_drop)
         self.fused_attn = True
         self.capture_attention = False
         self.attn_probs: torch.Tensor | None = None
         self._attn_sink: list[torch.Tensor] | None = None  # set by capture_attention()
         self._detach_probs = True
-
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.q_norm = norm_layer(self.head_dim) if qk_norm else nn.Identity()
-        self.k_norm = norm_layer(self.head_dim) if qk_norm else nn.Identity()
-        self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(
         self, x: torch.Tensor, return_attention: bool = False
@@ -221,10 +268,7 @@ class Attention(nn.Module):
         Returns:
             The output tokens ``(B, N, dim)``, or ``(output, probabilities)`` when ``return_attention``.
         """
-        b, n, c = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, h, N, d)
-        q, k, v = qkv.unbind(0)  # (B, h, N, d) each
-        q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = self._split_heads(x)  # (B, h, N, d) each
 
         attn = None
         if self.fused_attn and not (return_attention or self.capture_attention):
@@ -237,8 +281,7 @@ class Attention(nn.Module):
                 if self._attn_sink is not None:
                     self._attn_sink.append(kept)
             x = self.attn_drop(attn) @ v  # (B, h, N, d)
-        x = x.transpose(1, 2).reshape(b, n, c)  # (B, N, dim)
-        x = self.proj_drop(self.proj(x))
+        x = self._merge_heads(x)  # (B, N, dim)
         return (x, attn) if return_attention else x
 
 

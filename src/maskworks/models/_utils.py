@@ -1,4 +1,6 @@
-"""Helpers shared by models: padding inputs to the multiple a network needs and cropping back.
+"""Helpers shared by models: padding inputs to the multiple a network needs and cropping back, encoder
+construction, argument checks and weight initialisation (:func:`init_kaiming` and :func:`init_conv_norm` live in
+:mod:`maskworks.layers.weight_init`, importable by backbones too, and are re-exported here).
 
 Models accept any ``H, W`` (see DESIGN.md): they pad the bottom and right edges up to their
 required multiple, run, and crop the logits back to the input size, so the top-left pixel
@@ -8,15 +10,50 @@ grid is unchanged and cropping is a plain slice.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
+from functools import partial
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from maskworks.convert import load_weights
+from maskworks.layers.weight_init import init_conv_norm, init_kaiming
 from maskworks.registry import model_entry
 
-__all__ = ["pad_to_multiple", "crop_to", "center_crop", "build_encoder", "init_like_smp"]
+__all__ = [
+    "pad_to_multiple",
+    "resize_bilinear",
+    "crop_to",
+    "center_crop",
+    "build_encoder",
+    "check_positive_int",
+    "check_positive_ints",
+    "init_conv_norm",
+    "init_kaiming",
+    "init_like_smp",
+]
+
+
+def check_positive_int(name: str, value: object, *, allow_bool: bool = False) -> int:
+    """``value`` if it is an int >= 1, else ``ValueError("{name} must be a positive int, got {value!r}")``.
+
+    ``allow_bool=True`` lets ``True`` through as 1 (the lenient check some constructors have always made).
+    """
+    if not isinstance(value, int) or (isinstance(value, bool) and not allow_bool) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def check_positive_ints(name: str, value: Sequence[int], length: int, *, allow_bool: bool = False) -> tuple[int, ...]:
+    """``tuple(value)`` if it holds ``length`` ints >= 1, else ``ValueError("{name} must be {length} positive ints,
+    got ...")``; ``allow_bool`` as in :func:`check_positive_int`."""
+    value = tuple(value)
+    if len(value) != length or not all(
+        isinstance(c, int) and (allow_bool or not isinstance(c, bool)) and c > 0 for c in value
+    ):
+        raise ValueError(f"{name} must be {length} positive ints, got {value!r}")
+    return value
 
 
 def build_encoder(
@@ -45,19 +82,8 @@ def build_encoder(
 def init_like_smp(decoder: nn.Module, head: nn.Module) -> None:
     """smp's ``initialize_decoder`` / ``initialize_head``, so training from scratch behaves the same: Kaiming
     uniform convs and unit BatchNorm in the decoder, Xavier uniform convs in the head, zero biases."""
-    for m in decoder.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_uniform_(m.weight, mode="fan_in", nonlinearity="relu")
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-    for m in head.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.xavier_uniform_(m.weight)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
+    init_conv_norm(decoder, partial(nn.init.kaiming_uniform_, mode="fan_in", nonlinearity="relu"))
+    init_conv_norm(head, nn.init.xavier_uniform_, norm_types=())
 
 
 def pad_to_multiple(
@@ -85,6 +111,13 @@ def pad_to_multiple(
     if pad_h or pad_w:
         x = F.pad(x, (0, pad_w, 0, pad_h), mode=mode, value=value if mode == "constant" else None)
     return x, (h, w)
+
+
+def resize_bilinear(x: torch.Tensor, size: Sequence[int], align_corners: bool) -> torch.Tensor:
+    """Bilinear resize of logits / features ``(..., H, W)`` to ``size`` (``x`` itself when already there)."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=align_corners)
 
 
 def crop_to(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from maskworks.convert._common import unwrap_state_dict
 from maskworks.layers.vit_layers import Block, PatchEmbed, get_2d_sincos_pos_embed, to_2tuple
 from maskworks.registry import register_model
 
@@ -374,20 +375,6 @@ class MaskedAutoencoderViT(nn.Module):
         return kwargs
 
 
-def _unwrap(state_dict: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    for wrapper in ("model", "state_dict"):
-        inner = state_dict.get(wrapper)
-        if isinstance(inner, Mapping):
-            state_dict = inner
-    out = {}
-    for key, value in state_dict.items():
-        for prefix in ("module.", "_orig_mod."):
-            if key.startswith(prefix):
-                key = key[len(prefix) :]
-        out[key] = value
-    return out
-
-
 def mae_encoder_state_dict(
     mae_state_dict: Mapping[str, Any], drop_norm: bool = False
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -415,7 +402,7 @@ def mae_encoder_state_dict(
     Returns:
         The ViT state dict and the sorted dropped keys.
     """
-    state = _unwrap(mae_state_dict)
+    state = unwrap_state_dict(mae_state_dict)
     out, dropped = {}, []
     for key, value in state.items():
         if key.startswith(_ENCODER_PREFIXES) and not (drop_norm and key.startswith("norm.")):

@@ -26,16 +26,13 @@ module does not build.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Sequence
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from maskworks.layers import ConvNormAct
-from maskworks.models._utils import build_encoder, crop_to, init_like_smp, pad_to_multiple
-from maskworks.models.semantic.unet import UnetDecoderBlock
+from maskworks.models._utils import check_positive_int
+from maskworks.models.semantic.unet import UnetDecoder, UnetDecoderBlock, _EncoderUNet
 from maskworks.registry import register_model
 
 __all__ = ["AttentionGate", "AttentionDecoderBlock", "AttentionUnetDecoder", "AttentionUNet"]
@@ -61,8 +58,7 @@ class AttentionGate(nn.Module):
             ("skip_channels", skip_channels),
             ("inter_channels", inter_channels),
         ):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            check_positive_int(name, value, allow_bool=True)
         norm = nn.BatchNorm2d if batch_norm else None
         self.W_g = ConvNormAct(gate_channels, inter_channels, 1, norm_layer=norm, act_layer=None)
         self.W_x = ConvNormAct(skip_channels, inter_channels, 1, norm_layer=norm, act_layer=None)
@@ -104,16 +100,11 @@ class AttentionDecoderBlock(UnetDecoderBlock):
         super().__init__(in_ch, skip_ch, out_ch, batch_norm)
         self.attention_gate = AttentionGate(in_ch, skip_ch, max(skip_ch // 2, 1), batch_norm) if skip_ch else None
 
-    def forward(self, x: torch.Tensor, size: Sequence[int], skip: torch.Tensor | None = None) -> torch.Tensor:
-        x = F.interpolate(x, size=tuple(size), mode="nearest")
-        if skip is not None:
-            if self.attention_gate is not None:
-                skip = self.attention_gate(x, skip)
-            x = torch.cat([x, skip], dim=1)  # (B, C_x + C_skip, H, W)
-        return self.conv2(self.conv1(x))
+    def _gate_skip(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return skip if self.attention_gate is None else self.attention_gate(x, skip)
 
 
-class AttentionUnetDecoder(nn.Module):
+class AttentionUnetDecoder(UnetDecoder):
     """The U-Net decoder of :class:`~maskworks.models.semantic.unet.UnetDecoder` with gated skips.
 
     Args:
@@ -122,33 +113,11 @@ class AttentionUnetDecoder(nn.Module):
         batch_norm: BatchNorm in the blocks and gates.
     """
 
-    def __init__(
-        self, encoder_channels: Sequence[int], decoder_channels: Sequence[int], batch_norm: bool = True
-    ) -> None:
-        super().__init__()
-        encoder_channels, decoder_channels = tuple(encoder_channels), tuple(decoder_channels)
-        if len(encoder_channels) != len(decoder_channels):
-            raise ValueError(
-                f"decoder_channels needs one entry per encoder map ({len(encoder_channels)}), got {decoder_channels!r}"
-            )
-        deep_first = encoder_channels[::-1]
-        in_chs = [deep_first[0], *decoder_channels[:-1]]
-        skip_chs = [*deep_first[1:], 0]
-        self.blocks = nn.ModuleList(
-            AttentionDecoderBlock(i, s, o, batch_norm) for i, s, o in zip(in_chs, skip_chs, decoder_channels)
-        )
-
-    def forward(self, features: Sequence[torch.Tensor], size: Sequence[int]) -> torch.Tensor:
-        """Decode encoder maps (highest resolution first) to ``(B, decoder_channels[-1], *size)``."""
-        x, *skips = features[::-1]
-        sizes = [s.shape[-2:] for s in skips] + [size]
-        for i, block in enumerate(self.blocks):
-            x = block(x, sizes[i], skips[i] if i < len(skips) else None)
-        return x
+    block_cls = AttentionDecoderBlock
 
 
 @register_model(name="attention_unet")
-class AttentionUNet(nn.Module):
+class AttentionUNet(_EncoderUNet):
     """Attention U-Net with a registered backbone as encoder: ``UNet`` plus a gate on every skip.
 
     Args:
@@ -161,34 +130,8 @@ class AttentionUNet(nn.Module):
             :func:`maskworks.convert.load_weights`), or ``None`` for random init.
     """
 
-    def __init__(
-        self,
-        encoder: str = "resnet34",
-        num_classes: int = 1,
-        in_channels: int = 3,
-        decoder_channels: Sequence[int] = (256, 128, 64, 32, 16),
-        decoder_batch_norm: bool = True,
-        encoder_weights: str | os.PathLike | None = None,
-    ) -> None:
-        super().__init__()
-        if not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-        decoder_channels = tuple(decoder_channels)
-        self.num_classes = num_classes
-        self.in_channels = in_channels
-        self.encoder = build_encoder(encoder, in_channels, encoder_weights)
-        enc_channels = [info["num_chs"] for info in self.encoder.feature_info]
-        self.decoder = AttentionUnetDecoder(enc_channels, decoder_channels, batch_norm=decoder_batch_norm)
-        self.segmentation_head = nn.Sequential(nn.Conv2d(decoder_channels[-1], num_classes, 3, padding=1))
-        init_like_smp(self.decoder, self.segmentation_head)
+    decoder_cls = AttentionUnetDecoder
 
     def attention_gates(self) -> list[AttentionGate]:
         """The gates, deepest skip first."""
         return [b.attention_gate for b in self.decoder.blocks if b.attention_gate is not None]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits ``(B, num_classes, H, W)`` for images ``(B, in_channels, H, W)`` of any size."""
-        x, size = pad_to_multiple(x, self.encoder.feature_info[-1]["reduction"])
-        features = self.encoder.forward_intermediates(x)
-        x = self.decoder(features, x.shape[-2:])  # (B, decoder_channels[-1], H_pad, W_pad)
-        return crop_to(self.segmentation_head(x), size)

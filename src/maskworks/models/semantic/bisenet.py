@@ -27,14 +27,17 @@ and the logits are resized to the input size.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from maskworks.convert import load_weights
+from maskworks.convert._common import strip_wrapper_prefixes
 from maskworks.layers import PooledBatchNorm2d
+from maskworks.layers.conv import ConvBNReLU
+from maskworks.models._utils import check_positive_int, check_positive_ints, init_kaiming, resize_bilinear
 from maskworks.registry import model_entry, register_model
 
 __all__ = [
@@ -56,71 +59,6 @@ __all__ = [
     "convert_coincheung_bisenetv1",
     "convert_coincheung_bisenetv2",
 ]
-
-NormLayer = Callable[[int], nn.Module]
-
-
-def _check_positive(name: str, value: object) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
-def _check_channels(name: str, value: Sequence[int], length: int) -> tuple[int, ...]:
-    value = tuple(value)
-    if len(value) != length or not all(isinstance(c, int) and c > 0 for c in value):
-        raise ValueError(f"{name} must be {length} positive ints, got {value!r}")
-    return value
-
-
-def _resize(x: torch.Tensor, size: Sequence[int], align_corners: bool) -> torch.Tensor:
-    """Bilinear resize of logits / features to ``size`` (no-op when already there)."""
-    if tuple(x.shape[-2:]) == tuple(size):
-        return x
-    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=align_corners)
-
-
-def _init_weights(modules: Sequence[nn.Module]) -> None:
-    # Kaiming-normal convs (fan_out, ReLU) with zero bias, BatchNorm weight 1 and bias 0, as mmseg / CoinCheung.
-    for module in modules:
-        for m in module.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-
-
-class ConvBNReLU(nn.Module):
-    """``Conv2d`` (no bias) -> BatchNorm -> ReLU with children ``conv``, ``bn``, ``relu`` (CoinCheung's keys).
-
-    Args:
-        in_ch: input channels.
-        out_ch: output channels.
-        kernel_size: kernel size; padding keeps the size at stride 1 (``kernel_size // 2``).
-        stride: convolution stride.
-        groups: convolution groups.
-        norm_layer: normalisation class; :class:`~maskworks.layers.PooledBatchNorm2d` after global pooling.
-    """
-
-    def __init__(
-        self,
-        in_ch: int,
-        out_ch: int,
-        kernel_size: int = 3,
-        stride: int = 1,
-        groups: int = 1,
-        norm_layer: NormLayer = nn.BatchNorm2d,
-    ) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(in_ch, out_ch, kernel_size, stride, kernel_size // 2, groups=groups, bias=False)
-        self.bn = norm_layer(out_ch)
-        self.relu = nn.ReLU(inplace=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.relu(self.bn(self.conv(x)))
 
 
 # =========================================================================== BiSeNet V1
@@ -274,13 +212,13 @@ class BiSeNetV1(nn.Module):
         encoder_weights: str | os.PathLike | None = None,
     ) -> None:
         super().__init__()
-        _check_positive("num_classes", num_classes)
-        _check_positive("in_channels", in_channels)
-        spatial_channels = _check_channels("spatial_channels", spatial_channels, 4)
+        check_positive_int("num_classes", num_classes)
+        check_positive_int("in_channels", in_channels)
+        spatial_channels = check_positive_ints("spatial_channels", spatial_channels, 4, allow_bool=True)
         for name, value in (("context_channels", context_channels), ("head_channels", head_channels)):
-            _check_positive(name, value)
-        _check_positive("aux_channels", aux_channels)
-        if _check_positive("fusion_channels", fusion_channels) < 4:
+            check_positive_int(name, value)
+        check_positive_int("aux_channels", aux_channels)
+        if check_positive_int("fusion_channels", fusion_channels) < 4:
             raise ValueError(f"fusion_channels must be >= 4 (attention reduction 4), got {fusion_channels!r}")
         entry = model_entry(encoder)
         if entry.kind != "backbone":
@@ -308,7 +246,7 @@ class BiSeNetV1(nn.Module):
         if self.aux:
             self.conv_out16 = BiSeNetOutput(context_channels, aux_channels, num_classes)
             self.conv_out32 = BiSeNetOutput(context_channels, aux_channels, num_classes)
-        _init_weights([m for name, m in self.named_children() if name != "encoder"])
+        init_kaiming([m for name, m in self.named_children() if name != "encoder"])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor | list[torch.Tensor]]:
         """Logits ``(B, num_classes, H, W)``; in training with ``aux``, ``{"out": logits, "aux": [2 logits]}``."""
@@ -316,12 +254,12 @@ class BiSeNetV1(nn.Module):
         feat_sp = self.sp(x)  # (B, C_sp, ceil(H / 8), ceil(W / 8))
         features = self.encoder.forward_intermediates(x)
         feat_cp8, feat_cp16 = self.cp(features[self._index16], features[self._index32], feat_sp.shape[-2:])
-        out = _resize(self.conv_out(self.ffm(feat_sp, feat_cp8)), size, self.align_corners)
+        out = resize_bilinear(self.conv_out(self.ffm(feat_sp, feat_cp8)), size, self.align_corners)
         if not (self.training and self.aux):
             return out
         aux = [
-            _resize(self.conv_out16(feat_cp8), size, self.align_corners),
-            _resize(self.conv_out32(feat_cp16), size, self.align_corners),
+            resize_bilinear(self.conv_out16(feat_cp8), size, self.align_corners),
+            resize_bilinear(self.conv_out32(feat_cp16), size, self.align_corners),
         ]
         return {"out": out, "aux": aux}
 
@@ -524,7 +462,7 @@ class SegmentHead(nn.Module):
         self.conv_out = nn.Sequential(pre, nn.Conv2d(last_ch, num_classes, 1, bias=True))
 
     def forward(self, x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-        return _resize(self.conv_out(self.drop(self.conv(x))), size, align_corners=False)
+        return resize_bilinear(self.conv_out(self.drop(self.conv(x))), size, align_corners=False)
 
 
 @register_model(name="bisenetv2")
@@ -562,13 +500,13 @@ class BiSeNetV2(nn.Module):
         bga_upsample: str = "nearest",
     ) -> None:
         super().__init__()
-        _check_positive("num_classes", num_classes)
-        _check_positive("in_channels", in_channels)
-        _check_positive("exp_ratio", exp_ratio)
-        _check_positive("head_channels", head_channels)
-        _check_positive("aux_channels", aux_channels)
-        detail_channels = _check_channels("detail_channels", detail_channels, 3)
-        semantic_channels = _check_channels("semantic_channels", semantic_channels, 4)
+        check_positive_int("num_classes", num_classes)
+        check_positive_int("in_channels", in_channels)
+        check_positive_int("exp_ratio", exp_ratio)
+        check_positive_int("head_channels", head_channels)
+        check_positive_int("aux_channels", aux_channels)
+        detail_channels = check_positive_ints("detail_channels", detail_channels, 3, allow_bool=True)
+        semantic_channels = check_positive_ints("semantic_channels", semantic_channels, 4, allow_bool=True)
         if detail_channels[-1] != semantic_channels[-1]:
             raise ValueError(
                 f"detail_channels[-1] and semantic_channels[-1] must be equal (BGA width), "
@@ -593,7 +531,7 @@ class BiSeNetV2(nn.Module):
             self.aux3 = SegmentHead(c3, aux_channels, num_classes, booster_channels=8**2)
             self.aux4 = SegmentHead(c4, aux_channels, num_classes, booster_channels=16**2)
             self.aux5_4 = SegmentHead(c5, aux_channels, num_classes, booster_channels=32**2)
-        _init_weights([self])
+        init_kaiming(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor | list[torch.Tensor]]:
         """Logits ``(B, num_classes, H, W)``; in training with ``aux``, ``{"out": logits, "aux": [4 logits]}``."""
@@ -608,16 +546,6 @@ class BiSeNetV2(nn.Module):
 
 
 # =========================================================================== converters
-def _strip_wrappers(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out = {}
-    for key, value in state_dict.items():
-        for prefix in ("module.", "_orig_mod."):
-            if key.startswith(prefix):
-                key = key[len(prefix) :]
-        out[key] = value
-    return out
-
-
 def convert_coincheung_bisenetv1(
     state_dict: Mapping[str, torch.Tensor], in_channels: int | None = None
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -637,7 +565,7 @@ def convert_coincheung_bisenetv1(
         The converted state dict and the dropped keys.
     """
     out, dropped = {}, []
-    for key, value in _strip_wrappers(state_dict).items():
+    for key, value in strip_wrapper_prefixes(state_dict).items():
         if key.startswith("cp.resnet.fc."):
             dropped.append(key)
         elif key.startswith("cp.resnet."):
@@ -659,4 +587,4 @@ def convert_coincheung_bisenetv2(
     Returns:
         The state dict (``module.`` / ``_orig_mod.`` prefixes removed) and no dropped keys.
     """
-    return _strip_wrappers(state_dict), []
+    return strip_wrapper_prefixes(state_dict), []

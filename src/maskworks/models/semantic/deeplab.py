@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from maskworks.convert import load_weights
 from maskworks.layers.aspp import ASPP, SeparableConv2d
 from maskworks.layers.conv import ConvNormAct
-from maskworks.models._utils import build_encoder, crop_to, init_like_smp, pad_to_multiple
+from maskworks.models._utils import build_encoder, check_positive_int, crop_to, init_like_smp, pad_to_multiple
 from maskworks.registry import model_entry, register_model
 
 __all__ = ["DeepLabV3", "DeepLabV3Plus", "DeepLabV3Decoder", "DeepLabV3PlusDecoder", "FCNHead", "default_atrous_rates"]
@@ -201,14 +201,54 @@ def _make_dilation_uniform(encoder: nn.Module) -> None:
 
 
 class _DeepLab(nn.Module):
-    """Encoder construction, auxiliary head and forward shared by the two DeepLabs.
+    """Construction (checks, encoder, head, auxiliary head, smp initialisation) and forward shared by the two
+    DeepLabs; the arguments are those of :class:`DeepLabV3` / :class:`DeepLabV3Plus`.
 
-    Subclasses set ``self.decoder``, ``self.segmentation_head``, ``_pad_multiple`` (1: no padding)
-    and ``_align_corners`` (of the final upsampling).
+    Subclasses build their decoder in :meth:`_build_decoder` (where DeepLabv3+ also sets ``_pad_multiple``,
+    1: no padding) and set ``_align_corners`` (of the final upsampling).
     """
 
     _pad_multiple: int = 1
     _align_corners: bool = False
+
+    def __init__(
+        self,
+        encoder: str,
+        num_classes: int,
+        in_channels: int,
+        output_stride: int,
+        atrous_rates: Sequence[int] | None,
+        aux: bool,
+        decoder_channels: int,
+        aspp_separable: bool,
+        aspp_dropout: float,
+        uniform_dilation: bool,
+        encoder_weights: str | os.PathLike | None,
+    ) -> None:
+        super().__init__()
+        check_positive_int("num_classes", num_classes)
+        check_positive_int("decoder_channels", decoder_channels)
+        rates = default_atrous_rates(output_stride) if atrous_rates is None else tuple(atrous_rates)
+        self.num_classes = num_classes
+        self.in_channels = in_channels
+        self.encoder = self._build_encoder(encoder, in_channels, output_stride, uniform_dilation, encoder_weights)
+        self.decoder = self._build_decoder(
+            encoder, output_stride, rates, decoder_channels, aspp_separable, aspp_dropout
+        )
+        self.segmentation_head = nn.Sequential(nn.Conv2d(decoder_channels, num_classes, 1))
+        self._build_aux(aux, num_classes)
+        init_like_smp(self.decoder, self.segmentation_head)
+
+    def _build_decoder(
+        self,
+        encoder: str,
+        output_stride: int,
+        rates: tuple[int, ...],
+        decoder_channels: int,
+        aspp_separable: bool,
+        aspp_dropout: float,
+    ) -> nn.Module:
+        raise NotImplementedError
 
     def _build_encoder(
         self,
@@ -262,12 +302,6 @@ class _DeepLab(nn.Module):
         return out
 
 
-def _check_common(num_classes: int, decoder_channels: int) -> None:
-    for name, value in (("num_classes", num_classes), ("decoder_channels", decoder_channels)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-
-
 # --------------------------------------------------------------------------- models
 @register_model(name="deeplabv3")
 class DeepLabV3(_DeepLab):
@@ -309,18 +343,24 @@ class DeepLabV3(_DeepLab):
         uniform_dilation: bool = False,
         encoder_weights: str | os.PathLike | None = None,
     ) -> None:
-        super().__init__()
-        _check_common(num_classes, decoder_channels)
-        rates = default_atrous_rates(output_stride) if atrous_rates is None else tuple(atrous_rates)
-        self.num_classes = num_classes
-        self.in_channels = in_channels
-        self.encoder = self._build_encoder(encoder, in_channels, output_stride, uniform_dilation, encoder_weights)
-        self.decoder = DeepLabV3Decoder(
+        super().__init__(
+            encoder,
+            num_classes,
+            in_channels,
+            output_stride,
+            atrous_rates,
+            aux,
+            decoder_channels,
+            aspp_separable,
+            aspp_dropout,
+            uniform_dilation,
+            encoder_weights,
+        )
+
+    def _build_decoder(self, encoder, output_stride, rates, decoder_channels, aspp_separable, aspp_dropout):
+        return DeepLabV3Decoder(
             self.encoder.feature_info[-1]["num_chs"], decoder_channels, rates, aspp_separable, aspp_dropout
         )
-        self.segmentation_head = nn.Sequential(nn.Conv2d(decoder_channels, num_classes, 1))
-        self._build_aux(aux, num_classes)
-        init_like_smp(self.decoder, self.segmentation_head)
 
 
 @register_model(name="deeplabv3plus")
@@ -365,17 +405,26 @@ class DeepLabV3Plus(_DeepLab):
         uniform_dilation: bool = True,
         encoder_weights: str | os.PathLike | None = None,
     ) -> None:
-        super().__init__()
-        _check_common(num_classes, decoder_channels)
-        rates = default_atrous_rates(output_stride) if atrous_rates is None else tuple(atrous_rates)
-        self.num_classes = num_classes
-        self.in_channels = in_channels
-        self.encoder = self._build_encoder(encoder, in_channels, output_stride, uniform_dilation, encoder_weights)
+        super().__init__(
+            encoder,
+            num_classes,
+            in_channels,
+            output_stride,
+            atrous_rates,
+            aux,
+            decoder_channels,
+            aspp_separable,
+            aspp_dropout,
+            uniform_dilation,
+            encoder_weights,
+        )
+
+    def _build_decoder(self, encoder, output_stride, rates, decoder_channels, aspp_separable, aspp_dropout):
         reductions = [info["reduction"] for info in self.encoder.feature_info]
         if 4 not in reductions:
             raise ValueError(f"encoder {encoder!r} has no stride-4 map for the decoder (reductions {reductions})")
         self._pad_multiple = output_stride
-        self.decoder = DeepLabV3PlusDecoder(
+        return DeepLabV3PlusDecoder(
             [info["num_chs"] for info in self.encoder.feature_info],
             reductions.index(4),
             decoder_channels,
@@ -383,6 +432,3 @@ class DeepLabV3Plus(_DeepLab):
             aspp_separable,
             aspp_dropout,
         )
-        self.segmentation_head = nn.Sequential(nn.Conv2d(decoder_channels, num_classes, 1))
-        self._build_aux(aux, num_classes)
-        init_like_smp(self.decoder, self.segmentation_head)

@@ -20,13 +20,15 @@ The seed's Fast-SCNN reused BiSeNet's concatenating fusion module, which cannot 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from maskworks.layers import ConvNormAct, PooledBatchNorm2d
+from maskworks.layers.conv import ConvBNReLU as _ConvBNReLU
+from maskworks.models._utils import check_positive_int, check_positive_ints, init_kaiming, resize_bilinear
 from maskworks.registry import register_model
 
 __all__ = [
@@ -41,52 +43,18 @@ __all__ = [
     "Classifier",
 ]
 
-NormLayer = Callable[[int], nn.Module]
 
-
-def _check_positive(name: str, value: object) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
-def _check_channels(name: str, value: Sequence[int], length: int) -> tuple[int, ...]:
-    value = tuple(value)
-    if len(value) != length or not all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in value):
-        raise ValueError(f"{name} must be {length} positive ints, got {value!r}")
-    return value
-
-
-class ConvBNReLU(nn.Module):
-    """A :class:`~maskworks.layers.ConvNormAct` held as ``conv`` (Tramac's ``_Conv`` / ``_DWConv`` keys).
+class ConvBNReLU(_ConvBNReLU):
+    """:class:`maskworks.layers.conv.ConvBNReLU` in Tramac's layout (``nested=True``): the
+    :class:`~maskworks.layers.ConvNormAct` held as ``conv`` (Tramac's ``_Conv`` / ``_DWConv`` keys ``conv.0/1``).
 
     Args:
-        in_ch: input channels.
-        out_ch: output channels.
-        kernel_size: kernel size; the padding keeps the size at stride 1.
-        stride: convolution stride.
-        dilation: convolution dilation.
-        groups: convolution groups (``in_ch`` for a depthwise conv).
-        norm_layer: normalisation class.
+        in_ch, out_ch, kernel_size, stride: as :class:`maskworks.layers.conv.ConvBNReLU`.
+        **kwargs: ``dilation``, ``groups`` (``in_ch`` for a depthwise conv), ``norm_layer``.
     """
 
-    def __init__(
-        self,
-        in_ch: int,
-        out_ch: int,
-        kernel_size: int = 3,
-        stride: int = 1,
-        dilation: int = 1,
-        groups: int = 1,
-        norm_layer: NormLayer = nn.BatchNorm2d,
-    ) -> None:
-        super().__init__()
-        self.conv = ConvNormAct(
-            in_ch, out_ch, kernel_size, stride=stride, dilation=dilation, groups=groups, norm_layer=norm_layer
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x)
+    def __init__(self, in_ch: int, out_ch: int, kernel_size: int = 3, stride: int = 1, **kwargs) -> None:
+        super().__init__(in_ch, out_ch, kernel_size, stride, nested=True, **kwargs)
 
 
 class DSConv(nn.Module):
@@ -296,15 +264,15 @@ class FastSCNN(nn.Module):
         align_corners: bool = False,
     ) -> None:
         super().__init__()
-        _check_positive("num_classes", num_classes)
-        _check_positive("in_channels", in_channels)
-        _check_positive("expand_ratio", expand_ratio)
-        _check_positive("global_channels", global_channels)
-        _check_positive("fusion_channels", fusion_channels)
-        _check_positive("fusion_dilation", fusion_dilation)
-        downsample_channels = _check_channels("downsample_channels", downsample_channels, 3)
-        block_channels = _check_channels("block_channels", block_channels, 3)
-        num_blocks = _check_channels("num_blocks", num_blocks, 3)
+        check_positive_int("num_classes", num_classes)
+        check_positive_int("in_channels", in_channels)
+        check_positive_int("expand_ratio", expand_ratio)
+        check_positive_int("global_channels", global_channels)
+        check_positive_int("fusion_channels", fusion_channels)
+        check_positive_int("fusion_dilation", fusion_dilation)
+        downsample_channels = check_positive_ints("downsample_channels", downsample_channels, 3)
+        block_channels = check_positive_ints("block_channels", block_channels, 3)
+        num_blocks = check_positive_ints("num_blocks", num_blocks, 3)
         bins = tuple(bins)
         if not bins or not all(isinstance(b, int) and b > 0 for b in bins):
             raise ValueError(f"bins must be a non-empty sequence of positive ints, got {bins!r}")
@@ -330,23 +298,10 @@ class FastSCNN(nn.Module):
             self.auxlayer = nn.Sequential(
                 *ConvNormAct(higher_ch, 32, 3), nn.Dropout(0.1), nn.Conv2d(32, num_classes, 1)
             )
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        # Kaiming-normal convs (fan_out, ReLU) with zero bias, BatchNorm weight 1 and bias 0, as mmseg's init.
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_kaiming(self)  # as mmseg's init
 
     def _resize(self, x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-        if tuple(x.shape[-2:]) == tuple(size):
-            return x
-        return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=self.align_corners)
+        return resize_bilinear(x, size, self.align_corners)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor | list[torch.Tensor]]:
         """Logits ``(B, num_classes, H, W)``; in training with ``aux``, ``{"out": logits, "aux": [aux]}``."""

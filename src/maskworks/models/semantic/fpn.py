@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from maskworks.layers.fpn import FPNDecoder
-from maskworks.models._utils import build_encoder, crop_to, init_like_smp, pad_to_multiple
+from maskworks.models._utils import build_encoder, check_positive_int, crop_to, init_like_smp, pad_to_multiple
 from maskworks.registry import register_model
 
 __all__ = ["FPN"]
@@ -52,14 +52,9 @@ class FPN(nn.Module):
         encoder_weights: str | os.PathLike | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-        for name, value in (
-            ("decoder_pyramid_channels", decoder_pyramid_channels),
-            ("decoder_segmentation_channels", decoder_segmentation_channels),
-        ):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_positive_int("num_classes", num_classes, allow_bool=True)
+        check_positive_int("decoder_pyramid_channels", decoder_pyramid_channels, allow_bool=True)
+        check_positive_int("decoder_segmentation_channels", decoder_segmentation_channels, allow_bool=True)
         if decoder_segmentation_channels % 32:
             raise ValueError(
                 f"decoder_segmentation_channels must be a multiple of 32 (GroupNorm groups), "

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from maskworks.layers.conv import ConvNormAct
 from maskworks.layers.ppm import PSPDecoder
-from maskworks.models._utils import build_encoder, crop_to, init_like_smp, pad_to_multiple
+from maskworks.models._utils import build_encoder, check_positive_int, crop_to, init_like_smp, pad_to_multiple
 from maskworks.registry import register_model
 
 __all__ = ["PSPNet", "run_resnet_stages"]
@@ -95,10 +95,8 @@ class PSPNet(nn.Module):
         encoder_weights: str | os.PathLike | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-        if not isinstance(psp_out_channels, int) or psp_out_channels < 1:
-            raise ValueError(f"psp_out_channels must be a positive int, got {psp_out_channels!r}")
+        check_positive_int("num_classes", num_classes, allow_bool=True)
+        check_positive_int("psp_out_channels", psp_out_channels, allow_bool=True)
         self.num_classes = num_classes
         self.in_channels = in_channels
         self.encoder = build_encoder(encoder, in_channels, encoder_weights)

@@ -27,7 +27,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from maskworks.layers import ConvNormAct
-from maskworks.models._utils import build_encoder, center_crop, crop_to, init_like_smp, pad_to_multiple
+from maskworks.models._utils import (
+    build_encoder,
+    center_crop,
+    check_positive_int,
+    crop_to,
+    init_like_smp,
+    pad_to_multiple,
+)
 from maskworks.registry import register_model
 
 __all__ = ["UNetVanilla", "UNet", "UnetDecoder", "UnetDecoderBlock", "valid_output_size", "valid_input_size"]
@@ -214,8 +221,12 @@ class UnetDecoderBlock(nn.Module):
     def forward(self, x: torch.Tensor, size: Sequence[int], skip: torch.Tensor | None = None) -> torch.Tensor:
         x = F.interpolate(x, size=tuple(size), mode="nearest")
         if skip is not None:
-            x = torch.cat([x, skip], dim=1)  # (B, C_x + C_skip, H, W)
+            x = torch.cat([x, self._gate_skip(x, skip)], dim=1)  # (B, C_x + C_skip, H, W)
         return self.conv2(self.conv1(x))
+
+    def _gate_skip(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        """The skip as it is concatenated to the upsampled ``x`` (unchanged here; gated in Attention U-Net)."""
+        return skip
 
 
 class UnetDecoder(nn.Module):
@@ -227,20 +238,22 @@ class UnetDecoder(nn.Module):
         batch_norm: BatchNorm in the blocks (without it the convs get a bias).
     """
 
+    block_cls: type[UnetDecoderBlock] = UnetDecoderBlock
+
     def __init__(
         self, encoder_channels: Sequence[int], decoder_channels: Sequence[int], batch_norm: bool = True
     ) -> None:
         super().__init__()
+        encoder_channels, decoder_channels = tuple(encoder_channels), tuple(decoder_channels)
         if len(encoder_channels) != len(decoder_channels):
             raise ValueError(
-                f"decoder_channels needs one entry per encoder map ({len(encoder_channels)}), "
-                f"got {tuple(decoder_channels)!r}"
+                f"decoder_channels needs one entry per encoder map ({len(encoder_channels)}), got {decoder_channels!r}"
             )
-        deep_first = list(encoder_channels)[::-1]
+        deep_first = encoder_channels[::-1]
         in_chs = [deep_first[0], *decoder_channels[:-1]]
         skip_chs = [*deep_first[1:], 0]
         self.blocks = nn.ModuleList(
-            UnetDecoderBlock(i, s, o, batch_norm) for i, s, o in zip(in_chs, skip_chs, decoder_channels)
+            self.block_cls(i, s, o, batch_norm) for i, s, o in zip(in_chs, skip_chs, decoder_channels)
         )
 
     def forward(self, features: Sequence[torch.Tensor], size: Sequence[int]) -> torch.Tensor:
@@ -252,8 +265,43 @@ class UnetDecoder(nn.Module):
         return x
 
 
+class _EncoderUNet(nn.Module):
+    """Construction and forward shared by the encoder-based U-Nets (:class:`UNet`, Attention U-Net, U-Net++):
+    ``encoder`` (a registered backbone), ``decoder`` (of class ``decoder_cls``), a 3x3 ``segmentation_head``,
+    smp's initialisation. The arguments are :class:`UNet`'s."""
+
+    decoder_cls: type[nn.Module]
+
+    def __init__(
+        self,
+        encoder: str = "resnet34",
+        num_classes: int = 1,
+        in_channels: int = 3,
+        decoder_channels: Sequence[int] = (256, 128, 64, 32, 16),
+        decoder_batch_norm: bool = True,
+        encoder_weights: str | os.PathLike | None = None,
+    ) -> None:
+        super().__init__()
+        check_positive_int("num_classes", num_classes, allow_bool=True)
+        decoder_channels = tuple(decoder_channels)
+        self.num_classes = num_classes
+        self.in_channels = in_channels
+        self.encoder = build_encoder(encoder, in_channels, encoder_weights)
+        enc_channels = [info["num_chs"] for info in self.encoder.feature_info]
+        self.decoder = self.decoder_cls(enc_channels, decoder_channels, batch_norm=decoder_batch_norm)
+        self.segmentation_head = nn.Sequential(nn.Conv2d(decoder_channels[-1], num_classes, 3, padding=1))
+        init_like_smp(self.decoder, self.segmentation_head)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, num_classes, H, W)`` for images ``(B, in_channels, H, W)`` of any size."""
+        x, size = pad_to_multiple(x, self.encoder.feature_info[-1]["reduction"])
+        features = self.encoder.forward_intermediates(x)
+        x = self.decoder(features, x.shape[-2:])  # (B, decoder_channels[-1], H_pad, W_pad)
+        return crop_to(self.segmentation_head(x), size)
+
+
 @register_model(name="unet")
-class UNet(nn.Module):
+class UNet(_EncoderUNet):
     """U-Net with a registered backbone as encoder; the layout and keys of ``smp.Unet``.
 
     Args:
@@ -266,29 +314,4 @@ class UNet(nn.Module):
             ResNet keys; see :func:`maskworks.convert.load_weights`), or ``None`` for random init.
     """
 
-    def __init__(
-        self,
-        encoder: str = "resnet34",
-        num_classes: int = 1,
-        in_channels: int = 3,
-        decoder_channels: Sequence[int] = (256, 128, 64, 32, 16),
-        decoder_batch_norm: bool = True,
-        encoder_weights: str | os.PathLike | None = None,
-    ) -> None:
-        super().__init__()
-        if not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-        self.num_classes = num_classes
-        self.in_channels = in_channels
-        self.encoder = build_encoder(encoder, in_channels, encoder_weights)
-        enc_channels = [info["num_chs"] for info in self.encoder.feature_info]
-        self.decoder = UnetDecoder(enc_channels, tuple(decoder_channels), batch_norm=decoder_batch_norm)
-        self.segmentation_head = nn.Sequential(nn.Conv2d(decoder_channels[-1], num_classes, 3, padding=1))
-        init_like_smp(self.decoder, self.segmentation_head)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits ``(B, num_classes, H, W)`` for images ``(B, in_channels, H, W)`` of any size."""
-        x, size = pad_to_multiple(x, self.encoder.feature_info[-1]["reduction"])
-        features = self.encoder.forward_intermediates(x)
-        x = self.decoder(features, x.shape[-2:])  # (B, decoder_channels[-1], H_pad, W_pad)
-        return crop_to(self.segmentation_head(x), size)
+    decoder_cls = UnetDecoder

@@ -37,8 +37,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
-from maskworks.models._utils import build_encoder, crop_to, init_like_smp, pad_to_multiple
-from maskworks.models.semantic.unet import UnetDecoderBlock
+from maskworks.models._utils import crop_to, init_like_smp, pad_to_multiple
+from maskworks.models.semantic.unet import UnetDecoderBlock, _EncoderUNet
 from maskworks.registry import register_model
 
 __all__ = ["UNetPlusPlus", "UnetPlusPlusDecoder", "DeepSupervisionHead"]
@@ -152,7 +152,7 @@ class DeepSupervisionHead(nn.Module):
 
 
 @register_model(name="unetplusplus")
-class UNetPlusPlus(nn.Module):
+class UNetPlusPlus(_EncoderUNet):
     """U-Net++ with a registered backbone as encoder; the layout and keys of ``smp.UnetPlusPlus``.
 
     With ``deep_supervision=True`` the finest nodes ``X^{0,1..K-1}`` get extra output stages
@@ -176,6 +176,8 @@ class UNetPlusPlus(nn.Module):
             :func:`maskworks.convert.load_weights`), or ``None`` for random init.
     """
 
+    decoder_cls = UnetPlusPlusDecoder
+
     def __init__(
         self,
         encoder: str = "resnet34",
@@ -186,21 +188,12 @@ class UNetPlusPlus(nn.Module):
         deep_supervision: bool = False,
         encoder_weights: str | os.PathLike | None = None,
     ) -> None:
-        super().__init__()
-        if not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        super().__init__(encoder, num_classes, in_channels, decoder_channels, decoder_batch_norm, encoder_weights)
         if not isinstance(deep_supervision, bool):
             raise TypeError(f"deep_supervision must be a bool, got {deep_supervision!r}")
         decoder_channels = tuple(decoder_channels)
-        self.num_classes = num_classes
-        self.in_channels = in_channels
         self.deep_supervision = deep_supervision
         self.inference_depth: int | None = None
-        self.encoder = build_encoder(encoder, in_channels, encoder_weights)
-        enc_channels = [info["num_chs"] for info in self.encoder.feature_info]
-        self.decoder = UnetPlusPlusDecoder(enc_channels, decoder_channels, batch_norm=decoder_batch_norm)
-        self.segmentation_head = nn.Sequential(nn.Conv2d(decoder_channels[-1], num_classes, 3, padding=1))
-        init_like_smp(self.decoder, self.segmentation_head)
         if deep_supervision:
             self.aux_heads = nn.ModuleList(
                 DeepSupervisionHead(ch, decoder_channels[-1], num_classes, decoder_batch_norm)

@@ -1,0 +1,92 @@
+"""Helpers for parity tests against reference implementations.
+
+A freshly built network has BatchNorm weights 1, biases 0, running mean 0 and variance 1 (and LayerNorm /
+GroupNorm 1 / 0), so a port that forgets a norm layer, swaps two of them or loads their statistics into the
+wrong place gives the same outputs as the reference: a parity check can pass by accident. These helpers give the
+layers non-trivial values from a seeded generator before the reference's state dict is copied, so that every
+parameter and statistic has to land in the right place for the outputs to match.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+__all__ = ["BATCH_NORMS", "count_parameters", "perturb_parameters", "randomize_norms"]
+
+BATCH_NORMS: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+@torch.no_grad()
+def _perturb(model: nn.Module, generator: torch.Generator, scale: float) -> None:
+    for p in model.parameters():
+        p.add_(torch.randn(p.shape, generator=generator) * scale)
+
+
+@torch.no_grad()
+def perturb_parameters(model: nn.Module, seed: int = 0, scale: float = 0.05) -> nn.Module:
+    """Add ``N(0, scale^2)`` noise to every parameter, in ``model.parameters()`` order.
+
+    Moves weights off their initialisation (LayerNorms at 1 / 0, zero-initialised biases and heads), so that a
+    mix-up between parameters of the same shape shows in the outputs.
+
+    Args:
+        model: the module, changed in place.
+        seed: seed of the generator that draws the noise.
+        scale: standard deviation of the noise.
+
+    Returns:
+        ``model`` itself, in the mode it was in.
+    """
+    _perturb(model, torch.Generator().manual_seed(seed), scale)
+    return model
+
+
+@torch.no_grad()
+def randomize_norms(
+    model: nn.Module,
+    seed: int = 0,
+    *,
+    group_norm: bool = False,
+    layer_norm: bool = False,
+    perturb: float = 0.0,
+) -> nn.Module:
+    """Give the norm layers of ``model`` non-trivial affine parameters and running statistics.
+
+    Visits ``model.modules()`` in order. Every BatchNorm (1d / 2d / 3d, subclasses included) gets weight
+    ``U(0.5, 1.5)``, bias ``N(0, 0.1^2)``, running mean ``N(0, 0.1^2)`` and running variance ``U(0.5, 1.5)``,
+    drawn in that order from one generator seeded with ``seed``; GroupNorm / LayerNorm layers, when asked for,
+    get weight and bias the same way, in module order among the BatchNorms. Layers without affine parameters keep
+    none (their running statistics are still drawn).
+
+    Args:
+        model: the module, changed in place.
+        seed: seed of the generator.
+        group_norm: randomise the weight and bias of ``nn.GroupNorm`` layers too.
+        layer_norm: randomise the weight and bias of ``nn.LayerNorm`` layers too.
+        perturb: when positive, first add ``N(0, perturb^2)`` noise to every parameter (see
+            :func:`perturb_parameters`), from the same generator.
+
+    Returns:
+        ``model`` itself, in eval mode (the running statistics are used).
+    """
+    g = torch.Generator().manual_seed(seed)
+    if perturb > 0:
+        _perturb(model, g, perturb)
+    affine_types = BATCH_NORMS + ((nn.GroupNorm,) if group_norm else ()) + ((nn.LayerNorm,) if layer_norm else ())
+    for m in model.modules():
+        if not isinstance(m, affine_types):
+            continue
+        if m.weight is not None:
+            m.weight.data = torch.rand(m.weight.shape, generator=g) + 0.5
+        if m.bias is not None:
+            m.bias.data = torch.randn(m.bias.shape, generator=g) * 0.1
+        if isinstance(m, BATCH_NORMS):
+            m.running_mean = torch.randn(m.num_features, generator=g) * 0.1
+            m.running_var = torch.rand(m.num_features, generator=g) + 0.5
+    return model.eval()
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameter elements of ``model`` (only those with ``requires_grad`` when ``trainable_only``)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
