@@ -76,6 +76,7 @@ def test_torchvision_small_parity(images):
 
 def test_torchvision_vit_b_16_full_conversion():
     ref = torchvision.models.vit_b_16(weights=None)
+    nn.init.normal_(ref.heads.head.weight, std=0.02)  # torchvision starts the head at zero: make the logits informative
     converted, dropped = convert_torchvision_vit(ref.state_dict())
     ours = create_model("vit_base_patch16_224")
     ours.load_state_dict(converted, strict=True)  # keys and shapes
@@ -85,6 +86,9 @@ def test_torchvision_vit_b_16_full_conversion():
         converted["blocks.3.attn.qkv.bias"], ref.encoder.layers.encoder_layer_3.self_attention.in_proj_bias
     )
     assert ours.blocks[0].norm1.eps == ref.encoder.layers.encoder_layer_0.ln_1.eps == 1e-6
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():  # the full model gives the same logits
+        torch.testing.assert_close(ours.eval()(x), ref.eval()(x), atol=1e-4, rtol=1e-4)
 
 
 def test_torchvision_pre_logits_head_is_dropped(caplog):
