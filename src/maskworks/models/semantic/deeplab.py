@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import inspect
 import os
+from abc import ABCMeta, abstractmethod
 from collections.abc import Sequence
 
 import torch
@@ -200,7 +201,7 @@ def _make_dilation_uniform(encoder: nn.Module) -> None:
             conv.padding = tuple(rate * (k - 1) // 2 for k in conv.kernel_size)
 
 
-class _DeepLab(nn.Module):
+class _DeepLab(nn.Module, metaclass=ABCMeta):
     """Construction (checks, encoder, head, auxiliary head, smp initialisation) and forward shared by the two
     DeepLabs; the arguments are those of :class:`DeepLabV3` / :class:`DeepLabV3Plus`.
 
@@ -239,6 +240,7 @@ class _DeepLab(nn.Module):
         self._build_aux(aux, num_classes)
         init_like_smp(self.decoder, self.segmentation_head)
 
+    @abstractmethod
     def _build_decoder(
         self,
         encoder: str,
@@ -248,7 +250,7 @@ class _DeepLab(nn.Module):
         aspp_separable: bool,
         aspp_dropout: float,
     ) -> nn.Module:
-        raise NotImplementedError
+        """The decoder (ASPP and what follows it) of this DeepLab variant."""
 
     def _build_encoder(
         self,
