@@ -10,7 +10,7 @@ unavailable elsewhere).
     from maskworks.bench import compare
     result = compare({"ours": lambda: ours(x), "smp": lambda: ref(x)}, repeats=7)
     result.ratio("ours", "smp")        # median time ours / median time smp
-    print(result.markdown())
+    table = result.markdown()          # a markdown table of medians, spreads and peak memory
 
 :func:`matmul_gflops` and :func:`conv_gflops` measure the machine limit that model throughputs are compared to.
 """
