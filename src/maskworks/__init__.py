@@ -1,6 +1,6 @@
 """maskworks: image segmentation with CNNs and vision transformers in pure PyTorch."""
 
-from maskworks.checkpoint import load_model, save_model
+from maskworks.checkpoint import CheckpointError, load_model, load_training_state, save_model
 from maskworks.convert import load_weights
 from maskworks.registry import create_model, list_models, register_model
 
@@ -14,4 +14,6 @@ __all__ = [
     "load_weights",
     "save_model",
     "load_model",
+    "load_training_state",
+    "CheckpointError",
 ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -54,18 +55,59 @@ def _ensure_loaded() -> None:
     import maskworks.models  # noqa: F401
 
 
+def _check_name(name: object) -> str:
+    if not isinstance(name, str):
+        raise ValueError(
+            f"model name must be a string such as 'unet' or 'deeplabv3plus', got {name!r} ({type(name).__name__}); "
+            "see `maskworks models` (or maskworks.list_models()) for the names"
+        )
+    return name
+
+
 def model_entry(name: str) -> ModelEntry:
+    """The registry entry of ``name``; a ``ValueError`` suggests close names for an unknown one."""
+    _check_name(name)
     _ensure_loaded()
     if name not in _REGISTRY:
         close = difflib.get_close_matches(name, list(_REGISTRY), n=5, cutoff=0.5)
-        hint = f" did you mean: {', '.join(close)}?" if close else ""
-        raise ValueError(f"unknown model {name!r}.{hint} `maskworks models` lists all {len(_REGISTRY)} names.")
+        hint = f"; did you mean: {', '.join(close)}?" if close else ""
+        raise ValueError(f"unknown model {name!r}{hint} `maskworks models` lists all {len(_REGISTRY)} names.")
     return _REGISTRY[name]
 
 
 def is_model(name: str) -> bool:
+    """Whether ``name`` is a registered model or backbone name (``False`` for a non-string)."""
     _ensure_loaded()
-    return name in _REGISTRY
+    return isinstance(name, str) and name in _REGISTRY
+
+
+def _check_kwargs(entry: ModelEntry, kwargs: dict) -> None:
+    """A ``TypeError`` naming the model and each argument its constructor does not take (with close names)."""
+    try:
+        params = inspect.signature(entry.fn).parameters
+    except (TypeError, ValueError):  # no introspectable signature: let the call report
+        return
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    accepted = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    unknown = [k for k in kwargs if k not in accepted]
+    if unknown:
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, accepted, n=1, cutoff=0.6)
+            if not close:  # e.g. smp's decoder_atrous_rates -> atrous_rates
+                close = [a for a in accepted if key.endswith("_" + a) or a.endswith("_" + key)][:1]
+            hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise TypeError(
+            f"model {entry.name!r} got unexpected argument(s) {', '.join(hints)}; it takes: {', '.join(accepted)}"
+        )
+    required = [
+        n
+        for n, p in params.items()
+        if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n not in kwargs
+    ]
+    if required:
+        raise TypeError(f"model {entry.name!r} needs argument(s) {', '.join(map(repr, required))}")
 
 
 def create_model(name: str, **kwargs) -> nn.Module:
@@ -73,8 +115,14 @@ def create_model(name: str, **kwargs) -> nn.Module:
 
     The name and kwargs are remembered on the module (``model.maskworks_config``) so a
     checkpoint can rebuild it.
+
+    Raises:
+        ValueError: ``name`` is not a string, or not a registered name (the message suggests close names);
+            or the constructor refuses a value.
+        TypeError: an argument the constructor does not take (named, with the close names it does take).
     """
     entry = model_entry(name)
+    _check_kwargs(entry, kwargs)
     model = entry.fn(**kwargs)
     model.maskworks_config = {"name": name, "kwargs": dict(kwargs)}
     return model

@@ -2,13 +2,16 @@
 
 :func:`load_weights` is the entry point: it reads a local ``.safetensors`` / ``.pt`` / ``.pth`` /
 ``.bin`` file (never unpickling arbitrary objects), detects or takes the source format, converts
-the keys and loads them, refusing any shape mismatch.
+the keys and loads them, refusing any shape mismatch and (unless ``strict=False``) a checkpoint that fills
+less than half of the model (:data:`DEFAULT_MIN_FRACTION`). Unreadable files raise
+:class:`maskworks.checkpoint.CheckpointError`.
 """
 
 from maskworks.convert.deeplab import convert_torchvision_deeplabv3
 from maskworks.convert.deit import convert_hf_deit, convert_timm_deit
 from maskworks.convert.load import (
     CONVERTERS,
+    DEFAULT_MIN_FRACTION,
     LoadResult,
     convert_hf,
     convert_timm,
@@ -25,6 +28,7 @@ from maskworks.convert.vit_hf_tv import convert_hf_vit, convert_torchvision_vit
 
 __all__ = [
     "CONVERTERS",
+    "DEFAULT_MIN_FRACTION",
     "LoadResult",
     "adapt_input_conv",
     "convert_hf",

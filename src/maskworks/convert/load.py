@@ -4,22 +4,21 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file
 
+from maskworks.checkpoint import CheckpointError, read_safetensors, torch_load_weights_only
 from maskworks.convert._common import strip_prefixes
 from maskworks.convert.deeplab import convert_torchvision_deeplabv3, is_torchvision_deeplab_state_dict
 from maskworks.convert.deit import convert_hf_deit, convert_timm_deit, is_hf_deit_state_dict
 from maskworks.convert.mae import convert_hf_vitmae, is_hf_vitmae_state_dict
 from maskworks.convert.mobilenet import convert_torchvision_mobilenet, is_mobilenet_state_dict
 from maskworks.convert.resnet import convert_timm_resnet, convert_torchvision_resnet, is_resnet_state_dict
-from maskworks.convert.smp import convert_smp
+from maskworks.convert.smp import convert_smp, smp_deeplab_mismatches
 from maskworks.convert.vit import is_timm_vit_state_dict
 from maskworks.convert.vit_hf_tv import (
     convert_hf_vit,
@@ -30,6 +29,7 @@ from maskworks.convert.vit_hf_tv import (
 
 __all__ = [
     "CONVERTERS",
+    "DEFAULT_MIN_FRACTION",
     "LoadResult",
     "convert_hf",
     "convert_timm",
@@ -147,37 +147,31 @@ def read_state_dict(path_or_state_dict: str | os.PathLike | Mapping[str, torch.T
         A flat ``{name: tensor}`` dict.
 
     Raises:
-        FileNotFoundError: the path does not exist.
-        ValueError: the file holds arbitrary pickled objects, or a value is not a tensor.
+        FileNotFoundError: the path does not exist (the message lists the weights files in its folder).
+        CheckpointError: (a ``ValueError``) the path is a folder; a ``.safetensors`` file is truncated or not
+            safetensors; any other file is corrupt, truncated, not a torch file, or holds arbitrary pickled
+            objects; or a value is not a tensor.
     """
     if isinstance(path_or_state_dict, Mapping):
         obj, where = path_or_state_dict, "state dict"
     else:
         path = Path(path_or_state_dict)
-        if not path.is_file():
-            raise FileNotFoundError(f"weights file not found: {path}")
         where = str(path)
         if path.suffix == ".safetensors":
-            obj = load_file(str(path))
+            obj = read_safetensors(path)
         else:
-            try:
-                obj = torch.load(path, map_location="cpu", weights_only=True)
-            except pickle.UnpicklingError as e:
-                raise ValueError(
-                    f"{path} holds pickled objects other than tensors; refusing to load it "
-                    f"(torch.load(weights_only=True)): {e}"
-                ) from e
+            obj = torch_load_weights_only(path, map_location="cpu")
     while isinstance(obj, Mapping) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
         key = next((k for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
         if key is None:
             break
         obj = obj[key]
     if not isinstance(obj, Mapping):
-        raise ValueError(f"{where} does not hold a state dict (got {type(obj).__name__})")
+        raise CheckpointError(f"{where} does not hold a state dict (got {type(obj).__name__})")
     state_dict = {}
     for key, value in obj.items():
         if not isinstance(value, torch.Tensor):
-            raise ValueError(f"{where}: entry {key!r} is a {type(value).__name__}, not a tensor")
+            raise CheckpointError(f"{where}: entry {key!r} is a {type(value).__name__}, not a tensor")
         state_dict[strip_prefixes(key)] = value
     return state_dict
 
@@ -195,11 +189,20 @@ def _detect_source(state_dict: Mapping[str, torch.Tensor]) -> str:
     return "maskworks"  # our own keys, which are also timm's for ViT / DeiT and smp's for CNN models
 
 
+# Default of load_weights' coverage check: at least half of the target's tensors must get a value.
+DEFAULT_MIN_FRACTION = 0.5
+
+
+def _examples(keys: list[str], n: int = 3) -> str:
+    return "[" + ", ".join(repr(k) for k in keys[:n]) + (", ..." if len(keys) > n else "") + "]"
+
+
 def load_weights(
     model: nn.Module,
     path_or_state_dict: str | os.PathLike | Mapping[str, torch.Tensor],
     source: str = "auto",
-    strict: bool = False,
+    strict: bool | None = None,
+    min_fraction: float = DEFAULT_MIN_FRACTION,
 ) -> LoadResult:
     """Load a local checkpoint into ``model``, converting it from its source format.
 
@@ -211,23 +214,48 @@ def load_weights(
     renamed. timm ViT / DeiT keys are ours: pass ``source="timm"`` to also resample the position table and patch
     kernel of a checkpoint made at another resolution or patch size, and drop a head of another class count.
 
+    Coverage: a checkpoint that fills too little of the model is almost always the wrong file or the wrong
+    ``source``, and loading it would leave a silently random model. So by default (``strict=None``) at least
+    ``min_fraction`` of the *target*'s state-dict tensors (parameters and buffers, BatchNorm's
+    ``num_batches_tracked`` counters aside) must get a value, and at least one always. The target is
+    ``model.encoder`` when a backbone checkpoint is routed there, the model otherwise, so a backbone-only
+    checkpoint passes. ``strict=False`` turns the check off (a partial load on purpose; before this check existed
+    ``strict=False`` was the default, so explicit ``strict=False`` calls behave as they did); ``strict=True``
+    requires every key to match. When a check fails the model is left unchanged.
+
+    ``source="smp"`` with an smp ``DeepLabV3`` / ``DeepLabV3Plus`` checkpoint: the weights do not say which ASPP
+    rates or dilation style they were trained with, so a WARNING is logged when the model's ``atrous_rates``
+    differ from smp's default ``(12, 24, 36)`` (build it with ``atrous_rates=(12, 24, 36)``) or it uses
+    ``uniform_dilation=False``.
+
     Args:
         model: the model to fill (its parameters are copied in place).
         path_or_state_dict: a ``.safetensors`` / ``.pt`` / ``.pth`` / ``.bin`` path, or a state dict.
         source: ``"auto"``, ``"maskworks"``, ``"smp"``, ``"torchvision"``, ``"timm"`` or ``"hf"`` (Hugging Face
             transformers ViT / DeiT / ViTMAE).
-        strict: raise when any key is missing or unexpected.
+        strict: ``True``: raise when any key is missing or unexpected. ``None`` (default): raise when fewer than
+            ``min_fraction`` of the target's tensors (or none) get a value. ``False``: load whatever matches.
+        min_fraction: the least fraction, in ``[0, 1]``, of the target's tensors that must match when
+            ``strict=None`` (default :data:`DEFAULT_MIN_FRACTION` = 0.5).
 
     Returns:
         The model keys that got no value and the checkpoint keys that were not used.
 
     Raises:
         FileNotFoundError: the path does not exist.
-        ValueError: unknown ``source``, a shape mismatch (naming the key and both shapes), a file
-            with arbitrary pickled objects, or, when ``strict``, missing / unexpected keys.
+        ValueError: unknown ``source``, ``min_fraction`` outside ``[0, 1]``, a shape mismatch (naming the key and
+            both shapes), a file with arbitrary pickled objects, or a failed coverage / strict check; file problems
+            (truncated, corrupt, a folder) and failed checks raise :class:`~maskworks.checkpoint.CheckpointError`,
+            a ``ValueError`` whose one-line message names the file, how many tensors matched of how many, and
+            example unmatched keys.
     """
     if source != "auto" and source not in CONVERTERS:
         raise ValueError(f"unknown source {source!r}; expected 'auto' or one of {sorted(CONVERTERS)}")
+    if strict not in (None, True, False):
+        raise TypeError(f"strict must be True, False or None, got {strict!r}")
+    if isinstance(min_fraction, bool) or not isinstance(min_fraction, (int, float)) or not 0 <= min_fraction <= 1:
+        raise ValueError(f"min_fraction must be a number in [0, 1], got {min_fraction!r}")
+    where = "state dict" if isinstance(path_or_state_dict, Mapping) else str(path_or_state_dict)
     state_dict = read_state_dict(path_or_state_dict)
     if source == "auto":
         source = _detect_source(state_dict)
@@ -252,15 +280,56 @@ def load_weights(
             raise ValueError(
                 f"shape mismatch for {key!r}: checkpoint {tuple(value.shape)} vs model {tuple(own[key].shape)}"
             )
+    if source == "smp":
+        for message in smp_deeplab_mismatches(model, converted):
+            log.warning("%s: %s", where, message)
+
+    # BatchNorm's num_batches_tracked counters are not counted: torch fills them in when they are absent
+    target_keys = [k for k in own if k.startswith(prefix) and not k.endswith("num_batches_tracked")]
+    target_name = type(model).__name__ + (f".{prefix[:-1]} ({type(target).__name__})" if prefix else "")
+
+    def problem(missing: list[str], unexpected: list[str]) -> str | None:
+        """Why this load must be refused (one line), or None."""
+        if strict is False:
+            return None
+        if strict:
+            if not missing and not unexpected:
+                return None
+            return (
+                f"strict loading failed ({source} checkpoint {where} into {target_name}): {len(missing)} model "
+                f"tensor(s) got no value, e.g. missing keys {_examples(missing)}; {len(unexpected)} checkpoint "
+                f"tensor(s) were not used, e.g. unexpected keys {_examples(unexpected)}"
+            )
+        absent = set(missing)
+        unfilled = [k for k in target_keys if k in absent]
+        matched = len(target_keys) - len(unfilled)
+        if matched > 0 and matched >= min_fraction * len(target_keys):
+            return None
+        unused = f"unused checkpoint keys e.g. {_examples(unexpected)}" if unexpected else "no unused checkpoint key"
+        return (
+            f"{where} fills {'none' if matched == 0 else f'only {matched}'} of the {len(target_keys)} tensors of "
+            f"{target_name} ({source} format; at least {min_fraction:.0%} must match): {unused}, model keys without "
+            f"a value e.g. {_examples(unfilled)}; check the file and source=, or pass strict=False to load a "
+            "partial checkpoint on purpose"
+        )
+
+    # Predict the outcome from the key names; load hooks (legacy key layouts) may rename keys, so the real
+    # result is checked again after loading, and the previous weights are restored when it fails.
+    absent = [k for k in own if k not in converted and not k.endswith("num_batches_tracked")]
+    predicted = problem(absent, [*dropped, *(k for k in converted if k not in own)])
+    backup = {k: v.detach().clone() for k, v in own.items()} if predicted else None
     result = model.load_state_dict(converted, strict=False)
     missing, unexpected = list(result.missing_keys), [*dropped, *result.unexpected_keys]
-    if strict and (missing or unexpected):
-        raise ValueError(
-            f"strict loading failed ({source} checkpoint): missing keys {missing}, unexpected keys {unexpected}"
-        )
-    log.info(
+    refused = problem(missing, unexpected)
+    if refused:
+        if backup is not None:
+            model.load_state_dict(backup, strict=False)
+        raise CheckpointError(refused)
+    loaded = len(converted) - len(result.unexpected_keys)
+    log.log(
+        logging.WARNING if loaded == 0 else logging.INFO,
         "loaded %d tensors (%s format) into %s; %d missing, %d unexpected",
-        len(converted) - len(result.unexpected_keys),
+        loaded,
         source,
         type(model).__name__,
         len(missing),

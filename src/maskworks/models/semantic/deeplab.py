@@ -28,8 +28,12 @@ Layouts and keys:
   gives the same logits.
 
 ``atrous_rates=None`` picks the paper's rates for the output stride: (6, 12, 18) at 16 and
-(12, 24, 36) at 8. smp instead defaults to (12, 24, 36) at any output stride; pass
-``atrous_rates=(12, 24, 36)`` to reproduce an smp DeepLabV3+ at output stride 16.
+(12, 24, 36) at 8. smp instead defaults to ``decoder_atrous_rates=(12, 24, 36)`` at any output stride;
+pass ``atrous_rates=(12, 24, 36)`` to reproduce an smp DeepLabV3+ at output stride 16:
+``create_model("deeplabv3plus", encoder="resnet34", atrous_rates=(12, 24, 36))``. A state dict carries
+no rates, so an smp checkpoint loads into either model and only the logits differ;
+``load_weights(model, path, source="smp")`` logs a warning when the model's rates are not smp's
+default (``model.atrous_rates`` holds the rates in use).
 
 Dilated stages: with output stride 16 / 8, a ResNet's ``layer4`` (and ``layer3``) replace their
 stride by dilation. torchvision and timm keep the *previous* rate in the first 3x3 conv of such a
@@ -232,6 +236,9 @@ class _DeepLab(nn.Module, metaclass=ABCMeta):
         rates = default_atrous_rates(output_stride) if atrous_rates is None else tuple(atrous_rates)
         self.num_classes = num_classes
         self.in_channels = in_channels
+        # not in the state dict: load_weights(source="smp") compares them with smp's defaults
+        self.atrous_rates = rates
+        self.uniform_dilation = bool(uniform_dilation)
         self.encoder = self._build_encoder(encoder, in_channels, output_stride, uniform_dilation, encoder_weights)
         self.decoder = self._build_decoder(
             encoder, output_stride, rates, decoder_channels, aspp_separable, aspp_dropout
@@ -320,7 +327,8 @@ class DeepLabV3(_DeepLab):
         num_classes: output channels (logits).
         in_channels: input image channels.
         output_stride: 8 (torchvision's default) or 16.
-        atrous_rates: ASPP rates; ``None`` for the paper's (12, 24, 36) at 8, (6, 12, 18) at 16.
+        atrous_rates: ASPP rates; ``None`` for the paper's (12, 24, 36) at 8, (6, 12, 18) at 16 (smp's
+            ``decoder_atrous_rates`` default is (12, 24, 36) at any output stride).
         aux: add torchvision's FCN auxiliary head on the second-deepest map; its logits are
             returned in training only, as ``{"out": ..., "aux": [...]}``.
         decoder_channels: channels of the ASPP and the 3x3 conv.
@@ -380,6 +388,8 @@ class DeepLabV3Plus(_DeepLab):
         in_channels: input image channels.
         output_stride: 16 (smp's default) or 8.
         atrous_rates: ASPP rates; ``None`` for the paper's (6, 12, 18) at 16, (12, 24, 36) at 8.
+            smp's default (its ``decoder_atrous_rates``) is (12, 24, 36) at any output stride: pass
+            ``atrous_rates=(12, 24, 36)`` to compute what an smp checkpoint computes in smp.
         aux: add an FCN auxiliary head on the second-deepest map; its logits are returned in
             training only, as ``{"out": ..., "aux": [...]}``.
         decoder_channels: channels of the ASPP and the decoder.
