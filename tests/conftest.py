@@ -36,3 +36,17 @@ def camvid_root() -> Path:
 @pytest.fixture(scope="session")
 def isbi_root() -> Path:
     return _data_dir("isbi2012")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory):
+    """Caches (dataset validation, downloaded weights) go to a temporary MASKWORKS_HOME, never to ~/.cache."""
+    import os
+
+    old = os.environ.get("MASKWORKS_HOME")
+    os.environ["MASKWORKS_HOME"] = str(tmp_path_factory.mktemp("maskworks_home"))
+    yield
+    if old is None:
+        os.environ.pop("MASKWORKS_HOME", None)
+    else:
+        os.environ["MASKWORKS_HOME"] = old

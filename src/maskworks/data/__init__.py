@@ -27,6 +27,7 @@ from maskworks.data.transforms import (
     normalize_image,
     segmentation_fill,
 )
+from maskworks.data.validate import validate_dataset
 
 __all__ = [
     "BankedObject",
@@ -57,4 +58,5 @@ __all__ = [
     "segmentation_fill",
     "image_class_presence",
     "repeat_factors",
+    "validate_dataset",
 ]

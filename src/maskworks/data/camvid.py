@@ -21,12 +21,18 @@ SPLITS = ("train", "val", "test")
 
 
 class CamVid(PairedFileDataset):
-    """CamVid, 11 classes (void -> 255).
+    """CamVid, 11 classes (void -> 255), RGB images.
+
+    Every keyword argument below can be given on the command line as ``--set data.<name>=<value>``.
 
     Args:
-        root: dataset folder, absolute or relative to the current directory.
-        split: ``"train"``, ``"val"`` or ``"test"``.
+        root: dataset folder (holding ``train/``, ``trainannot/``, ...), absolute or relative to the current
+            directory.
+        split: ``"train"``, ``"val"`` or ``"test"`` (the test split is not shipped in ``../shared/data``).
         transform: callable on the raw sample.
+
+    Raises:
+        DatasetError: an unknown ``split``, a missing split folder, no images, or images without annotations.
     """
 
     num_classes = len(CAMVID_CLASSES)
@@ -42,7 +48,7 @@ class CamVid(PairedFileDataset):
         transform: Callable[[dict], dict] | None = None,
     ) -> None:
         if split not in SPLITS:
-            raise ValueError(f"CamVid split must be one of {SPLITS}, got {split!r}")
+            raise DatasetError(f"CamVid split must be one of {SPLITS}, got {split!r}")
         self.root, self.split = Path(root).expanduser().resolve(), split
         image_dir, mask_dir = self.root / split, self.root / f"{split}annot"
         missing = [str(d) for d in (image_dir, mask_dir) if not d.is_dir()]

@@ -39,76 +39,164 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
 _HIGH_DEPTH_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
+_LOW_DEPTH_STEPS = {"L;2": 85, "L;4": 17}  # raw mode -> Pillow's stretch factor to 0..255
 
 
 class DatasetError(ValueError):
     """Bad dataset files: the message names the file and what was expected."""
 
 
-def _open(path: Path, kind: str) -> Image.Image:
-    """Open and fully decode an image file (so truncated files fail here, not later)."""
+def _too_large(path: Path, kind: str, what: str) -> DatasetError:
+    return DatasetError(
+        f"{kind} file {path} is too large: {what}; expected at most {Image.MAX_IMAGE_PIXELS} pixels "
+        f"(Pillow's decompression-bomb limit: set PIL.Image.MAX_IMAGE_PIXELS higher, or to None, to allow it)"
+    )
+
+
+def _open_header(path: Path, kind: str) -> Image.Image:
+    """Open an image file lazily (header only) and check its declared size.
+
+    Raises:
+        DatasetError: missing or unreadable file, zero width or height, or more pixels than
+            ``PIL.Image.MAX_IMAGE_PIXELS`` (Pillow's decompression-bomb limit; Pillow only warns between one and two
+            times the limit, maskworks refuses the file).
+    """
     try:
         img = Image.open(path)
-        img.load()
     except FileNotFoundError as e:
         raise DatasetError(f"{kind} file {path} does not exist") from e
-    except Exception as e:  # PIL decoders raise OSError, SyntaxError, ValueError, EOFError, struct.error, ...
+    except Image.DecompressionBombError as e:
+        raise _too_large(path, kind, str(e)) from e
+    except Exception as e:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ValueError, struct.error, ...
         raise DatasetError(
             f"cannot read {kind} file {path}: {type(e).__name__}: {e}; expected a complete image "
             f"file ({', '.join(IMAGE_EXTENSIONS)})"
         ) from e
+    width, height = img.size
+    if width <= 0 or height <= 0:
+        img.close()
+        raise DatasetError(f"{kind} file {path} is {width}x{height} (WxH); expected an image of at least 1x1 pixels")
+    if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
+        img.close()
+        raise _too_large(path, kind, f"{width}x{height} (WxH) = {width * height} pixels")
     return img
 
 
-def _to_uint8(arr: np.ndarray) -> np.ndarray:
-    """High bit-depth or float grayscale data to uint8 (16-bit: /257, float in 0..1: *255)."""
+def _raw_mode(img: Image.Image) -> str | None:
+    """The decoder's raw mode of a not yet loaded image (e.g. ``"L;2"`` for a 2-bit grayscale PNG), if known."""
+    try:
+        args = img.tile[0].args if img.tile else None
+    except (AttributeError, IndexError, TypeError):
+        return None
+    raw = args[0] if isinstance(args, tuple) and args else args
+    return raw if isinstance(raw, str) else None
+
+
+def _open(path: Path, kind: str) -> tuple[Image.Image, str | None]:
+    """Open and fully decode an image file (so truncated files fail here, not later); also return its raw mode."""
+    img = _open_header(path, kind)
+    raw_mode = _raw_mode(img)
+    try:
+        img.load()
+    except Exception as e:  # see _open_header
+        img.close()
+        raise DatasetError(
+            f"cannot read {kind} file {path}: {type(e).__name__}: {e}; expected a complete image "
+            f"file ({', '.join(IMAGE_EXTENSIONS)})"
+        ) from e
+    return img, raw_mode
+
+
+def _to_uint8(arr: np.ndarray, mode: str, path: Path) -> np.ndarray:
+    """High bit-depth or float grayscale data to uint8 by the range of the *type*, never of the image.
+
+    Integer modes (``I;16*`` and 32-bit ``I``) are 16-bit data: ``v -> round(v / 257)``, so 65535 -> 255 and
+    250 -> 1 in every image; 32-bit values outside 0..65535 are refused. Float (``F``) images hold 0..1:
+    ``v -> round(255 v)``; values outside 0..1 and non-finite values are refused.
+    """
     if arr.dtype == np.uint8:
         return arr
-    is_float = np.issubdtype(arr.dtype, np.floating)
-    arr = arr.astype(np.float64)
-    peak = float(arr.max(initial=0.0))
-    if is_float and peak <= 1.0:
-        arr = arr * 255.0
-    elif peak > 255:
-        arr = arr / 257.0
-    return np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+    if mode == "F":
+        if not np.isfinite(arr).all():
+            raise DatasetError(
+                f"image {path} (float mode 'F') holds NaN or infinite values; expected finite values in 0..1"
+            )
+        low, high = float(arr.min()), float(arr.max())
+        if low < 0.0 or high > 1.0:
+            raise DatasetError(
+                f"image {path} (float mode 'F') holds values {low:g}..{high:g}; expected 0..1 (float images are "
+                f"read as 0..1 -> 0..255; save the image as 8-bit or 16-bit integers instead)"
+            )
+        return np.rint(arr.astype(np.float32) * np.float32(255.0)).astype(np.uint8)
+    low, high = int(arr.min()), int(arr.max())
+    if low < 0 or high > 65535:
+        raise DatasetError(
+            f"image {path} (integer mode {mode!r}) holds values {low}..{high}; expected 0..65535 (integer "
+            f"images are read as 16-bit data, 65535 -> 255; save the image as 8-bit or 16-bit PNG/TIFF)"
+        )
+    return ((arr.astype(np.uint32) + 128) // 257).astype(np.uint8)  # round(v / 257), exact in integers
 
 
 def image_channels(path: str | Path) -> int:
     """Channels an image file becomes when read: 1 for grayscale modes, 3 otherwise (alpha is dropped).
 
-    Reads only the header.
+    Reads only the header (palette images count as colour).
+
+    Raises:
+        DatasetError: the file is missing, unreadable, empty (0 pixels) or over the decompression-bomb limit.
     """
-    try:
-        with Image.open(path) as img:
-            mode = img.mode
-    except Exception as e:  # see _open
-        raise DatasetError(f"cannot read image file {path}: {type(e).__name__}: {e}") from e
+    path = Path(path)
+    with _open_header(path, "image") as img:
+        mode = img.mode
     return 1 if mode in _GRAY_MODES else 3
 
 
 def read_image(path: str | Path, channels: int | None = None) -> np.ndarray:
     """Read an image as uint8 ``(H, W, C)``.
 
+    Conversion rules (the same for every image of a dataset, never depending on the pixel values of one image):
+
+    - 8-bit modes are kept; palette ("P", "PA"), CMYK, YCbCr, LAB, HSV and RGBA/RGBX images become RGB (Pillow's
+      ``convert("RGB")``) and alpha is dropped. Grayscale modes ("1", "L", "LA") stay 1-channel ("1": 0/1 -> 0/255).
+    - 16-bit ("I;16", "I;16B", ...) and 32-bit integer ("I") grayscale images are scaled by the 16-bit range:
+      ``round(v / 257)`` (65535 -> 255, 250 -> 1). 32-bit values outside 0..65535 raise :class:`DatasetError`.
+    - Float ("F") grayscale images must hold 0..1 and are scaled by 255; values outside 0..1, NaN or infinity raise
+      :class:`DatasetError`.
+    - ``channels=3`` repeats a grayscale image over three channels; ``channels=1`` converts colour to luminance
+      (ITU-R 601-2, Pillow's ``convert("L")``).
+
     Args:
         path: image file (png, jpg, bmp, tif, webp, ...).
         channels: 1 (grayscale) or 3 (RGB) to convert to; None keeps grayscale images 1-channel and makes every
-            other mode RGB. Alpha channels are dropped; 16-bit images are scaled to 8 bits.
+            other mode RGB.
 
     Returns:
         A ``(H, W, channels)`` uint8 array.
+
+    Raises:
+        DatasetError: the file is missing, truncated or not an image, has zero width or height, exceeds
+            ``PIL.Image.MAX_IMAGE_PIXELS`` (decompression-bomb limit), has a mode that cannot become RGB or
+            grayscale (e.g. "LAB"), or holds values outside the ranges above. The message names the file.
     """
     path = Path(path)
     if channels not in (None, 1, 3):
         raise ValueError(f"channels must be None, 1 or 3, got {channels!r}")
-    img = _open(path, "image")
+    img, _ = _open(path, "image")
     try:
-        if img.mode in _HIGH_DEPTH_MODES:
-            arr = _to_uint8(np.asarray(img))[..., None]
+        mode = img.mode
+        if mode in _HIGH_DEPTH_MODES:
+            arr = _to_uint8(np.asarray(img), mode, path)[..., None]
             return np.repeat(arr, 3, axis=2) if channels == 3 else arr
         if channels is None:
-            channels = 1 if img.mode in _GRAY_MODES else 3
-        arr = np.asarray(img.convert("L" if channels == 1 else "RGB"))
+            channels = 1 if mode in _GRAY_MODES else 3
+        target = "L" if channels == 1 else "RGB"
+        try:
+            arr = np.asarray(img if mode == target else img.convert(target))
+        except (ValueError, OSError) as e:
+            raise DatasetError(
+                f"image {path} has image mode {mode!r} which cannot be converted to {target!r} ({e}); expected a "
+                f"grayscale, RGB(A), palette, CMYK or 16-bit image"
+            ) from e
     finally:
         img.close()
     return arr[..., None] if arr.ndim == 2 else arr
@@ -146,9 +234,10 @@ def read_mask(
 ) -> np.ndarray:
     """Read a label mask as int64 ``(H, W)`` raw label values.
 
-    Palette ("P"), grayscale ("L", "1", 16-bit) masks hold class indices directly. RGB(A) masks are mapped
-    through ``colors`` (class ``i`` has colour ``colors[i]``; ``ignore_colors`` become 255); without colours an
-    RGB mask is accepted only when it is gray (all channels equal).
+    Palette ("P", "PA": the palette index), grayscale ("L", "LA": the gray value, "1": 0/1, 2- and 4-bit PNGs: the
+    stored value) and integer ("I;16", "I") masks hold class indices directly. RGB(A/X) masks are mapped through
+    ``colors`` (class ``i`` has colour ``colors[i]``; ``ignore_colors`` become 255); without colours an RGB mask is
+    accepted only when it is gray (all channels equal). Float ("F"), CMYK, YCbCr, LAB and HSV masks are refused.
 
     Args:
         path: mask file.
@@ -157,18 +246,26 @@ def read_mask(
 
     Returns:
         An int64 ``(H, W)`` array (not yet checked against the number of classes).
+
+    Raises:
+        DatasetError: unreadable, truncated, empty or oversized file, a refused mode, or unknown colours; the
+            message names the file.
     """
     path = Path(path)
-    img = _open(path, "mask")
+    img, raw_mode = _open(path, "mask")
     try:
         mode = img.mode
         if mode in ("P", "L", "1") or mode.startswith("I"):
-            return np.asarray(img).astype(np.int64)
-        if mode in ("LA", "La"):
+            values = np.asarray(img).astype(np.int64)
+            # Pillow stretches 2- and 4-bit grayscale PNGs to 0..255; undo it to get the stored label values back
+            if mode == "L" and raw_mode in _LOW_DEPTH_STEPS:
+                values //= _LOW_DEPTH_STEPS[raw_mode]
+            return values
+        if mode in ("LA", "La", "PA"):
             return np.asarray(img)[..., 0].astype(np.int64)
-        if mode not in ("RGB", "RGBA", "RGBa"):
+        if mode not in ("RGB", "RGBA", "RGBX"):
             raise DatasetError(
-                f"mask {path} has image mode {mode!r}; expected an index mask (P, L, 16-bit) or an RGB colour mask"
+                f"mask {path} has image mode {mode!r}; expected an index mask (P, L, 1, 16-bit) or an RGB colour mask"
             )
         rgb = np.asarray(img)[..., :3]
     finally:
@@ -193,8 +290,10 @@ def label_lut(num_classes: int, extra: dict[int, int] | None = None) -> np.ndarr
     Returns:
         An int64 array of 256 entries.
     """
+    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)):
+        raise DatasetError(f"num_classes must be an integer in 1..{IGNORE_INDEX}, got {num_classes!r}")
     if not 1 <= num_classes <= IGNORE_INDEX:
-        raise ValueError(f"num_classes must be in 1..{IGNORE_INDEX}, got {num_classes}")
+        raise DatasetError(f"num_classes must be in 1..{IGNORE_INDEX} ({IGNORE_INDEX} = ignore), got {num_classes}")
     lut = np.full(256, -1, dtype=np.int64)
     lut[:num_classes] = np.arange(num_classes)
     lut[IGNORE_INDEX] = IGNORE_INDEX

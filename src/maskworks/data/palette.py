@@ -2,7 +2,8 @@
 
 A class file lists one class per line in id order, either ``name`` or ``name r g b`` (commas allowed), with
 ``#`` comments; or a JSON list of names or of ``{"name": ..., "color": [r, g, b]}`` objects. Entries named
-``void``/``ignore`` are not classes: their colour marks ignored pixels (label 255) in RGB colour masks.
+``void``/``ignore`` are not classes: their colour marks ignored pixels (label 255) in RGB colour masks. Class
+names (compared exactly) and class colours must be unique.
 """
 
 from __future__ import annotations
@@ -88,10 +89,16 @@ def _parse_color(values: list, path: Path, where: str) -> Color:
 
 
 def _read_entries(path: Path) -> list[tuple[str, Color | None]]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as e:
+        raise DatasetError(f"class file {path} does not exist") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise DatasetError(f"cannot read class file {path}: {e}; expected a UTF-8 text or JSON file") from e
     if path.suffix.lower() == ".json":
         try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
             raise DatasetError(f"cannot read class file {path}: {e}; expected a JSON list of class names") from e
         if not isinstance(data, list):
             raise DatasetError(
@@ -99,16 +106,19 @@ def _read_entries(path: Path) -> list[tuple[str, Color | None]]:
             )
         entries = []
         for i, item in enumerate(data):
-            if isinstance(item, str):
-                entries.append((item, None))
-            elif isinstance(item, dict) and "name" in item:
+            if isinstance(item, str) and item.strip():
+                entries.append((item.strip(), None))
+            elif isinstance(item, dict) and isinstance(item.get("name"), str) and item["name"].strip():
                 color = item.get("color")
-                entries.append((str(item["name"]), None if color is None else _parse_color(color, path, f"entry {i}")))
+                name = item["name"].strip()
+                entries.append((name, None if color is None else _parse_color(color, path, f"entry {i}")))
             else:
-                raise DatasetError(f"{path}: entry {i}: expected a name or {{'name', 'color'}} object, got {item!r}")
+                raise DatasetError(
+                    f"{path}: entry {i}: expected a non-empty name or {{'name', 'color'}} object, got {item!r}"
+                )
         return entries
     entries = []
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+    for lineno, line in enumerate(text.splitlines(), 1):
         line = line.split("#", 1)[0].replace(",", " ").strip()
         if not line:
             continue
@@ -129,6 +139,11 @@ def read_class_file(path: str | Path) -> tuple[list[str], list[Color] | None, li
     Returns:
         ``(class_names, colors, ignore_colors)``: ``colors`` is None when the file gives no colours; it must give
         one for every class or for none. ``ignore_colors`` are the colours of ``void``/``ignore`` entries.
+
+    Raises:
+        DatasetError: an unreadable file, no classes, colours for only some classes, a malformed colour, two classes
+            with the same name or the same colour, or a class colour that is also a void/ignore colour. The message
+            names the file.
     """
     path = Path(path)
     entries = _read_entries(path)
@@ -140,5 +155,32 @@ def read_class_file(path: str | Path) -> tuple[list[str], list[Color] | None, li
     if any(with_color) and not all(with_color):
         missing = [n for n, c in classes if c is None]
         raise DatasetError(f"class file {path}: give a colour for every class or for none; missing for {missing}")
+    _check_unique(path, classes, ignore_colors)
     colors = [c for _, c in classes] if all(with_color) else None
-    return [n for n, _ in classes], colors, ignore_colors
+    return [n for n, _ in classes], colors, sorted(set(ignore_colors), key=ignore_colors.index)
+
+
+def _check_unique(path: Path, classes: list[tuple[str, Color | None]], ignore_colors: list[Color]) -> None:
+    """Class names and colours must be unique, and no class colour may also mark ignored pixels."""
+    names: dict[str, int] = {}
+    by_color: dict[Color, str] = {}
+    for i, (name, color) in enumerate(classes):
+        if name in names:
+            raise DatasetError(
+                f"class file {path}: class name {name!r} appears twice (classes {names[name]} and {i}); expected "
+                f"unique class names"
+            )
+        names[name] = i
+        if color is not None:
+            if color in by_color:
+                raise DatasetError(
+                    f"class file {path}: classes {by_color[color]!r} and {name!r} share the colour {color}; expected "
+                    f"one colour per class (a colour mask could not tell them apart)"
+                )
+            by_color[color] = name
+    for color in ignore_colors:
+        if color in by_color:
+            raise DatasetError(
+                f"class file {path}: colour {color} is both class {by_color[color]!r} and a void/ignore colour; "
+                f"expected distinct colours"
+            )

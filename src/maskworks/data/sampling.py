@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from maskworks.data.io import DatasetError
+
 __all__ = ["image_class_presence", "repeat_factors"]
 
 
@@ -22,15 +24,21 @@ def image_class_presence(
 ) -> np.ndarray:
     """Boolean ``(N, K)``: which classes each mask (or dataset sample's ``"mask"``) contains."""
     rows = []
-    for item in tqdm(data, desc="class presence", disable=not progress):
+    for i, item in enumerate(tqdm(data, desc="class presence", disable=not progress)):
         m = item["mask"] if isinstance(item, dict) else item
         m = torch.as_tensor(np.asarray(m) if not isinstance(m, torch.Tensor) else m).reshape(-1).long()
         m = m[m != ignore_index]
         if m.numel() and (m.min() < 0 or m.max() >= num_classes):
-            raise ValueError(f"mask holds labels outside 0..{num_classes - 1} that are not {ignore_index}")
+            meta = item.get("meta") if isinstance(item, dict) else None
+            where = (meta or {}).get("file") or f"sample {i}"
+            bad = torch.unique(m[(m < 0) | (m >= num_classes)])[:10].tolist()
+            raise DatasetError(
+                f"mask of {where} holds labels {bad} outside 0..{num_classes - 1}; expected class ids or "
+                f"{ignore_index} (ignore)"
+            )
         rows.append(torch.bincount(m, minlength=num_classes).numpy() > 0)
     if not rows:
-        raise ValueError("no masks given")
+        raise DatasetError("no masks given; expected a non-empty dataset or list of masks")
     return np.stack(rows)
 
 

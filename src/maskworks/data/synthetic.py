@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from maskworks.data.io import SegmentationDataset, raw_sample
+from maskworks.data.io import DatasetError, SegmentationDataset, raw_sample
 from maskworks.data.palette import default_palette
 
 SHAPES = ("circle", "rectangle", "triangle", "star", "cross")
@@ -153,20 +153,20 @@ class SyntheticShapes(SegmentationDataset):
     ) -> None:
         super().__init__(transform)
         if split not in SPLITS:
-            raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
+            raise DatasetError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
         if not 2 <= num_classes <= len(SHAPES) + 1:
-            raise ValueError(
+            raise DatasetError(
                 f"num_classes must be in 2..{len(SHAPES) + 1} (background + shapes {SHAPES}), got {num_classes}"
             )
         size = (image_size, image_size) if isinstance(image_size, int) else tuple(int(s) for s in image_size)
         if len(size) != 2 or min(size) < 8:
-            raise ValueError(f"image_size must be an int or (H, W) of at least 8 pixels, got {image_size!r}")
+            raise DatasetError(f"image_size must be an int or (H, W) of at least 8 pixels, got {image_size!r}")
         if not 1 <= min_shapes <= max_shapes:
-            raise ValueError(f"need 1 <= min_shapes <= max_shapes, got {min_shapes}, {max_shapes}")
+            raise DatasetError(f"need 1 <= min_shapes <= max_shapes, got {min_shapes}, {max_shapes}")
         if not 0 < radius_range[0] <= radius_range[1]:
-            raise ValueError(f"radius_range must be (low, high) with 0 < low <= high, got {tuple(radius_range)}")
+            raise DatasetError(f"radius_range must be (low, high) with 0 < low <= high, got {tuple(radius_range)}")
         if num_samples < 0 or seed < 0:
-            raise ValueError(f"num_samples and seed must be >= 0, got {num_samples}, {seed}")
+            raise DatasetError(f"num_samples and seed must be >= 0, got {num_samples}, {seed}")
         self.num_samples, self.image_size, self.seed, self.split = num_samples, size, seed, split
         self.num_classes = num_classes
         self.class_names = ["background", *SHAPES[: num_classes - 1]]
