@@ -278,10 +278,9 @@ def test_sliding_window_class():
     [
         ({"overlap": 1.0}, ValueError, r"overlap must be a fraction in \[0, 1\), got 1.0"),
         ({"overlap": -0.1}, ValueError, "overlap"),
-        ({"window": 0}, ValueError, "window must be a positive int"),
-        ({"window": (16, -2)}, ValueError, "window"),
+        ({"window": (16, True)}, TypeError, "window must be an int"),
         ({"window": (16, 16, 16)}, ValueError, "window has 3 values .* 2 spatial dimensions"),
-        ({"window": 16.5}, TypeError, "window must be a positive int"),
+        ({"window": 16.5}, TypeError, "window must be an int"),
         ({"blend": "pyramid"}, ValueError, "blend must be one of"),
         ({"batch_size": 0}, ValueError, "batch_size must be a positive int"),
         ({"activation": "relu"}, ValueError, "activation must be one of"),
@@ -305,7 +304,7 @@ def test_bad_options(kwargs, error, match):
 
 
 def test_bad_images_and_models():
-    with pytest.raises(ValueError, match=r"\(B, C, H, W\).*got shape \(3, 20, 20\).*image\[None\]"):
+    with pytest.raises(ValueError, match=r"\(B, C, H, W\).*of shape \(3, 20, 20\).*image\[None\]"):
         sliding_window(PlusOne(), torch.randn(3, 20, 20), 8)
     with pytest.raises(TypeError, match="float tensor"):
         sliding_window(PlusOne(), torch.zeros(1, 3, 20, 20, dtype=torch.uint8), 8)

@@ -44,6 +44,7 @@ from maskworks.inference.sliding import (
     eval_mode,
     importance_map,
     model_device,
+    resolve_window,
     stitch,
     weight_sum,
 )
@@ -595,13 +596,14 @@ def predict_large_image(
     out_path = Path(out_path)
     png_path = None if png_path is None else Path(png_path)
     _check_large_options(num_classes, mean, std, out_path, png_path)
-    opts = check_options(
-        2, window, overlap, blend, batch_size, sigma_scale, margin, activation, padding_mode, cval, channels_last
-    )
     reader = open_image_regions(source, channels=len(mean))
     temporaries: list[Path] = []
     try:
         h, w, _ = reader.shape
+        window = resolve_window(window, (h, w))  # MONAI's -1 = the whole axis
+        opts = check_options(
+            2, window, overlap, blend, batch_size, sigma_scale, margin, activation, padding_mode, cval, channels_last
+        )
         labels_tmp = _temporary(out_path)
         temporaries.append(labels_tmp)
         label_dtype = np.uint8 if num_classes <= 256 else np.int16

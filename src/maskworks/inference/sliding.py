@@ -39,12 +39,13 @@ from tqdm import tqdm
 
 from maskworks.losses import split_outputs
 
-__all__ = ["SlidingWindow", "importance_map", "plan_windows", "sliding_window"]
+__all__ = ["SlidingWindow", "importance_map", "plan_windows", "resolve_window", "sliding_window"]
 
 BLENDS = ("gaussian", "constant")
 ACTIVATIONS = (None, "softmax", "sigmoid")
 PADDING_MODES = ("reflect", "replicate", "constant")
 _MIN_WEIGHT = 1e-3  # floor of the importance map, as in monai.data.utils.compute_importance_map
+_WINDOW_EXPECTED = "an int or one per axis (positive, or -1 for the whole axis)"
 
 Model = Callable[[torch.Tensor], Any]  # returns logits, or a dict with "out"
 Corner = tuple[int, ...]
@@ -87,6 +88,36 @@ def _per_axis(name: str, value: Any, ndim: int, kind: type, valid: Callable[[Any
     return values
 
 
+def resolve_window(window: int | Sequence[int], image_size: Sequence[int]) -> tuple[int, ...]:
+    """The window size for an image, with MONAI's "whole axis" entries resolved.
+
+    As ``roi_size`` of ``monai.inferers.sliding_window_inference`` (``monai.utils.fall_back_tuple``), a
+    non-positive entry (conventionally ``-1``) stands for the image's size along that axis, and a single
+    non-positive int for the whole image.
+
+    Args:
+        window: one int or one per spatial axis; ``-1`` (any value ``<= 0``) means the whole axis.
+        image_size: the spatial size of the image, e.g. ``(H, W)``.
+
+    Returns:
+        One positive int per axis.
+    """
+    ndim = len(image_size)
+    values = _per_axis("window", window, ndim, Integral, lambda v: True, _WINDOW_EXPECTED)
+    return tuple(int(size) if v <= 0 else int(v) for v, size in zip(values, image_size))
+
+
+def _window_placeholder(window: Any) -> Any:
+    """``window`` with whole-axis entries (``<= 0``) replaced by 1, to check it before the image size is known."""
+
+    def fill(v: Any) -> Any:
+        return 1 if isinstance(v, Integral) and not isinstance(v, bool) and v <= 0 else v
+
+    if isinstance(window, Sequence) and not isinstance(window, str):
+        return tuple(fill(v) for v in window)
+    return fill(window)
+
+
 def check_options(
     ndim: int,
     window: int | Sequence[int],
@@ -101,6 +132,8 @@ def check_options(
     channels_last: bool = True,
 ) -> WindowOptions:
     """Validate the sliding-window options for an image with ``ndim`` spatial dimensions.
+
+    ``window`` must be resolved to positive sizes here (see :func:`resolve_window` for MONAI's ``-1``).
 
     Args:
         ndim: number of spatial dimensions (2 or 3).
@@ -170,7 +203,7 @@ def plan_windows(
 
     Args:
         image_size: the spatial size, e.g. ``(H, W)`` or ``(D, H, W)``.
-        window: the window size, one int or one per axis.
+        window: the window size, one int or one per axis; ``-1`` (any value ``<= 0``) spans the whole axis.
         overlap: the overlap fraction, one or one per axis, in [0, 1).
 
     Returns:
@@ -178,7 +211,7 @@ def plan_windows(
         is centred on the image there); see :func:`axis_starts`.
     """
     ndim = len(image_size)
-    window = _per_axis("window", window, ndim, Integral, lambda v: v >= 1, "a positive int or one per axis")
+    window = resolve_window(window, image_size)
     overlap = _per_axis("overlap", overlap, ndim, Real, lambda v: 0 <= v < 1, "a fraction in [0, 1)")
     return list(itertools.product(*(axis_starts(s, w, o) for s, w, o in zip(image_size, window, overlap))))
 
@@ -467,6 +500,23 @@ def normalise(acc: torch.Tensor, starts: Sequence[Sequence[int]], window: Sequen
 # ------------------------------------------------------------------------------------------------------ public API
 
 
+def _check_image_dims(image: torch.Tensor) -> None:
+    """Raise a ValueError naming the supported layouts unless ``image`` is ``(B, C, H, W)`` or ``(B, C, D, H, W)``."""
+    if image.ndim in (4, 5):
+        return
+    msg = (
+        "sliding_window supports 2-D images (B, C, H, W) and 3-D volumes (B, C, D, H, W); got a "
+        f"{image.ndim}-dimensional tensor of shape {tuple(image.shape)}"
+    )
+    if image.ndim == 3:
+        msg += " (1-D signals (B, C, L) are not supported; one (C, H, W) image needs its batch axis: image[None])"
+    elif image.ndim == 2:
+        msg += " (one (H, W) image needs batch and channel axes: image[None, None])"
+    elif image.ndim > 5:
+        msg += f", i.e. {image.ndim - 2} spatial dimensions, which are not supported"
+    raise ValueError(msg)
+
+
 @contextmanager
 def eval_mode(model: Model) -> Iterator[None]:
     """Put an ``nn.Module`` in eval mode for the duration (restoring training mode afterwards)."""
@@ -516,7 +566,8 @@ def sliding_window(
             ``"out"``): a model, a TTA wrapper (test-time augmentation inside each window), a function.
         image: ``(B, C, H, W)`` or ``(B, C, D, H, W)`` float image, normalised as the model expects.
         window: the window size, one int or one per spatial axis; larger than the image is fine (the image is
-            padded, see ``padding_mode``).
+            padded, see ``padding_mode``). ``-1`` (any value ``<= 0``, as MONAI's ``roi_size``) spans the whole
+            axis, e.g. ``(256, -1)`` for full-width strips; a single ``-1`` is the whole image (one window).
         overlap: the fraction of a window shared with its neighbour, in [0, 1), one or one per axis.
         blend: ``"gaussian"`` (centre-weighted) or ``"constant"`` (plain mean).
         batch_size: windows per model call.
@@ -542,16 +593,12 @@ def sliding_window(
     """
     if not isinstance(image, torch.Tensor):
         raise TypeError(f"image must be a torch.Tensor (B, C, H, W) or (B, C, D, H, W), got {type(image).__name__}")
-    if image.ndim not in (4, 5):
-        raise ValueError(
-            f"image must be (B, C, H, W) or (B, C, D, H, W), got shape {tuple(image.shape)}; add a batch "
-            "dimension with image[None]"
-        )
+    _check_image_dims(image)
     if not image.is_floating_point():
         raise TypeError(f"image must be a normalised float tensor, got dtype {image.dtype}")
     opts = check_options(
         image.ndim - 2,
-        window,
+        resolve_window(window, image.shape[2:]),
         overlap,
         blend,
         batch_size,
@@ -604,8 +651,19 @@ class SlidingWindow:
     ):
         per_axis = (window, overlap, sigma_scale, margin)
         ndim = next((len(v) for v in per_axis if isinstance(v, Sequence) and not isinstance(v, str)), 2)
+        resolve_window(window, (1,) * ndim)  # type and length of the window, -1 entries allowed
         check_options(
-            ndim, window, overlap, blend, batch_size, sigma_scale, margin, activation, padding_mode, cval, channels_last
+            ndim,
+            _window_placeholder(window),  # -1 entries are resolved against each image
+            overlap,
+            blend,
+            batch_size,
+            sigma_scale,
+            margin,
+            activation,
+            padding_mode,
+            cval,
+            channels_last,
         )
         self.window = window
         self.overlap = overlap

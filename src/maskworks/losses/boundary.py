@@ -429,7 +429,8 @@ def cldice_loss(
     """Soft clDice ``1 - 2 Tprec Tsens / (Tprec + Tsens)`` per sample (channels pooled, as MONAI).
 
     ``Tprec = (|S(P) * T| + nr) / (|S(P)| + dr)``, ``Tsens = (|S(T) * P| + nr) / (|S(T)| + dr)`` with the soft
-    skeleton ``S``. Ignored pixels are set to 0 in both prediction and target before skeletonisation.
+    skeleton ``S``. Ignored pixels are set to 0 in both prediction and target before skeletonisation. A sample
+    whose pixels are all ignored has loss 0 and is left out of the mean (an all-ignored batch gives 0).
 
     Args:
         logits: ``(B, K, H, W)`` or ``(B, K, D, H, W)`` raw scores.
@@ -454,7 +455,9 @@ def cldice_loss(
     dims = list(range(1, probs.dim()))
     tprec = ((skel_pred * one_hot).sum(dims) + smooth_nr) / (skel_pred.sum(dims) + smooth_dr)
     tsens = ((skel_true * probs).sum(dims) + smooth_nr) / (skel_true.sum(dims) + smooth_dr)
-    return reduce(1.0 - 2.0 * tprec * tsens / (tprec + tsens + smooth), reduction)
+    loss = 1.0 - 2.0 * tprec * tsens / (tprec + tsens + smooth)
+    counted = valid.flatten(1).any(1).to(loss.dtype)  # a sample without a counted pixel contributes nothing
+    return reduce(loss * counted, reduction, weight=None if reduction == "none" else counted)
 
 
 class ClDiceLoss(_ModeLoss):

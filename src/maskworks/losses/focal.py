@@ -11,6 +11,12 @@
 confident predictions. ``ignore_index`` pixels contribute nothing to the value or the gradient, and
 ``reduction="mean"`` averages over the valid pixels (elements for multilabel). With ``gamma=0`` and
 ``alpha=None`` the loss equals ``F.cross_entropy`` (multiclass) or ``F.binary_cross_entropy_with_logits``.
+
+MONAI's ``FocalLoss``: its default (``use_softmax=False`` on one-hot targets) is our ``"multilabel"`` mode, equal
+value for value. Its ``use_softmax=True`` form keeps one term per pixel *and class* (zero except at the true
+class) and its ``"mean"`` divides by ``K`` times the pixel count, so its value is ours divided by ``K`` (an
+intentional difference: the mean is over pixels, as ``F.cross_entropy``); its ``alpha`` there weighs channel 0 by
+``1 - alpha`` and the others by ``alpha``, i.e. our ``alpha=[1 - a, a, ..., a]``.
 """
 
 from __future__ import annotations
@@ -20,7 +26,14 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from maskworks.losses._utils import check_mode, check_reduction, reduce, valid_mask
+from maskworks.losses._utils import (
+    binary_label_error,
+    check_mode,
+    check_reduction,
+    label_range_error,
+    reduce,
+    valid_mask,
+)
 from maskworks.losses.base import SegLoss
 from maskworks.losses.overlap import _float_logits, match_target
 
@@ -87,8 +100,7 @@ def focal_loss(
         k = logits.shape[1]
         safe = safe.long()
         if (safe < 0).any() or (safe >= k).any():
-            bad = torch.unique(safe[(safe < 0) | (safe >= k)]).tolist()[:10]
-            raise ValueError(f"target holds labels {bad} outside 0..{k - 1} (and not ignore_index)")
+            raise label_range_error(torch.unique(safe[(safe < 0) | (safe >= k)]).tolist(), k, ignore_index)
         log_p = logits.log_softmax(dim=1)
         log_pt = log_p.gather(1, safe.unsqueeze(1)).squeeze(1)
         # log(1 - p_t) = logsumexp of the log-probabilities of the other classes (exact, no cancellation)
@@ -104,7 +116,7 @@ def focal_loss(
         if safe.is_floating_point() and ((safe < 0) | (safe > 1)).any():
             raise ValueError(f"mode={mode!r}: float target must lie in [0, 1] (or be ignore_index)")
         if not safe.is_floating_point() and ((safe != 0) & (safe != 1)).any():
-            raise ValueError(f"mode={mode!r}: target must hold 0, 1 or ignore_index")
+            raise binary_label_error(target, valid, ignore_index, f"mode={mode!r}")
         t = safe.to(logits.dtype)
         log_pt = -F.binary_cross_entropy_with_logits(logits, t, reduction="none")
         if safe.is_floating_point() and ((t != 0) & (t != 1)).any():  # soft labels: p_t = exp(-BCE), as smp

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from maskworks.losses._utils import check_reduction, one_hot_with_ignore, valid_mask
+from maskworks.losses._utils import binary_label_error, check_reduction, one_hot_with_ignore, valid_mask
 from maskworks.losses.base import SegLoss
 from maskworks.losses.overlap import _float_logits, match_target
 
@@ -151,7 +151,7 @@ def lovasz_hinge(
     valid = valid_mask(target, ignore_index)
     gt = torch.where(valid, target, torch.zeros_like(target))
     if ((gt != 0) & (gt != 1)).any():
-        raise ValueError("lovasz_hinge: target must hold 0, 1 or ignore_index")
+        raise binary_label_error(target, valid, ignore_index, "lovasz_hinge")
     gt = gt.to(logits.dtype).reshape(b, -1)
     valid = valid.reshape(b, -1)
     errors = F.relu(1.0 - logits.reshape(b, -1) * (2.0 * gt - 1.0)) * valid

@@ -31,11 +31,22 @@ Conventions shared by every loss here:
 
   So Tversky with ``alpha = beta = 0.5`` and smoothing ``s`` equals Dice with smoothing ``2 s``, and smp's Dice
   with ``smooth=s`` (which smp computes as a Tversky score) equals ours with ``smooth=2 s``.
-- Absent classes: a class with no target pixel in an aggregation unit has an undefined Dice when ``smooth == 0``.
-  With ``mask_absent=None`` (default) such entries are masked (as smp does) exactly when ``smooth == 0``;
-  ``True``/``False`` force it. Masked entries contribute zero, and ``reduction="mean"`` averages over the entries
-  that are kept (weighted by ``weight`` when given), so an absent class never dilutes the loss of the present ones
-  (smp instead keeps them in the denominator; the two agree when every class is present). Nothing is ever NaN.
+- Absent classes: a class with no (non-ignored) target pixel in an aggregation unit has ``TP = FN = 0``. With
+  ``smooth == 0`` its score is undefined (``0 / 0``, or ``0`` once the denominator is clamped); with
+  ``smooth > 0`` it is ``smooth / (c sum p + smooth_dr)`` (``c`` the false-positive weight: 1 for Dice and
+  Jaccard, ``alpha`` for Tversky), so its loss penalises the probability mass put on the class (as MONAI, which
+  never masks). ``mask_absent=None`` (default) masks such entries exactly when ``smooth == 0`` and keeps them
+  otherwise; ``True`` / ``False`` force it. Masked entries contribute zero, and ``reduction="mean"`` averages
+  over the entries that are kept (weighted by ``weight`` when given), so an absent class never dilutes the loss
+  of the present ones. Nothing is ever NaN.
+- What smp does (``segmentation_models_pytorch`` ``DiceLoss`` / ``JaccardLoss`` / ``TverskyLoss``, checked
+  against 0.6.0): it computes every class's loss, multiplies it by ``target.sum() > 0`` for **every** ``smooth``
+  (not only 0), then takes the plain mean over all ``K`` channels (``sum(w l) / sum(w)`` over all channels with
+  ``class_weights``), so a masked class adds 0 to the numerator but still counts in the denominator. Two
+  intentional differences follow, both asserted against smp in the parity tests: (1) with ``smooth > 0`` our
+  default keeps absent classes (pass ``mask_absent=True`` to mask them as smp does); (2) our mean skips masked
+  entries, so smp's value is ``loss(..., mask_absent=True, reduction="none").mean()`` (unweighted: our kept mean
+  times ``n_kept / K``). The two agree whenever every class is present.
 - ``reduction="none"`` returns the per-class losses, shape ``(K',)`` or ``(B, K')`` with ``per_image=True``
   (zeros at masked entries); ``"sum"`` and ``"mean"`` reduce them.
 """
@@ -314,7 +325,8 @@ def dice_loss(
         log_loss: ``-log(dice)`` instead of ``1 - dice`` (as smp).
         ignore_index: label value of pixels that are excluded.
         weight: per-class weights ``(K,)``; the mean becomes ``sum w l / sum w`` over kept entries.
-        mask_absent: mask classes absent from the target (default: when ``smooth == 0``).
+        mask_absent: mask classes absent from the target (default: only when ``smooth == 0``; smp masks them for
+            every ``smooth``, see the module docstring).
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per-class losses).
 
     Returns:
@@ -362,7 +374,8 @@ def jaccard_loss(
         log_loss: ``-log(iou)`` instead of ``1 - iou``.
         ignore_index: label value of pixels that are excluded.
         weight: per-class weights ``(K,)``.
-        mask_absent: mask classes absent from the target (default: when ``smooth == 0``).
+        mask_absent: mask classes absent from the target (default: only when ``smooth == 0``; smp masks them for
+            every ``smooth``, see the module docstring).
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per-class losses).
 
     Returns:
@@ -422,7 +435,8 @@ def tversky_loss(
         log_loss: ``-log(TI)`` instead of ``1 - TI``.
         ignore_index: label value of pixels that are excluded.
         weight: per-class weights ``(K,)``.
-        mask_absent: mask classes absent from the target (default: when ``smooth == 0``).
+        mask_absent: mask classes absent from the target (default: only when ``smooth == 0``; smp masks them for
+            every ``smooth``, see the module docstring).
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per-class losses).
 
     Returns:
@@ -477,7 +491,8 @@ def focal_tversky_loss(
         per_image: one score per image and class instead of one per class over the batch.
         ignore_index: label value of pixels that are excluded.
         weight: per-class weights ``(K,)``.
-        mask_absent: mask classes absent from the target (default: when ``smooth == 0``).
+        mask_absent: mask classes absent from the target (default: only when ``smooth == 0``; smp masks them for
+            every ``smooth``, see the module docstring).
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per-class losses).
 
     Returns:
@@ -524,7 +539,8 @@ def log_cosh_dice_loss(
         per_image: one Dice per image and class instead of one per class over the batch.
         ignore_index: label value of pixels that are excluded.
         weight: per-class weights ``(K,)``.
-        mask_absent: mask classes absent from the target (default: when ``smooth == 0``).
+        mask_absent: mask classes absent from the target (default: only when ``smooth == 0``; smp masks them for
+            every ``smooth``, see the module docstring).
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per-class losses).
 
     Returns:

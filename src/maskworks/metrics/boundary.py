@@ -19,6 +19,10 @@ semantic segmentation?", BMVC 2013):
   ``ignore_index`` are neither part of any mask nor a neighbour that makes a boundary: an object edge that runs
   along an ignored region is not a boundary, and ignored pixels can never be matched. Predicted labels under
   ignored pixels therefore have no effect at all.
+* An ``ignore_index`` inside ``0..K-1`` (e.g. 0 for a background class) excludes that class, as in
+  :class:`~maskworks.metrics.confusion.ConfusionMatrix`: its per-class values (both metrics) are ``NaN`` and left
+  out of ``mbf1`` / ``mboundary_iou``, while counted pixels predicted as it are simply not part of their true
+  class's predicted mask.
 * Precision = fraction of predicted boundary pixels lying within Euclidean distance ``theta`` (inclusive, i.e. in a
   disk of radius ``theta``) of a target boundary pixel of the same class; recall = fraction of target boundary
   pixels within ``theta`` of a predicted one; F1 = 2PR / (P + R). ``theta`` is ``tolerance`` pixels when given,
@@ -343,6 +347,13 @@ class _BoundaryMetric(ABC):
                 raise ValueError(f"pred holds labels outside 0..{k - 1}: {_list_values(both[0][bad])}")
             yield torch.where(valid, both.to(small), k), valid
 
+    def _exclude_ignored_class(self, *per_class: torch.Tensor) -> None:
+        """Set the entries of an ``ignore_index`` inside ``0..K-1`` to ``NaN`` in place (left out of the means)."""
+        c = self.ignore_index
+        if c is not None and 0 <= c < self.num_classes:
+            for values in per_class:
+                values[c] = math.nan
+
     def _base_output(self) -> dict[str, Any]:
         out: dict[str, Any] = {"num_images": int(self.num_images)}
         if self.class_names is not None:
@@ -512,6 +523,7 @@ class BoundaryF1(_BoundaryMetric):
         den = p0 + r0
         pooled = torch.where(den > 0, 2 * p0 * r0 / den.clamp_min(1e-300), torch.zeros_like(den))
         pooled = torch.where((n_p + n_t) == 0, torch.full_like(pooled, math.nan), pooled)
+        self._exclude_ignored_class(bf1, pooled, precision, recall)
         out: dict[str, Any] = {
             "bf1": bf1.tolist(),
             "mbf1": _nanmean(bf1),
@@ -616,6 +628,7 @@ class BoundaryIoU(_BoundaryMetric):
             ``class_names`` when given.
         """
         biou = _safe_ratio(self.intersection.detach().cpu(), self.union.detach().cpu())
+        self._exclude_ignored_class(biou)
         out: dict[str, Any] = {"boundary_iou": biou.tolist(), "mboundary_iou": _nanmean(biou)}
         out.update(self._base_output())
         return out

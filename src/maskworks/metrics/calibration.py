@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from maskworks.metrics.confusion import _as_tensor
+from maskworks.metrics.confusion import _as_tensor, check_finite
 
 __all__ = ["Calibration"]
 
@@ -78,10 +78,15 @@ class Calibration:
             probs: ``(B, K, *spatial)`` probabilities (or logits with ``from_logits=True``); ``(K, *spatial)`` for
                 one image.
             target: ``(B, *spatial)`` (or ``(*spatial)``) integer class ids, ``ignore_index`` for unlabelled pixels.
+
+        Raises:
+            ValueError: on mismatched shapes, NaN / inf inputs (anywhere, also at ignored pixels), probabilities
+                that are not a distribution over dim 1, or target labels outside ``0..K-1``.
         """
         probs, target = _as_tensor(probs, "probs"), _as_tensor(target, "target")
         if not probs.is_floating_point():
             raise TypeError(f"probs must be a float tensor of class probabilities, got dtype {probs.dtype}")
+        check_finite(probs, "probs", "logits" if self.from_logits else "probabilities")
         if target.is_floating_point() or target.dtype == torch.bool:
             raise TypeError(f"target must hold integer class ids, got dtype {target.dtype}")
         if probs.dim() == target.dim() + 1 and probs.shape[1:] == target.shape:  # one image: (K, *S) with (*S)

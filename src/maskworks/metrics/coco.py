@@ -197,7 +197,8 @@ class MaskAP:
         Raises:
             ValueError: if ``preds`` and ``targets`` differ in length, a required key is missing, an array has the
                 wrong shape (``masks`` not ``(N, H, W)`` with ``N = len(labels)``, ``boxes`` not ``(N, 4)``, ...),
-                prediction and target masks of one image differ in size, or a label has no name in
+                prediction and target masks of one image differ in size, ``scores`` / ``boxes`` / ``area`` hold
+                NaN or inf (a NaN score would sort arbitrarily in the ranking), or a label has no name in
                 ``class_names``.
             TypeError: on non-dict items, non-integer labels, float masks or unsupported array types.
         """
@@ -296,6 +297,10 @@ class MaskAP:
             raise ValueError(f"{where}[{key!r}] must have shape ({n},) to match {where}['labels'], got {_shape(v)}")
         if v.dtype.kind not in "biuf":
             raise TypeError(f"{where}[{key!r}] must be numeric, got dtype {v.dtype}")
+        if v.dtype.kind == "f" and not np.isfinite(v).all():
+            raise ValueError(
+                f"{where}[{key!r}] holds non-finite values (NaN or inf): {v[~np.isfinite(v)][:10].tolist()}"
+            )
         return v
 
     @staticmethod
@@ -329,6 +334,8 @@ class MaskAP:
                 f"got {_shape(boxes)}"
             )
         b = boxes.astype(np.float64)
+        if not np.isfinite(b).all():
+            raise ValueError(f"{where}['boxes'] holds non-finite coordinates (NaN or inf)")
         return np.stack([b[:, 0], b[:, 1], b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]], axis=1).tolist()
 
     def _encode(self, masks: np.ndarray | None) -> list[dict] | None:

@@ -20,6 +20,25 @@ pixels, both counted over non-ignored pixels only):
   ``mean_acc``; its frequency weight in ``fwiou`` is 0.
 * ``T_c > 0`` but ``P_c = 0`` (never predicted): IoU = Dice = recall = 0, precision is ``NaN``.
 
+An ``ignore_index`` inside ``0..K-1`` (e.g. 0, to leave a background class out of the statistics) excludes that
+class entirely, as torchmetrics' ``MulticlassJaccardIndex(ignore_index=c)`` does: its target pixels are not
+counted, its per-class ``iou`` / ``dice`` / ``precision`` / ``recall`` are ``NaN`` and it is left out of
+``miou`` / ``mdice`` / ``mean_acc`` (torchmetrics reports 0.0 for it with ``average=None``; the means agree). A
+counted pixel (true class ``t != c``) that is *predicted* as ``c`` is kept: it is a miss (false negative) of
+class ``t``, lowers ``t``'s IoU, Dice and recall, and counts as wrong in ``pixel_acc`` - exactly torchmetrics'
+treatment (its confusion-matrix row ``c`` is zero, column ``c`` keeps those predictions). ``fwiou`` weighs the
+remaining classes by their target pixels, so it equals torchmetrics' ``average="weighted"`` Jaccard index.
+
+Intentional differences from torchmetrics (1.9), each asserted in the parity tests: (1) per-class values of
+undefined classes are ``NaN``, not ``zero_division``; (2) with an in-range ``ignore_index`` torchmetrics'
+``MulticlassF1Score`` / ``MulticlassRecall`` (``average="macro"``) drop only that class's target pixels, so once
+it is predicted on a counted pixel it is a false-positive-only class averaged in as 0, while every mean here
+leaves it out, consistently with torchmetrics' own Jaccard index; (3) ``mean_acc`` averages recall over
+classes present in the target (Long et al.), while ``MulticlassRecall(average="macro")`` also averages in a
+false-positive-only class as 0; (4) everything is pooled over the dataset (one matrix, like
+``MulticlassJaccardIndex``), while the segmentation ``MeanIoU`` averages per-image IoUs (skipping classes absent
+from an image), which weighs every image equally whatever its size.
+
 With no counted pixels at all (empty or fully ignored inputs) ``compute`` does not raise: every ratio is ``NaN``
 and ``num_pixels`` is 0. ``NaN`` values are plain Python floats; ``json.dumps`` writes them as ``NaN`` (valid for
 Python's ``json`` module, not strict JSON) - pass ``allow_nan=False`` if a strict consumer must reject them.
@@ -36,7 +55,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-__all__ = ["ConfusionMatrix", "check_common_args", "labels_from_scores"]
+__all__ = ["ConfusionMatrix", "check_common_args", "check_finite", "labels_from_scores"]
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +111,21 @@ def check_common_args(num_classes: Any, ignore_index: Any, class_names: Sequence
     return names
 
 
+def check_finite(x: torch.Tensor, name: str, what: str = "scores") -> None:
+    """Raise a one-line ValueError when a floating-point tensor holds NaN or inf (one ``isfinite().all()`` pass).
+
+    ``argmax`` returns class 0 for an all-NaN score vector, so non-finite model outputs would otherwise be counted
+    as confident predictions of class 0. Integer and bool tensors are not checked.
+    """
+    if not x.is_floating_point() or x.numel() == 0 or bool(torch.isfinite(x).all()):
+        return
+    n_nan, n_inf = int(torch.isnan(x).sum()), int(torch.isinf(x).sum())
+    raise ValueError(
+        f"{name} holds non-finite {what} ({n_nan} NaN and {n_inf} inf of {x.numel()} values, shape "
+        f"{tuple(x.shape)}); they are rejected rather than counted as class 0 - check the model output"
+    )
+
+
 def labels_from_scores(
     scores: torch.Tensor, target: torch.Tensor, num_classes: int, batched_only: bool = False
 ) -> torch.Tensor:
@@ -99,6 +133,10 @@ def labels_from_scores(
 
     The class dimension is 1 for ``(B, K, *spatial)`` scores against a ``(B, *spatial)`` target, and 0 for one
     ``(K, H, W)`` score map against an ``(H, W)`` target (unless ``batched_only``).
+
+    Raises:
+        ValueError: on a shape that does not match ``target``, a class dimension that is not ``num_classes``, or
+            non-finite scores (NaN / inf anywhere, also at ignored pixels; see :func:`check_finite`).
     """
     if scores.ndim != target.ndim + 1 or scores.ndim < 2:
         single = "" if batched_only else " or (K, H, W) matching (H, W)"
@@ -117,6 +155,7 @@ def labels_from_scores(
             f"float pred has {scores.shape[dim]} channels in dim {dim}, expected num_classes={num_classes}{hint}; "
             f"pred shape {tuple(scores.shape)}"
         )
+    check_finite(scores, "pred")
     return scores.argmax(dim)
 
 
@@ -126,7 +165,9 @@ class ConfusionMatrix:
     Args:
         num_classes: number of classes ``K`` (>= 1).
         ignore_index: target value whose pixels are not counted (``None`` counts every pixel). It may lie outside
-            ``0..K-1`` (the default 255) or inside it (e.g. 0 to drop a background class from the statistics).
+            ``0..K-1`` (the default 255) or inside it (e.g. 0 to drop a background class from the statistics):
+            then that class is excluded from the per-class results (``NaN``) and from every mean, while valid
+            pixels predicted as it count as misses of their true class (see the module docstring).
         class_names: optional ``K`` names, returned by :meth:`compute` as ``class_names``.
         device: where the matrix lives. ``None`` (default) follows the inputs: the matrix moves to the device of the
             first update, so accumulation never forces a host copy of the masks.
@@ -175,8 +216,9 @@ class ConfusionMatrix:
             target: integer labels ``0..K-1`` or ``ignore_index``, any integer dtype.
 
         Raises:
-            ValueError: on mismatched shapes, a float ``pred`` whose class dimension is not ``K``, target values
-                outside ``0..K-1`` that are not ``ignore_index``, or predicted labels outside ``0..K-1``.
+            ValueError: on mismatched shapes, a float ``pred`` whose class dimension is not ``K`` or that holds NaN /
+                inf (anywhere, also at ignored pixels), target values outside ``0..K-1`` that are not
+                ``ignore_index``, or predicted labels outside ``0..K-1``.
             TypeError: on a floating-point ``target`` or an unsupported input type.
         """
         pred = _as_tensor(pred, "pred")
@@ -292,10 +334,11 @@ class ConfusionMatrix:
 
         Returns:
             Dict of plain Python numbers / lists (JSON-serialisable; ``NaN`` marks undefined values):
-            ``iou``, ``dice``, ``precision``, ``recall`` (per-class lists of length ``K``); ``miou``, ``mdice``
-            (nan-means of IoU / Dice); ``pixel_acc`` (correct / counted pixels); ``mean_acc`` (mean recall over
-            classes present in the target); ``fwiou`` (IoU weighted by target pixel frequency); ``num_pixels``
-            (counted, i.e. non-ignored, pixels, an int); and ``class_names`` when given.
+            ``iou``, ``dice``, ``precision``, ``recall`` (per-class lists of length ``K``; ``NaN`` for an
+            ``ignore_index`` inside ``0..K-1``); ``miou``, ``mdice`` (nan-means of IoU / Dice); ``pixel_acc``
+            (correct / counted pixels); ``mean_acc`` (mean recall over classes present in the target); ``fwiou``
+            (IoU weighted by target pixel frequency); ``num_pixels`` (counted, i.e. non-ignored, pixels, an int);
+            and ``class_names`` when given.
         """
         m = self.matrix.detach().to("cpu", torch.float64)
         tp = torch.diagonal(m)
@@ -306,6 +349,9 @@ class ConfusionMatrix:
         dice = _safe_ratio(2 * tp, gt + pr)
         precision = _safe_ratio(tp, pr)
         recall = _safe_ratio(tp, gt)
+        if self.ignore_index is not None and 0 <= self.ignore_index < self.num_classes:
+            for per_class in (iou, dice, precision, recall):  # the ignored class is excluded, not scored 0
+                per_class[self.ignore_index] = math.nan
         if total > 0:
             pixel_acc = float(tp.sum() / total)
             fwiou = float((gt * torch.nan_to_num(iou, nan=0.0)).sum() / total)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from maskworks.metrics.confusion import _as_tensor
+from maskworks.metrics.confusion import _as_tensor, check_finite
 
 __all__ = ["SoftMaskMetrics", "gaussian_gradient"]
 
@@ -84,6 +84,7 @@ class SoftMaskMetrics:
             raise ValueError(f"{name} must be (H, W), (B, H, W) or (B, 1, H, W), got shape {tuple(t.shape)}")
         if t.dtype == torch.uint8:  # 8-bit alpha mattes
             return t.double() / 255.0
+        check_finite(t, name, "values")  # NaN slips through min / max comparisons
         t = t.double()
         if t.numel() and (float(t.min()) < 0 or float(t.max()) > 1):
             raise ValueError(

@@ -29,8 +29,9 @@ Ignored pixels (``target == ignore_index``) belong to no class in either map: fo
 from both ``P`` and ``T`` before the edges are taken, so the prediction there never matters. This is MONAI's
 ``ignore_index`` behaviour (prediction and one-hot target multiplied by the valid mask). Where an object is cut by
 an ignored region its edge runs along the region; when the prediction agrees with the target up to that region
-the two cut edges coincide and add zero distances. If ``ignore_index`` is itself a class id, that class is empty
-everywhere and reported as ``NaN``.
+the two cut edges coincide and add zero distances. If ``ignore_index`` is itself a class id, that class never has
+a target mask, so its distances are ``NaN`` and it is left out of the means (counted pixels predicted as it only
+show up in its ``num_target_empty``).
 
 Empty masks (per image and class, after removing ignored pixels):
 
