@@ -161,3 +161,21 @@ def test_argument_errors(images, tmp_path):
     args = tiny_args(images, tmp_path / "out", "--epochs", "1", "--mask-ratio", "1.0")
     with pytest.raises(ValueError, match="mask_ratio"):
         args.func(args)
+
+
+def test_a_finished_run_is_kept_unless_resumed_or_overwritten_and_resume_refuses_changed_settings(images, tmp_path):
+    from maskworks.cli.config import ConfigError
+
+    out = tmp_path / "mae"
+    args = tiny_args(images, out, "--epochs", "1")
+    assert args.func(args) == 0
+    history, last = (out / "history.jsonl").read_bytes(), (out / "last.pt").read_bytes()
+    again = tiny_args(images, out, "--epochs", "1")
+    with pytest.raises(ConfigError, match="already holds a run.*--overwrite"):
+        again.func(again)
+    changed = tiny_args(images, out, "--epochs", "2", "--resume", "--mask-ratio", "0.5")
+    with pytest.raises(ConfigError, match="--mask-ratio: 0.75 -> 0.5"):
+        changed.func(changed)
+    assert (out / "history.jsonl").read_bytes() == history and (out / "last.pt").read_bytes() == last
+    fresh = tiny_args(images, out, "--epochs", "1", "--overwrite")
+    assert fresh.func(fresh) == 0

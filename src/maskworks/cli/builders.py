@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import difflib
+import inspect
 import logging
 from pathlib import Path
 from typing import Any
@@ -22,22 +25,105 @@ def default_data_root(name: str) -> Path:
     return Path("..") / "shared" / "data" / name
 
 
+def reader_class(name: str):
+    """The dataset class behind ``data.name``."""
+    from maskworks.data import ISBI2012, CamVid, FolderDataset, SyntheticShapes
+
+    readers = {"synthetic": SyntheticShapes, "folder": FolderDataset, "camvid": CamVid, "isbi2012": ISBI2012}
+    if name not in readers:
+        close = difflib.get_close_matches(str(name), list(readers), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ConfigError(f"unknown data.name {name!r}{hint}; expected one of {', '.join(readers)}")
+    return readers[name]
+
+
+# Keys of the data section read by the builder itself; every other key goes to the reader's constructor.
+_BUILDER_KEYS = {
+    "name",
+    "root",
+    "val_root",
+    "val_fraction",
+    "num_train",
+    "num_val",
+    "image_size",
+    "validate",
+    "copy_paste",
+}
+_BUILDER_KEYS |= set(_TRANSFORM_KEYS)
+_NOT_OPTIONS = {"self", "root", "split", "transform"}
+
+
+def reader_options(data: dict[str, Any]) -> dict[str, Any]:
+    """Constructor keyword arguments of the configured reader: every ``data.<key>`` the builder does not use
+    itself (``data.num_classes``, ``data.val_slices``, ``data.classes_file``, ...), checked against the reader's
+    signature."""
+    cls = reader_class(data["name"])
+    params = [p for p in inspect.signature(cls.__init__).parameters if p not in _NOT_OPTIONS]
+    options = {k: v for k, v in data.items() if k not in _BUILDER_KEYS}
+    if data.get("num_classes") is None or "num_classes" not in params:
+        options.pop("num_classes", None)
+    unknown = [k for k in options if k not in params]
+    if unknown:
+        key = unknown[0]
+        close = difflib.get_close_matches(key, params + sorted(_BUILDER_KEYS), n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ConfigError(
+            f"unknown config key 'data.{key}'{hint}; data.name={data['name']} ({cls.__name__}) takes "
+            f"{', '.join(sorted(params)) or 'no options'} besides {', '.join(sorted(_BUILDER_KEYS - {'name'}))}"
+        )
+    if data["name"] == "synthetic":
+        options.setdefault("image_size", data.get("image_size", 96))
+    return options
+
+
+def _make(cls, *args, **kwargs):
+    try:
+        return cls(*args, **kwargs)
+    except TypeError as e:  # a wrongly typed reader option
+        raise ConfigError(f"{cls.__name__}: {e}") from e
+
+
+def _check_class_count(dataset, data: dict[str, Any]) -> None:
+    wanted = data.get("num_classes")
+    base = base_dataset(dataset)
+    if wanted is not None and base is not None and base.num_classes != wanted:
+        raise ConfigError(
+            f"data.num_classes={wanted} but data.name={data['name']} has {base.num_classes} classes "
+            f"({', '.join(base.class_names)}); drop data.num_classes or set it to {base.num_classes}"
+        )
+
+
 def build_split(data: dict[str, Any], split: str):
-    """One split (``train``/``val``/``test``) of the configured dataset, for evaluation or prediction."""
-    from maskworks.data import ISBI2012, CamVid, SyntheticShapes, build_transforms
+    """One split of the configured dataset, for evaluation or prediction: ``train`` / ``val`` for every dataset,
+    ``test`` for CamVid, ``all`` for ISBI 2012 and folder datasets (every sample)."""
+    from maskworks.data import build_transforms
 
     name = data["name"]
+    cls = reader_class(name)
+    options = reader_options(data)
     if name in ("camvid", "isbi2012"):
-        cls = CamVid if name == "camvid" else ISBI2012
-        return cls(data.get("root") or default_data_root(name), split=split, transform=build_transforms(train=False))
+        ds = _make(
+            cls,
+            data.get("root") or default_data_root(name),
+            split=split,
+            transform=build_transforms(train=False),
+            **options,
+        )
+        _check_class_count(ds, data)
+        return ds
     if name == "synthetic" and split in ("train", "val"):
         n = data["num_train"] if split == "train" else data["num_val"]
-        return SyntheticShapes(
-            num_samples=n, image_size=data["image_size"], split=split, transform=build_transforms(train=False)
-        )
+        return _make(cls, num_samples=n, split=split, transform=build_transforms(train=False), **options)
+    if name == "folder" and split == "all":
+        if not data.get("root"):
+            raise ConfigError("data.name=folder needs data.root (a folder with images/ and masks/)")
+        return _make(cls, data["root"], transform=build_transforms(train=False), **options)
     if split not in ("train", "val"):
-        raise ConfigError(f"split {split!r} is not available for data.name={name!r}; use train or val")
+        extra = " or all" if name == "folder" else ""
+        raise ConfigError(f"split {split!r} is not available for data.name={name!r}; use train or val{extra}")
     train, val = build_datasets(data, with_train=split == "train", augment=False)
+    if split == "val" and val is None:
+        raise ConfigError(f"data.root={data.get('root')} holds too few samples for a validation split; use --split all")
     return train if split == "train" else val
 
 
@@ -48,35 +134,36 @@ def _tf_kwargs(data: dict[str, Any]) -> dict:
 
 def build_datasets(data: dict[str, Any], with_train: bool = True, augment: bool = True) -> tuple[Any, Any]:
     """``(train_set, val_set)`` for a data config section (train_set is None if not ``with_train``)."""
-    from maskworks.data import ISBI2012, CamVid, FolderDataset, SyntheticShapes, build_transforms
+    from maskworks.data import build_transforms
 
     name = data["name"]
-    if name not in DATASETS:
-        raise ConfigError(f"unknown data.name {name!r}; expected one of {DATASETS}")
+    cls = reader_class(name)
+    options = reader_options(data)
     train_tf = build_transforms(train=True, **_tf_kwargs(data)) if augment else build_transforms(train=False)
     val_tf = build_transforms(train=False)
     if name == "synthetic":
-        size = data["image_size"]
         train = (
-            SyntheticShapes(num_samples=data["num_train"], image_size=size, split="train", transform=train_tf)
+            _make(cls, num_samples=data["num_train"], split="train", transform=train_tf, **options)
             if with_train
             else None
         )
-        val = SyntheticShapes(num_samples=data["num_val"], image_size=size, split="val", transform=val_tf)
+        val = _make(cls, num_samples=data["num_val"], split="val", transform=val_tf, **options)
         return train, val
     if name in ("camvid", "isbi2012"):
         root = data.get("root") or default_data_root(name)
-        cls = CamVid if name == "camvid" else ISBI2012
-        train = cls(root, split="train", transform=train_tf) if with_train else None
-        return train, cls(root, split="val", transform=val_tf)
+        train = _make(cls, root, split="train", transform=train_tf, **options) if with_train else None
+        val = _make(cls, root, split="val", transform=val_tf, **options)
+        _check_class_count(val, data)
+        return train, val
     # folder
     if not data.get("root"):
         raise ConfigError("data.name=folder needs data.root (a folder with images/ and masks/)")
     if data.get("val_root"):
-        train = FolderDataset(data["root"], transform=train_tf) if with_train else None
-        return train, FolderDataset(data["val_root"], transform=val_tf)
-    full_train = FolderDataset(data["root"], transform=train_tf)
-    full_val = FolderDataset(data["root"], transform=val_tf)
+        train = _make(cls, data["root"], transform=train_tf, **options) if with_train else None
+        return train, _make(cls, data["val_root"], transform=val_tf, **options)
+    full_train = _make(cls, data["root"], transform=train_tf, **options)
+    full_val = copy.copy(full_train)  # the same files, scanned once; only the transform differs
+    full_val.transform = val_tf
     n = len(full_train)
     n_val = max(1, int(round(n * float(data.get("val_fraction", 0.1))))) if n > 1 else 0
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(0)).tolist()
@@ -85,6 +172,18 @@ def build_datasets(data: dict[str, Any], with_train: bool = True, augment: bool 
         raise ConfigError(f"{data['root']} holds {n} sample(s): too few to split into train and validation")
     log.info("folder dataset %s: %d train / %d val samples", data["root"], len(train_idx), len(val_idx))
     return (Subset(full_train, train_idx) if with_train else None), (Subset(full_val, val_idx) if val_idx else None)
+
+
+def validate_datasets(data: dict[str, Any], *datasets, progress: bool = True) -> None:
+    """Check every file of the given datasets up front (``data.validate``, default on; results are cached, so an
+    unchanged dataset is read once)."""
+    if not data.get("validate", True):
+        return
+    from maskworks.data import validate_dataset
+
+    for ds in datasets:
+        if ds is not None:
+            validate_dataset(ds, progress=progress)
 
 
 def add_copy_paste(train_set, spec, progress: bool = True):
@@ -116,6 +215,22 @@ def base_dataset(ds):
     return getattr(ds, "dataset", ds)
 
 
+def check_class_count(model_classes: int, data_classes: int, where: str) -> None:
+    """A model with K outputs fits data of K classes; a binary model (1 output, sigmoid) fits 2-class data.
+
+    Raises:
+        ConfigError: naming both counts.
+    """
+    if model_classes == data_classes or (model_classes == 1 and data_classes == 2):
+        return
+    if model_classes == 1:
+        raise ConfigError(
+            f"{where}: a binary model (num_classes=1, one sigmoid output) needs data of 2 classes "
+            f"(0 = background, 1 = foreground), but the data has {data_classes}; use num_classes={data_classes}"
+        )
+    raise ConfigError(f"{where}: the model predicts {model_classes} classes but the data has {data_classes}")
+
+
 def build_model(model_cfg: dict, num_classes: int, in_channels: int):
     from maskworks.registry import create_model, model_entry
 
@@ -124,6 +239,13 @@ def build_model(model_cfg: dict, num_classes: int, in_channels: int):
     kwargs.setdefault("in_channels", in_channels)
     if model_entry(model_cfg["name"]).kind == "backbone":
         raise ConfigError(f"{model_cfg['name']!r} is a backbone, not a segmentation model; use it as model.encoder")
+    if isinstance(kwargs["num_classes"], int) and not isinstance(kwargs["num_classes"], bool):
+        check_class_count(kwargs["num_classes"], num_classes, f"model.num_classes={kwargs['num_classes']}")
+    if kwargs["in_channels"] != in_channels:
+        raise ConfigError(
+            f"model.in_channels={kwargs['in_channels']} but the dataset's images have {in_channels} channel(s); "
+            "drop model.in_channels (it follows the data)"
+        )
     try:
         return create_model(model_cfg["name"], **kwargs)
     except TypeError as e:

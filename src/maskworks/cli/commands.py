@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -13,16 +15,34 @@ import numpy as np
 import torch
 import yaml
 
+from maskworks.checkpoint import atomic_write_bytes
 from maskworks.cli import builders
-from maskworks.cli.config import ConfigError, apply_overrides, load_config
+from maskworks.cli.config import (
+    RESUMABLE_KEYS,
+    ConfigError,
+    apply_overrides,
+    check_config,
+    config_changes,
+    load_config,
+)
+from maskworks.data.transforms import normalize_image
 
 log = logging.getLogger("maskworks")
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+# Whole-image prediction above this many pixels switches to tiles of AUTO_TILE pixels (predict --max-pixels).
+MAX_WHOLE_IMAGE_PIXELS = 2048 * 2048
+AUTO_TILE = 1024
+# Above this many pixels, tiled prediction reads and predicts by strips (no full-size probability map) when no
+# CRF or uncertainty map needs the probabilities.
+STRIP_PIXELS = 8192 * 8192
+# Pillow's decompression-bomb limit while reading files named on the predict command line (predict --max-image-pixels).
+PREDICT_MAX_IMAGE_PIXELS = 2**30
 
 
-def resolve_config(args) -> dict:
-    cfg = load_config(getattr(args, "config", None))
+def resolve_config(args, base: dict | None = None) -> dict:
+    """Defaults (or ``base``, e.g. a resumed run's saved config) < ``--config`` < shortcuts < ``--set``."""
+    cfg = load_config(getattr(args, "config", None), base=base)
     shortcuts = []
     for flag, key in (
         ("data", "data.name"),
@@ -34,30 +54,96 @@ def resolve_config(args) -> dict:
         value = getattr(args, flag, None)
         if value is not None:
             shortcuts.append(f"{key}={value}")
-    return apply_overrides(cfg, shortcuts + list(getattr(args, "overrides", [])))
+    cfg = apply_overrides(cfg, shortcuts + list(getattr(args, "overrides", [])))
+    if getattr(args, "run_dir", None):
+        cfg["run_dir"] = args.run_dir
+    return check_config(cfg)
+
+
+def prepare_out_dir(path: str | Path, flag: str = "--out") -> Path:
+    """Create an output folder up front and check it can be written, so a long job never fails at its end.
+
+    Raises:
+        ConfigError: the path is an existing file, cannot be created, or is not writable.
+    """
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{flag} {out} is an existing file; expected a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"{flag} {out} cannot be created: {e.strerror or e}") from e
+    try:
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise ConfigError(f"{flag} {out} is not writable: {e.strerror or e}") from e
+    return out
+
+
+def _resume_config(args, run_dir: Path) -> dict:
+    """The config a resumed run continues with: the saved ``config.yaml`` with this command's explicit settings on
+    top; settings that would change what the saved state means are refused, the rest applied and logged."""
+    saved_path = run_dir / "config.yaml"
+    ckpt = run_dir / "checkpoints" / "last.pt"
+    if not ckpt.exists():
+        raise ConfigError(
+            f"cannot resume: {run_dir} has no checkpoint (checkpoints/last.pt); start the run without --resume"
+        )
+    if not saved_path.exists():
+        log.warning("%s has no config.yaml; resuming with the configuration given on this command line", run_dir)
+        return resolve_config(args)
+    saved = load_config(saved_path)
+    cfg = resolve_config(args, base=saved)
+    changes = {k: v for k, v in config_changes(saved, cfg).items() if k != "run_dir"}
+    refused = {k: v for k, v in changes.items() if k not in RESUMABLE_KEYS}
+    if refused:
+        listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in refused.items())
+        raise ConfigError(
+            f"cannot resume {run_dir} with changed settings ({listed}); a resumed run continues its saved "
+            f"config.yaml. Drop these settings, or start a new run with --run-dir (resumable changes: "
+            f"{', '.join(k for k in RESUMABLE_KEYS if k != 'run_dir')})"
+        )
+    for key, (old, new) in changes.items():
+        log.warning("resume: %s changed from %r to %r", key, old, new)
+    return cfg
 
 
 # --------------------------------------------------------------------------- train
 def train(args) -> int:
     from maskworks.engine import Trainer, seed_everything
     from maskworks.engine.distributed import cleanup_distributed
+    from maskworks.engine.trainer import RUN_OUTPUTS
 
     cfg = resolve_config(args)
-    seed_everything(int(cfg["train"]["seed"]))  # the initial weights depend on the seed too
-    if args.run_dir:
-        cfg["run_dir"] = args.run_dir
     run_dir = Path(cfg["run_dir"])
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--run-dir {run_dir} is an existing file; expected a folder")
+    if args.resume and args.overwrite:
+        raise ConfigError("--resume and --overwrite exclude each other: continue the run, or replace it")
+    if args.resume:
+        cfg = _resume_config(args, run_dir)
+    else:
+        earlier = [name for name in RUN_OUTPUTS if (run_dir / name).exists()]
+        if earlier and not args.overwrite:
+            raise ConfigError(
+                f"run folder {run_dir} already holds a run ({', '.join(earlier[:3])}); continue it with --resume, "
+                "start a new one with --run-dir NEW_FOLDER, or replace it with --overwrite"
+            )
+    seed_everything(int(cfg["train"]["seed"]))  # the initial weights depend on the seed too
+    progress = not args.no_progress
     train_set, val_set = builders.build_datasets(cfg["data"])
     base = builders.base_dataset(train_set)
+    builders.validate_datasets(cfg["data"], train_set, val_set, progress=progress)
     if cfg["data"].get("copy_paste"):
-        builders.add_copy_paste(train_set, cfg["data"]["copy_paste"], progress=not args.no_progress)
+        builders.add_copy_paste(train_set, cfg["data"]["copy_paste"], progress=progress)
     model = builders.build_model(cfg["model"], base.num_classes, base.in_channels)
     loss = builders.build_loss(cfg["train"], train_set)
     sample_weights = None
     if cfg["train"].get("rare_class_sampling"):
         from maskworks.data import image_class_presence, repeat_factors
 
-        presence = image_class_presence(train_set, base.num_classes, progress=not args.no_progress)
+        presence = image_class_presence(train_set, base.num_classes, progress=progress)
         sample_weights = repeat_factors(presence, float(cfg["train"]["rare_class_sampling"]))
         log.info("rare-class sampling: repeat factors %.2f..%.2f", sample_weights.min(), sample_weights.max())
     trainer = Trainer(
@@ -66,14 +152,16 @@ def train(args) -> int:
         val_set,
         run_dir,
         loss_fn=loss,
-        progress=not args.no_progress,
+        progress=progress,
         meta={"data_config": cfg["data"]},
         sample_weights=sample_weights,
         **builders.trainer_kwargs(cfg["train"]),
     )
+    if args.resume:
+        trainer.load_checkpoint()  # before config.yaml is written: a failed resume changes nothing
     if trainer.dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+        atomic_write_bytes(run_dir / "config.yaml", yaml.safe_dump(cfg, sort_keys=False).encode())
         n_params = sum(p.numel() for p in model.parameters())
         log.info(
             "model %s (%.2fM params), %d train / %d val samples, run folder %s",
@@ -84,7 +172,7 @@ def train(args) -> int:
             run_dir,
         )
     try:
-        summary = trainer.fit(resume=args.resume)
+        summary = trainer.fit(resume=args.resume, overwrite=args.overwrite)
     finally:
         cleanup_distributed()
     if trainer.dist.is_main:
@@ -111,6 +199,30 @@ def _model_and_meta(checkpoint: str, device: str):
     return model, model.maskworks_meta, dev
 
 
+def model_output_classes(model) -> int:
+    """Output channels of a checkpoint's model: its constructor's ``num_classes`` (1 = binary, sigmoid)."""
+    config = getattr(model, "maskworks_config", None) or {}
+    k = config.get("kwargs", {}).get("num_classes", getattr(model, "num_classes", None))
+    if k is None:
+        k = (getattr(model, "maskworks_meta", None) or {}).get("num_classes")
+    if k is None:
+        raise ConfigError("cannot tell how many classes the checkpoint's model predicts (no num_classes)")
+    return int(k)
+
+
+def binary_to_two_class(logits: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """One-channel binary logits ``(B, 1, H, W)`` -> two-class logits ``(B, 2, H, W)`` whose softmax is
+    ``(1 - p, p)`` with ``p = sigmoid(x)``, shifted so that the argmax is ``p > threshold``."""
+    shift = math.log(threshold / (1.0 - threshold))
+    return torch.cat([torch.full_like(logits, shift), logits], 1)
+
+
+def _check_threshold(threshold: float) -> float:
+    if not 0.0 < threshold < 1.0:
+        raise ConfigError(f"--threshold must be in (0, 1), got {threshold}")
+    return threshold
+
+
 EVAL_METRICS = ("confusion", "boundary", "calibration", "surface")
 
 
@@ -128,10 +240,15 @@ def evaluate(args) -> int:
     from maskworks.data import collate_samples as collate
     from maskworks.losses import split_outputs
     from maskworks.metrics import Calibration, ConfusionMatrix
+    from maskworks.metrics.confusion import check_finite
     from maskworks.viz import plot_confusion_matrix, plot_reliability
 
     wanted = parse_eval_metrics(args.metrics)
+    threshold = _check_threshold(args.threshold)
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
     cfg = resolve_config(args)
+    out = prepare_out_dir(args.out if args.out else Path(args.checkpoint).parent)
     model, meta, dev = _model_and_meta(args.checkpoint, cfg["train"]["device"])
     data_cfg = dict(cfg["data"])
     if args.data is None and not any(o.startswith("data.") for o in args.overrides) and "data_config" in meta:
@@ -139,9 +256,12 @@ def evaluate(args) -> int:
         if args.root:
             data_cfg["root"] = args.root
     dataset = builders.build_split(data_cfg, args.split)
+    builders.validate_datasets(data_cfg, dataset)
     base = builders.base_dataset(dataset)
-    names = list(getattr(base, "class_names", None) or meta.get("class_names") or [])
+    out_classes = model_output_classes(model)
     k = getattr(base, "num_classes", None) or meta.get("num_classes")
+    builders.check_class_count(out_classes, k, f"checkpoint {args.checkpoint} on data.name={data_cfg['name']}")
+    names = list(getattr(base, "class_names", None) or meta.get("class_names") or [])
     names = names or [str(i) for i in range(k)]
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate)
     metrics: dict[str, Any] = {"confusion": ConfusionMatrix(k, class_names=names, device=dev)}
@@ -161,24 +281,26 @@ def evaluate(args) -> int:
     with torch.no_grad():
         for batch in tqdm(loader, desc="eval", dynamic_ncols=True):
             logits, _ = split_outputs(model(batch["image"].to(dev)))
+            check_finite(logits, f"the logits of {args.checkpoint}")  # argmax would count NaN as class 0
+            if out_classes == 1:
+                logits = binary_to_two_class(logits, threshold)
             target = batch["mask"].to(dev)
-            pred = logits.argmax(1) if logits.shape[1] > 1 else (logits[:, 0] > 0).long()
+            pred = logits.argmax(1)
             for name, metric in metrics.items():
                 metric.update(logits if name == "calibration" else pred, target)
     results = {name: metric.compute() for name, metric in metrics.items()}
     result = results["confusion"]
-    out = Path(args.out) if args.out else Path(args.checkpoint).parent
-    out.mkdir(parents=True, exist_ok=True)
     report = {
         "checkpoint": str(args.checkpoint),
         "data": data_cfg,
         "split": args.split,
         "num_images": len(dataset),
         "seconds": time.perf_counter() - t0,
+        **({"threshold": threshold} if out_classes == 1 else {}),
         **result,
         **{name: value for name, value in results.items() if name != "confusion"},
     }
-    (out / "eval.json").write_text(json.dumps(report, indent=2, default=str))
+    atomic_write_bytes(out / "eval.json", json.dumps(report, indent=2, default=str).encode())
     written = [
         out / "eval.json",
         plot_confusion_matrix(metrics["confusion"].matrix.cpu().numpy(), names, out / "confusion_matrix.png"),
@@ -238,7 +360,7 @@ def _collect_images(inputs: list[str]) -> list[Path]:
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            found = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS)
+            found = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file())
             if not found:
                 raise FileNotFoundError(f"folder {p} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
             files.extend(found)
@@ -246,12 +368,34 @@ def _collect_images(inputs: list[str]) -> list[Path]:
             files.append(p)
         else:
             raise FileNotFoundError(f"input {p} does not exist")
-    return files
+    unique = list(dict.fromkeys(f.resolve() for f in files))
+    return unique
+
+
+def output_names(files: list[Path]) -> list[Path]:
+    """A distinct output stem (relative path without suffix) per input file.
+
+    Inputs keep their folder structure below the folders' common ancestor (``a/scene.png`` and ``b/scene.png``
+    become ``a/scene`` and ``b/scene``); files that still share a stem keep their extension in it (``scene.png``
+    and ``scene.jpg`` become ``scene_png`` and ``scene_jpg``). A single file or a flat folder gives plain stems.
+    """
+    if not files:
+        return []
+    parents = [f.parent for f in files]
+    common = Path(os.path.commonpath([str(p) for p in parents]))
+    stems = [f.parent.relative_to(common) / f.stem for f in files]
+    counts: dict[str, int] = {}
+    for s in stems:
+        counts[s.as_posix().lower()] = counts.get(s.as_posix().lower(), 0) + 1
+    return [
+        s.with_name(f"{s.name}_{f.suffix.lstrip('.').lower()}") if counts[s.as_posix().lower()] > 1 else s
+        for s, f in zip(stems, files)
+    ]
 
 
 def load_image_for_model(path: Path, in_channels: int, mean, std) -> tuple[np.ndarray, torch.Tensor]:
     """``(uint8 HWC RGB image for overlays, normalised (1, C, H, W) tensor)`` for a file."""
-    from maskworks.data import DatasetError, normalize_image, read_image
+    from maskworks.data import DatasetError, read_image
 
     try:
         arr = read_image(path, channels=1 if in_channels == 1 else 3)  # (H, W, C) uint8
@@ -261,8 +405,9 @@ def load_image_for_model(path: Path, in_channels: int, mean, std) -> tuple[np.nd
     return (arr if arr.shape[2] == 3 else np.repeat(arr, 3, axis=2)), x[None]
 
 
-def predict_probs(model, x: torch.Tensor, args, num_classes: int) -> torch.Tensor:
-    """Class probabilities ``(1, K, H, W)`` for a normalised image: optional TTA inside optional tiling."""
+def predict_probs(model, x: torch.Tensor, args, num_classes: int, tile: int | None = None) -> torch.Tensor:
+    """Class probabilities ``(1, K', H, W)`` for a normalised image, ``K' = max(K, 2)``: optional TTA inside optional
+    tiling. A binary model (``K = 1``) gives ``(1 - p, p)``."""
     from maskworks.inference import TTAWrapper, sliding_window
     from maskworks.losses import split_outputs
 
@@ -271,50 +416,129 @@ def predict_probs(model, x: torch.Tensor, args, num_classes: int) -> torch.Tenso
     net = model
     if args.tta:
         net = TTAWrapper(model, transforms=args.tta, activation=activation, as_logits=True)
-    if args.tile:
-        probs = sliding_window(net, x, window=args.tile, overlap=args.overlap, activation=activation, batch_size=4)
+    tile = tile or args.tile
+    if tile:
+        probs = sliding_window(net, x, window=tile, overlap=args.overlap, activation=activation, batch_size=4)
     else:
         logits, _ = split_outputs(net(x))
         probs = torch.sigmoid(logits) if binary else torch.softmax(logits, 1)
     return torch.cat([1 - probs, probs], 1) if binary else probs
 
 
+def _label_strips(model, f: Path, args, k: int, in_ch: int, mean, std, out: Path, dev) -> np.ndarray:
+    """Labels of a very large image through :func:`~maskworks.inference.predict_large_image` (read and predicted
+    by strips: memory bounded by the tiles, not by the image); returns the label map (memory-mapped)."""
+    from maskworks.inference import TTAWrapper, predict_large_image
+
+    net = model
+    if args.tta:
+        activation = "sigmoid" if k == 1 else "softmax"
+        net = TTAWrapper(model, transforms=args.tta, activation=activation, as_logits=True)
+    fd, tmp = tempfile.mkstemp(prefix=".labels.", suffix=".npy", dir=out)
+    os.close(fd)
+    try:
+        predict_large_image(
+            net,
+            f,
+            tmp,
+            window=args.tile or AUTO_TILE,
+            overlap=args.overlap,
+            num_classes=k,
+            mean=mean,
+            std=std,
+            device=dev,
+            progress=True,
+        )
+        return np.array(np.load(tmp, mmap_mode="r"))
+    finally:
+        os.unlink(tmp)
+
+
 def predict(args) -> int:
+    from PIL import Image
     from tqdm.auto import tqdm
 
+    from maskworks.data import read_image
     from maskworks.inference import MeanFieldCRF, entropy_map
+    from maskworks.metrics.confusion import check_finite
     from maskworks.viz import default_palette, overlay, save_label_png, save_rgb_png
 
     if args.tile is not None and args.tile < 8:
         raise ConfigError(f"--tile must be at least 8 pixels, got {args.tile}")
     if not 0 <= args.overlap < 1:
         raise ConfigError(f"--overlap must be in [0, 1), got {args.overlap}")
-    model, meta, dev = _model_and_meta(args.checkpoint, args.device)
+    threshold = _check_threshold(args.threshold)
+    if args.max_pixels < 1:
+        raise ConfigError(f"--max-pixels must be >= 1, got {args.max_pixels}")
     files = _collect_images(args.inputs)
-    k = meta.get("num_classes") or model.num_classes
+    names = output_names(files)
+    out = prepare_out_dir(args.out)
+    model, meta, dev = _model_and_meta(args.checkpoint, args.device)
+    k = model_output_classes(model)
     in_ch = meta.get("in_channels", 3)
     mean, std = meta.get("mean", [0.5] * in_ch), meta.get("std", [0.25] * in_ch)
     palette = [tuple(c) for c in meta.get("palette") or default_palette(max(k, 2))]
     crf = MeanFieldCRF(max(k, 2), iterations=args.crf_iterations).to(dev) if args.crf else None
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad():
-        for f in tqdm(files, desc="predict", dynamic_ncols=True):
-            rgb, x = load_image_for_model(f, in_ch, mean, std)
-            probs = predict_probs(model, x.to(dev), args, k)  # (1, K', H, W), K' = max(K, 2)
-            if crf is not None:
-                guide = torch.from_numpy(np.array(rgb)).permute(2, 0, 1)[None].float().to(dev)  # 0-255 RGB
-                probs = crf(torch.log(probs.clamp_min(1e-8)), guide).exp()
-            pred = probs.argmax(1)[0].cpu().numpy()
-            save_label_png(pred, out / f"{f.stem}_label.png", palette)
-            if not args.no_overlay:
-                save_rgb_png(overlay(rgb, pred, palette, alpha=args.alpha), out / f"{f.stem}_overlay.png")
-            if args.uncertainty:
-                ent = entropy_map(probs)[0] / math.log(probs.shape[1])  # normalised to [0, 1]
-                save_rgb_png(heatmap(ent.cpu().numpy()), out / f"{f.stem}_uncertainty.png")
+    # strips need no probability map: only without CRF / uncertainty, and at the default binary threshold
+    strips_allowed = crf is None and not args.uncertainty and (k > 1 or threshold == 0.5)
+    auto_tiled = 0
+    bomb_limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = args.max_image_pixels  # files named on the command line may be large on purpose
+    try:
+        with torch.no_grad():
+            for f, name in tqdm(list(zip(files, names)), desc="predict", dynamic_ncols=True):
+                rgb = read_image(f, channels=1 if in_ch == 1 else 3)  # (H, W, C) uint8
+                h, w = rgb.shape[:2]
+                tile = args.tile
+                if tile is None and h * w > args.max_pixels:
+                    tile = AUTO_TILE
+                    auto_tiled += 1
+                    log.warning(
+                        "%s is %dx%d (%.1f Mpx, above --max-pixels %d): predicting in %d-pixel tiles with %.0f%% "
+                        "overlap",
+                        f,
+                        h,
+                        w,
+                        h * w / 1e6,
+                        args.max_pixels,
+                        tile,
+                        100 * args.overlap,
+                    )
+                probs = None
+                if tile and strips_allowed and h * w > STRIP_PIXELS:
+                    pred = _label_strips(model, f, args, k, in_ch, mean, std, out, dev)
+                else:
+                    x = normalize_image(torch.from_numpy(rgb.copy()).permute(2, 0, 1), mean, std)[None]
+                    probs = predict_probs(model, x.to(dev), args, k, tile=tile)  # (1, K', H, W), K' = max(K, 2)
+                    del x
+                    check_finite(probs, f"the prediction for {f}", "probabilities")  # argmax would give class 0
+                    if crf is not None:
+                        guide = torch.tensor(_rgb3(rgb)).permute(2, 0, 1)[None].float().to(dev)  # 0-255 RGB
+                        probs = crf(torch.log(probs.clamp_min(1e-8)), guide).exp()
+                    pred = (probs[:, 1] > threshold).long()[0] if k == 1 else probs.argmax(1)[0]
+                    pred = pred.cpu().numpy()
+                target = out / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                save_label_png(pred, target.with_name(f"{target.name}_label.png"), palette)
+                if not args.no_overlay:
+                    save_rgb_png(
+                        overlay(_rgb3(rgb), pred, palette, alpha=args.alpha),
+                        target.with_name(f"{target.name}_overlay.png"),
+                    )
+                if args.uncertainty:
+                    ent = entropy_map(probs)[0] / math.log(probs.shape[1])  # normalised to [0, 1]
+                    save_rgb_png(heatmap(ent.cpu().numpy()), target.with_name(f"{target.name}_uncertainty.png"))
+    finally:
+        Image.MAX_IMAGE_PIXELS = bomb_limit
     extras = [name for name, on in (("TTA " + str(args.tta), args.tta), ("tiles", args.tile), ("CRF", args.crf)) if on]
+    if auto_tiled:
+        extras.append(f"{auto_tiled} large image(s) tiled automatically")
     print(f"wrote {len(files)} prediction(s) to {out}" + (f" ({', '.join(extras)})" if extras else ""))
     return 0
+
+
+def _rgb3(arr: np.ndarray) -> np.ndarray:
+    return arr if arr.shape[2] == 3 else np.repeat(arr, 3, axis=2)
 
 
 def heatmap(values: np.ndarray, cmap: str = "magma") -> np.ndarray:

@@ -71,7 +71,7 @@ def run_demo(run_dir: Path, epochs: int | None = None, device: str = "auto", see
         device=device,
         log_every=5,
     )
-    summary = trainer.fit()
+    summary = trainer.fit(overwrite=True)  # the demo folder is regenerated on every run
     train_seconds = time.perf_counter() - t0
 
     best = load_model(run_dir / "best.safetensors", map_location=trainer.device).eval()

@@ -33,7 +33,8 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 from torch.utils.data import DataLoader, Dataset
 
-from maskworks.checkpoint import atomic_torch_save, atomic_write_bytes, save_model
+from maskworks.checkpoint import atomic_torch_save, atomic_write_bytes, load_training_state, save_model
+from maskworks.cli.config import ConfigError
 from maskworks.data.io import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, read_image
 from maskworks.models.mae import MAE_ENCODER_NAMES, MaskedAutoencoderViT, mae_encoder_state_dict, num_visible_patches
 
@@ -82,9 +83,24 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--workers", type=int, default=4, help="data-loading processes (default 4)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help=f"continue from <out>/{CHECKPOINT}")
+    p.add_argument("--overwrite", action="store_true", help="start afresh in an --out folder that already holds a run")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
     return p
+
+
+def _resume_settings(args, lr: float, batch_size: int) -> dict[str, Any]:
+    """Settings a resumed run must keep (the restored optimizer, schedule and sampling depend on them)."""
+    return {
+        "lr": float(lr),
+        "min_lr": float(args.min_lr),
+        "weight_decay": float(args.weight_decay),
+        "warmup_epochs": float(args.warmup_epochs),
+        "mask_ratio": float(args.mask_ratio),
+        "batch_size": int(batch_size),
+        "norm_pix_loss": bool(args.norm_pix_loss),
+        "seed": int(args.seed),
+    }
 
 
 # --------------------------------------------------------------------------------------------------------- data
@@ -259,8 +275,15 @@ def run(args: argparse.Namespace) -> int:
     if args.warmup_epochs < 0:
         raise ValueError(f"--warmup-epochs must be >= 0, got {args.warmup_epochs}")
     files = find_images(args.images)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    from maskworks.cli.commands import prepare_out_dir
+
+    out = prepare_out_dir(args.out)
+    earlier = [name for name in (CHECKPOINT, HISTORY) if (out / name).exists()]
+    if earlier and not args.resume and not args.overwrite:
+        raise ConfigError(
+            f"--out {out} already holds a run ({', '.join(earlier)}); continue it with --resume, start a new one "
+            "with another --out, or replace it with --overwrite"
+        )
     device = resolve_device(args.device)
     seed_everything(args.seed)
 
@@ -286,11 +309,22 @@ def run(args: argparse.Namespace) -> int:
     if args.resume:
         if not ckpt_path.exists():
             raise FileNotFoundError(f"cannot resume: no checkpoint at {ckpt_path}")
-        state = torch.load(ckpt_path, map_location=device, weights_only=True)
-        if state["model_name"] != args.model or list(state["img_size"]) != list(model.img_size):
+        state = load_training_state(ckpt_path, map_location=device)
+        if state.get("model_name") != args.model or list(state.get("img_size", ())) != list(model.img_size):
             raise ValueError(
-                f"{ckpt_path} is a {state['model_name']} at {tuple(state['img_size'])}, but --model {args.model} at "
+                f"{ckpt_path} is a {state.get('model_name')} at {tuple(state.get('img_size', ()))}, but --model "
+                f"{args.model} at "
                 f"{tuple(model.img_size)} was asked for"
+            )
+        saved = state.get("settings", {})
+        changed = {
+            k: (saved[k], v) for k, v in _resume_settings(args, lr, batch_size).items() if k in saved and saved[k] != v
+        }
+        if changed:
+            listed = "; ".join(f"--{k.replace('_', '-')}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
+            raise ConfigError(
+                f"cannot resume {ckpt_path} with changed settings ({listed}); the restored optimizer and schedule "
+                "would not follow them. Drop them, or start a new run with another --out"
             )
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -385,6 +419,7 @@ def run(args: argparse.Namespace) -> int:
             "history": history,
             "model_name": args.model,
             "img_size": list(model.img_size),
+            "settings": _resume_settings(args, lr, batch_size),
         }
         atomic_torch_save(state, ckpt_path)
         with open(out / HISTORY, "a") as f:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
 import sys
 
@@ -48,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
+    parser.add_argument("--version", action="version", version=version_string())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser(
@@ -75,7 +77,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_args(p)
     p.add_argument("--run-dir", help="output folder (default: run_dir from the config, runs/train)")
-    p.add_argument("--resume", action="store_true", help="continue from <run-dir>/checkpoints/last.pt")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from <run-dir>/checkpoints/last.pt with the run's saved config.yaml (only --epochs, --device, "
+        "data.root and logging settings may change)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh in a --run-dir that already holds a run, deleting its checkpoints and logs "
+        "(without it such a folder is refused)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=commands.train)
 
@@ -88,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--checkpoint", required=True, help="a .safetensors checkpoint with its .json beside it")
     _add_config_args(p)
-    p.add_argument("--split", default="val", help="dataset split (default: val)")
+    p.add_argument("--split", default="val", help="dataset split: train, val, test (camvid), all (isbi2012, folder)")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--out", help="folder for the report (default: the checkpoint's folder)")
     p.add_argument(
@@ -98,12 +111,17 @@ def build_parser() -> argparse.ArgumentParser:
         "(ECE, NLL, Brier, reliability diagram), surface (Hausdorff, HD95, ASSD; slower). "
         "Default: confusion,boundary,calibration",
     )
+    p.add_argument(
+        "--threshold", type=float, default=0.5, help="binary models (one output): foreground where p > this (0.5)"
+    )
     p.set_defaults(func=commands.evaluate)
 
     p = sub.add_parser(
         "predict",
         help="segment image files or folders",
         description="Segment images of any size: writes <name>_label.png (palette PNG of class ids), "
+        "keeping the inputs' folder structure below their common folder (files that share a name keep their "
+        "extension in it, e.g. scene_png_label.png), "
         "<name>_overlay.png and, with --uncertainty, <name>_uncertainty.png (normalised predictive entropy) for "
         "every input image. --tile runs a Gaussian-blended sliding window; --tta averages the probabilities of "
         "flipped/rotated/rescaled inputs (inside every tile when tiling); --crf refines with a dense CRF.",
@@ -123,6 +141,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crf", action="store_true", help="refine with a dense CRF (mean field, Potts, 5 iterations)")
     p.add_argument("--crf-iterations", type=int, default=5, help="mean-field iterations of --crf (default 5)")
     p.add_argument("--uncertainty", action="store_true", help="also write <name>_uncertainty.png (entropy heat map)")
+    p.add_argument(
+        "--threshold", type=float, default=0.5, help="binary models (one output): foreground where p > this (0.5)"
+    )
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        default=commands.MAX_WHOLE_IMAGE_PIXELS,
+        help=f"images above this many pixels are predicted in {commands.AUTO_TILE}-pixel tiles when --tile is not "
+        f"given (default {commands.MAX_WHOLE_IMAGE_PIXELS}, i.e. 2048x2048); above {commands.STRIP_PIXELS} pixels "
+        "the image is read and predicted by strips when neither --crf nor --uncertainty needs its probabilities",
+    )
+    p.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=commands.PREDICT_MAX_IMAGE_PIXELS,
+        help="refuse image files above this many pixels (decompression-bomb guard; default 2^30)",
+    )
     p.set_defaults(func=commands.predict)
 
     p = sub.add_parser(
@@ -142,8 +177,55 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def version_string() -> str:
+    import platform
+
+    import torch
+    import torchvision
+
+    from maskworks import __version__
+
+    return (
+        f"maskworks {__version__} (torch {torch.__version__}, torchvision {torchvision.__version__}, "
+        f"Python {platform.python_version()})"
+    )
+
+
+def _commands(parser: argparse.ArgumentParser) -> list[str]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return list(action.choices)
+    return []
+
+
+def _check_command(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """Exit with "did you mean" for a mistyped subcommand (argparse itself only lists the choices)."""
+    word = next((a for a in argv if not a.startswith("-")), None)  # the only top-level flags take no value
+    names = _commands(parser)
+    if word is None or word in names:
+        return
+    close = difflib.get_close_matches(word, names, n=1, cutoff=0.6)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    parser.print_usage(sys.stderr)
+    print(f"maskworks: error: unknown command '{word}'; {hint}commands: {', '.join(names)}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _describe(e: BaseException) -> str:
+    """One line for an error, with the file for OS errors (errno names such as 'No space left on device')."""
+    if isinstance(e, OSError) and e.strerror and not isinstance(e, FileNotFoundError | FileExistsError):
+        where = f": {e.filename}" if e.filename else ""
+        return f"{e.strerror.lower()}{where}"
+    text = " ".join(str(e).split("\n")[0].split()) if str(e) else type(e).__name__
+    if isinstance(e, FileNotFoundError) and e.strerror and e.filename:
+        text = f"{e.strerror.lower()}: {e.filename}"
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    _check_command(parser, argv)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
@@ -155,16 +237,32 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, ValueError, FileNotFoundError, TypeError) as e:
-        print(f"maskworks {args.command}: error: {e}", file=sys.stderr)
-        if args.verbose:
-            raise
-        return 2
     except KeyboardInterrupt:
         print(f"maskworks {args.command}: interrupted", file=sys.stderr)
         return 130
+    except (ConfigError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, TypeError) as e:
+        # Bad input: a config value, a dataset or checkpoint file, a path. Dataset errors may list several files.
+        message = str(e) if isinstance(e, ValueError) and "\n" in str(e) else _describe(e)
+        print(f"maskworks {args.command}: error: {message}", file=sys.stderr)
+        if args.verbose:
+            raise
+        return 2
+    except OSError as e:  # disk full, permissions, I/O errors while writing outputs
+        print(f"maskworks {args.command}: error: {_describe(e)}", file=sys.stderr)
+        if args.verbose:
+            raise
+        return 1
     except RuntimeError as e:  # TrainingDiverged and friends
-        print(f"maskworks {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
+        print(f"maskworks {args.command}: {type(e).__name__}: {_describe(e)}", file=sys.stderr)
+        if args.verbose:
+            raise
+        return 1
+    except Exception as e:  # a defect: one line here, the traceback with -v
+        print(
+            f"maskworks {args.command}: internal error: {type(e).__name__}: {_describe(e)} (run with -v for the "
+            "traceback)",
+            file=sys.stderr,
+        )
         if args.verbose:
             raise
         return 1

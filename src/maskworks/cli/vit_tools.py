@@ -136,8 +136,9 @@ def complexity(args: argparse.Namespace) -> int:
         max_memory_mib=args.max_memory_mib,
     )
     print(complexity_table(rows))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    from maskworks.cli.commands import prepare_out_dir
+
+    out = prepare_out_dir(args.out)
     config = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
     report = {"unit": "MACs per image (1 MAC = 2 FLOPs)", "config": config, "machine": machine_info(device)}
     report["rows"] = rows
@@ -272,8 +273,9 @@ def attention(args: argparse.Namespace) -> int:
     in_ch = int(meta.get("in_channels", getattr(model, "in_channels", 3)))
     mean = meta.get("mean", _DEFAULT_MEAN_STD[0][:in_ch])
     std = meta.get("std", _DEFAULT_MEAN_STD[1][:in_ch])
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    from maskworks.cli.commands import prepare_out_dir
+
+    out = prepare_out_dir(args.out)
     seen: set[str] = set()
     for f in files:
         try:

@@ -30,14 +30,22 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from maskworks.checkpoint import atomic_torch_save, atomic_write_bytes, save_model, unwrap_model
+from maskworks.checkpoint import (
+    CheckpointError,
+    atomic_torch_save,
+    atomic_write_bytes,
+    load_training_state,
+    save_model,
+    unwrap_model,
+)
 from maskworks.data import collate_samples as collate
 from maskworks.engine.distributed import DistInfo, ShardedSampler, all_reduce_sum, init_distributed
 from maskworks.engine.optim import build_optimizer, build_scheduler
 from maskworks.losses import CrossEntropyLoss, split_outputs
 from maskworks.metrics import ConfusionMatrix
+from maskworks.metrics.confusion import check_finite
 
-__all__ = ["Trainer", "TrainingDiverged", "resolve_device", "dataset_meta", "seed_everything"]
+__all__ = ["Trainer", "TrainingDiverged", "RunFolderExists", "resolve_device", "dataset_meta", "seed_everything"]
 
 log = logging.getLogger(__name__)
 AMP_MODES = ("auto", "off", "bf16", "fp16")
@@ -45,6 +53,22 @@ AMP_MODES = ("auto", "off", "bf16", "fp16")
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is left untouched."""
+
+
+class RunFolderExists(FileExistsError):
+    """A new run was started in a folder that already holds one (resume it, or overwrite it explicitly)."""
+
+
+# What a run writes into its folder; a fresh run refuses a folder holding any of them unless told to overwrite.
+RUN_OUTPUTS = (
+    "checkpoints/last.pt",
+    "history.jsonl",
+    "steps.jsonl",
+    "best.safetensors",
+    "best.json",
+    "final.safetensors",
+    "final.json",
+)
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -287,19 +311,43 @@ class Trainer:
             atomic_torch_save(self._state(epoch), self.checkpoint_path)
 
     def load_checkpoint(self, path: str | os.PathLike | None = None) -> int:
-        """Restore the training state; returns the number of completed epochs."""
+        """Restore the training state; returns the number of completed epochs.
+
+        Raises:
+            FileNotFoundError: no checkpoint at ``path``.
+            CheckpointError: the file is not a readable training state, or does not fit this model / optimizer.
+            ValueError: the checkpoint already completed ``epochs`` (or more) epochs: nothing is left to run.
+        """
         path = Path(path) if path else self.checkpoint_path
         if not path.exists():
             raise FileNotFoundError(f"cannot resume: no checkpoint at {path}")
-        state = torch.load(path, map_location=self.device, weights_only=True)
-        unwrap_model(self.model).load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.best_miou, self.history = state["best_miou"], list(state["history"])
-        self.start_epoch = int(state["epoch"])
-        log.info("resumed from %s after epoch %d", path, self.start_epoch)
+        state = load_training_state(path, map_location=self.device)
+        done = int(state["epoch"])
+        if done >= self.epochs:
+            raise ValueError(
+                f"cannot resume {path}: the run already finished {done} epoch(s) and epochs={self.epochs}; "
+                f"set epochs above {done} to train further"
+            )
+        try:
+            unwrap_model(self.model).load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.scaler.load_state_dict(state["scaler"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(
+                f"{path} does not fit this model and optimizer ({first}); resume with the settings the run was "
+                "started with"
+            ) from e
+        self.best_miou, self.history = state.get("best_miou", -math.inf), list(state.get("history", []))
+        self.start_epoch = done
+        self._resumed_from = path
+        log.info("resumed from %s after epoch %d of %d", path, self.start_epoch, self.epochs)
         return self.start_epoch
+
+    def existing_outputs(self) -> list[Path]:
+        """Files of an earlier run in the run folder."""
+        return [self.run_dir / name for name in RUN_OUTPUTS if (self.run_dir / name).exists()]
 
     def _rewrite_logs(self) -> None:
         """After a resume, keep only log rows of completed epochs."""
@@ -318,19 +366,34 @@ class Trainer:
                 f.write(json.dumps(row) + "\n")
 
     # ------------------------------------------------------------------ loop
-    def fit(self, resume: bool = False) -> dict:
+    def fit(self, resume: bool = False, overwrite: bool = False) -> dict:
         """Train for the configured epochs (continuing from the last checkpoint if ``resume``).
+
+        Args:
+            resume: continue from ``run_dir/checkpoints/last.pt`` (loaded here unless :meth:`load_checkpoint` ran).
+            overwrite: start afresh in a folder that holds an earlier run, deleting its checkpoints and logs.
+                Without it, such a folder is refused (:class:`RunFolderExists`) and nothing in it is touched.
 
         Returns:
             Summary dict: ``best_miou``, ``final`` (last epoch's log row), ``history``, ``run_dir``.
         """
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise NotADirectoryError(f"run folder {self.run_dir} is a file; expected a folder")
         if resume:
-            self.load_checkpoint()
+            if getattr(self, "_resumed_from", None) is None:
+                self.load_checkpoint()
             self._rewrite_logs()
-        elif self.dist.is_main:
-            for name in ("history.jsonl", "steps.jsonl"):
-                (self.run_dir / name).unlink(missing_ok=True)
+        else:
+            earlier = self.existing_outputs()
+            if earlier and not overwrite:
+                raise RunFolderExists(
+                    f"run folder {self.run_dir} already holds a run ({', '.join(p.name for p in earlier[:3])}); "
+                    "resume it, choose another folder, or overwrite it explicitly"
+                )
+            if self.dist.is_main:
+                for path in earlier:
+                    path.unlink()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         for epoch in range(self.start_epoch, self.epochs):
             row = {"epoch": epoch + 1, **self.train_one_epoch(epoch)}
             if self.val_loader is not None and ((epoch + 1) % self.eval_every == 0 or epoch + 1 == self.epochs):
@@ -456,6 +519,7 @@ class Trainer:
             if cm is None:
                 k = self.num_classes or max(2, logits.shape[1])
                 cm = ConfusionMatrix(k, ignore_index=self.ignore_index, device=self.device)
+            check_finite(logits, "validation logits")  # argmax would count NaN as class 0
             pred = logits.argmax(1) if logits.shape[1] > 1 else (logits[:, 0] > 0).long()
             cm.update(pred, batch["mask"].to(self.device))
         if cm is None:

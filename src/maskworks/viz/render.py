@@ -231,11 +231,16 @@ def overlay(
     m = _label_array(mask)
     if m.shape != rgb.shape[:2]:
         raise ValueError(f"mask shape {m.shape} does not match image size {rgb.shape[:2]}")
-    color = colorize(m, palette, ignore_index=ignore_index).astype(np.float64)
-    blend = np.round((1.0 - alpha) * rgb.astype(np.float64) + alpha * color).astype(np.uint8)
-    if ignore_index is not None:
-        keep = m == ignore_index
-        blend[keep] = rgb[keep]
+    blend = np.empty_like(rgb)
+    rows = max(1, (1 << 20) // max(1, rgb.shape[1]))  # blocks of about a million pixels: memory bounded on any size
+    for r in range(0, rgb.shape[0], rows):
+        image_rows, labels = rgb[r : r + rows], m[r : r + rows]
+        color = colorize(labels, palette, ignore_index=ignore_index).astype(np.float64)
+        out = np.round((1.0 - alpha) * image_rows.astype(np.float64) + alpha * color).astype(np.uint8)
+        if ignore_index is not None:
+            keep = labels == ignore_index
+            out[keep] = image_rows[keep]
+        blend[r : r + rows] = out
     return blend
 
 
