@@ -367,3 +367,17 @@ def test_a_training_state_given_as_checkpoint_points_to_the_model_checkpoints(tr
     assert main(["eval", "--checkpoint", str(trained / "checkpoints" / "last.pt")]) == 2
     line = _one_line_error(capsys, "last.pt", "training state", "best.safetensors")
     assert "last.safetensors" not in line
+
+
+def test_a_truncated_file_stops_training_before_the_first_epoch(tmp_path, capsys):
+    data = tmp_path / "data"
+    _write_folder(data, labels=(0, 1, 2))
+    mask = data / "masks" / "s4.png"
+    mask.write_bytes(mask.read_bytes()[:60])  # a header and part of the pixel data
+    run = tmp_path / "run"
+    args = ["train", "--data", "folder", "--root", str(data), *TINY, "--epochs", "2", "--run-dir", str(run)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "s4.png" in err
+    assert err.splitlines()[0].startswith("maskworks train: error:")
+    assert not (run / "history.jsonl").exists() and not (run / "checkpoints").exists()
