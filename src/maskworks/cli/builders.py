@@ -275,26 +275,10 @@ def build_loss(train_cfg: dict, train_set=None, ignore_index: int = 255):
         raise ConfigError(f"train.loss: {e}") from e
 
 
-TRAINER_KEYS = (
-    "epochs",
-    "batch_size",
-    "optimizer",
-    "lr",
-    "weight_decay",
-    "momentum",
-    "schedule",
-    "warmup_epochs",
-    "amp",
-    "grad_clip",
-    "seed",
-    "deterministic",
-    "num_workers",
-    "device",
-    "eval_every",
-    "eval_batch_size",
-    "log_every",
-)
-
-
 def trainer_kwargs(train_cfg: dict) -> dict:
-    return {k: train_cfg[k] for k in TRAINER_KEYS if k in train_cfg}
+    """The ``train.*`` settings that are :class:`~maskworks.engine.Trainer` arguments (the others — loss, class
+    weights, sampling — are turned into objects by the builders above)."""
+    from maskworks.engine import Trainer
+
+    params = inspect.signature(Trainer.__init__).parameters
+    return {k: v for k, v in train_cfg.items() if k in params and k not in ("loss_fn", "sample_weights", "meta")}
