@@ -16,7 +16,10 @@ from maskworks.cli.config import ConfigError
 
 log = logging.getLogger(__name__)
 
-DATASETS = ("synthetic", "folder", "camvid", "isbi2012")
+DATASETS = ("synthetic", "folder", "camvid", "isbi2012", "voc", "cityscapes", "ade20k", "cocostuff")
+# Readers of a fixed public layout under data.root (default ../shared/data/<name>), with named splits.
+STANDARD_DATASETS = ("camvid", "isbi2012", "voc", "cityscapes", "ade20k", "cocostuff")
+
 _TRANSFORM_KEYS = ("crop_size", "scale_range", "hflip", "vflip", "rotate", "elastic", "color_jitter")
 
 
@@ -27,9 +30,27 @@ def default_data_root(name: str) -> Path:
 
 def reader_class(name: str):
     """The dataset class behind ``data.name``."""
-    from maskworks.data import ISBI2012, CamVid, FolderDataset, SyntheticShapes
+    from maskworks.data import (
+        ADE20K,
+        ISBI2012,
+        CamVid,
+        Cityscapes,
+        CocoStuff,
+        FolderDataset,
+        SyntheticShapes,
+        VOCSegmentation,
+    )
 
-    readers = {"synthetic": SyntheticShapes, "folder": FolderDataset, "camvid": CamVid, "isbi2012": ISBI2012}
+    readers = {
+        "synthetic": SyntheticShapes,
+        "folder": FolderDataset,
+        "camvid": CamVid,
+        "isbi2012": ISBI2012,
+        "voc": VOCSegmentation,
+        "cityscapes": Cityscapes,
+        "ade20k": ADE20K,
+        "cocostuff": CocoStuff,
+    }
     if name not in readers:
         close = difflib.get_close_matches(str(name), list(readers), n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""
@@ -48,6 +69,7 @@ _BUILDER_KEYS = {
     "image_size",
     "validate",
     "copy_paste",
+    "train_split",
 }
 _BUILDER_KEYS |= set(_TRANSFORM_KEYS)
 _NOT_OPTIONS = {"self", "root", "split", "transform"}
@@ -95,13 +117,14 @@ def _check_class_count(dataset, data: dict[str, Any]) -> None:
 
 def build_split(data: dict[str, Any], split: str):
     """One split of the configured dataset, for evaluation or prediction: ``train`` / ``val`` for every dataset,
-    ``test`` for CamVid, ``all`` for ISBI 2012 and folder datasets (every sample)."""
+    ``test`` for CamVid and Cityscapes, ``trainval`` / ``train_aug`` for VOC, ``train_extra`` for Cityscapes
+    (``data.annotations=gtCoarse``), ``all`` for ISBI 2012 and folder datasets (every sample)."""
     from maskworks.data import build_transforms
 
     name = data["name"]
     cls = reader_class(name)
     options = reader_options(data)
-    if name in ("camvid", "isbi2012"):
+    if name in STANDARD_DATASETS:
         ds = _make(
             cls,
             data.get("root") or default_data_root(name),
@@ -133,7 +156,10 @@ def _tf_kwargs(data: dict[str, Any]) -> dict:
 
 
 def build_datasets(data: dict[str, Any], with_train: bool = True, augment: bool = True) -> tuple[Any, Any]:
-    """``(train_set, val_set)`` for a data config section (train_set is None if not ``with_train``)."""
+    """``(train_set, val_set)`` for a data config section (train_set is None if not ``with_train``).
+
+    The standard datasets train on ``data.train_split`` (default ``"train"``; e.g. ``train_aug`` or ``trainval``
+    for VOC) and validate on ``"val"``."""
     from maskworks.data import build_transforms
 
     name = data["name"]
@@ -141,6 +167,11 @@ def build_datasets(data: dict[str, Any], with_train: bool = True, augment: bool 
     options = reader_options(data)
     train_tf = build_transforms(train=True, **_tf_kwargs(data)) if augment else build_transforms(train=False)
     val_tf = build_transforms(train=False)
+    if name not in STANDARD_DATASETS and data.get("train_split") not in (None, "train"):
+        raise ConfigError(
+            f"data.train_split={data['train_split']!r} is not available for data.name={name!r}; it chooses the "
+            f"training split of {', '.join(STANDARD_DATASETS)}"
+        )
     if name == "synthetic":
         train = (
             _make(cls, num_samples=data["num_train"], split="train", transform=train_tf, **options)
@@ -149,9 +180,10 @@ def build_datasets(data: dict[str, Any], with_train: bool = True, augment: bool 
         )
         val = _make(cls, num_samples=data["num_val"], split="val", transform=val_tf, **options)
         return train, val
-    if name in ("camvid", "isbi2012"):
+    if name in STANDARD_DATASETS:
         root = data.get("root") or default_data_root(name)
-        train = _make(cls, root, split="train", transform=train_tf, **options) if with_train else None
+        train_split = data.get("train_split") or "train"
+        train = _make(cls, root, split=train_split, transform=train_tf, **options) if with_train else None
         val = _make(cls, root, split="val", transform=val_tf, **options)
         _check_class_count(val, data)
         return train, val

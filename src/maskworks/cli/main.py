@@ -15,6 +15,7 @@ EPILOG = """examples:
   maskworks train --data camvid --set train.epochs=50 --run-dir runs/camvid
   maskworks train --config configs/camvid_unet.yaml --set model.encoder=resnet34
   maskworks train --data folder --set data.root=my_data --resume --run-dir runs/mine
+  maskworks train --data voc --root ../data/VOCdevkit --set data.train_split=train_aug
   maskworks eval --checkpoint runs/camvid/best.safetensors
   maskworks predict --checkpoint runs/camvid/best.safetensors photos/ --out preds/
   maskworks bench unet_resnet34 --mode both         # ours vs smp, same weights, interleaved timing
@@ -35,7 +36,10 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override a config value, e.g. --set train.lr=0.01 --set model.encoder=resnet34 (repeatable)",
     )
-    p.add_argument("--data", help="dataset shortcut for data.name: synthetic | folder | camvid | isbi2012")
+    p.add_argument(
+        "--data",
+        help="dataset shortcut for data.name: synthetic | folder | camvid | isbi2012 | voc | cityscapes | ade20k | cocostuff",
+    )
     p.add_argument("--root", help="shortcut for data.root (dataset folder)")
     p.add_argument("--model", help="shortcut for model.name (see `maskworks models`)")
     p.add_argument("--epochs", type=int, help="shortcut for train.epochs")
@@ -101,7 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--checkpoint", required=True, help="a .safetensors checkpoint with its .json beside it")
     _add_config_args(p)
-    p.add_argument("--split", default="val", help="dataset split: train, val, test (camvid), all (isbi2012, folder)")
+    p.add_argument(
+        "--split",
+        default="val",
+        help="dataset split: train, val; test (camvid, cityscapes), trainval / train_aug (voc), train_extra (cityscapes "
+        "with data.annotations=gtCoarse), all (isbi2012, folder)",
+    )
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--out", help="folder for the report (default: the checkpoint's folder)")
     p.add_argument(

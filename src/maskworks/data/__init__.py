@@ -1,6 +1,9 @@
 """Datasets, joint transforms and file reading: every dataset returns the sample dict of :mod:`maskworks.data.io`."""
 
+from maskworks.data.ade20k import ADE20K
 from maskworks.data.camvid import CamVid
+from maskworks.data.cityscapes import Cityscapes
+from maskworks.data.cocostuff import CocoStuff
 from maskworks.data.copy_paste import BankedObject, RareClassCopyPaste, extract_objects
 from maskworks.data.folder import FolderDataset, PairedFileDataset
 from maskworks.data.io import (
@@ -28,14 +31,18 @@ from maskworks.data.transforms import (
     segmentation_fill,
 )
 from maskworks.data.validate import validate_dataset
+from maskworks.data.voc import VOCSegmentation
 
 __all__ = [
+    "ADE20K",
     "BankedObject",
     "RareClassCopyPaste",
     "extract_objects",
     "IGNORE_INDEX",
     "IMAGE_EXTENSIONS",
     "CamVid",
+    "Cityscapes",
+    "CocoStuff",
     "DatasetError",
     "FolderDataset",
     "GaussianNoise",
@@ -46,6 +53,7 @@ __all__ = [
     "RandomScale",
     "SegmentationDataset",
     "SyntheticShapes",
+    "VOCSegmentation",
     "build_transforms",
     "collate_samples",
     "default_palette",

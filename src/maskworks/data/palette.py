@@ -1,4 +1,5 @@
-"""Class names and colours: the built-in datasets' tables, a default palette and class-file parsing.
+"""Class names and colours: the built-in datasets' tables (CamVid, ISBI 2012, Pascal VOC, Cityscapes, ADE20K,
+COCO-Stuff), a default palette and class-file parsing.
 
 A class file lists one class per line in id order, either ``name`` or ``name r g b`` (commas allowed), with
 ``#`` comments; or a JSON list of names or of ``{"name": ..., "color": [r, g, b]}`` objects. Entries named
@@ -76,6 +77,160 @@ def default_palette(num_classes: int) -> list[Color]:
             c >>= 3
         colors.append((r, g, b))
     return colors
+
+
+# Pascal VOC 2012 (Everingham et al., 2010): 20 object classes and background.
+VOC_CLASSES = (
+    "background",
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
+    "tvmonitor",
+)
+# The VOC colour map is default_palette (bit-interleaved ids); palette index 255 (224, 224, 192) marks the object
+# borders that VOC ignores.
+VOC_PALETTE: tuple[Color, ...] = tuple(default_palette(len(VOC_CLASSES)))
+VOC_BORDER_COLOR: Color = default_palette(256)[255]
+
+# Cityscapes (Cordts et al., 2016): the official label table of cityscapesScripts (helpers/labels.py) as
+# (label id, train id, name, colour); train id 255 = ignored in training and evaluation. The "license plate" label
+# has id -1 (train id -1 there, ignored here) and is never written into *_labelIds.png files: its pixels keep the
+# vehicle's id.
+CITYSCAPES_LABELS: tuple[tuple[int, int, str, Color], ...] = (
+    (0, 255, "unlabeled", (0, 0, 0)),
+    (1, 255, "ego vehicle", (0, 0, 0)),
+    (2, 255, "rectification border", (0, 0, 0)),
+    (3, 255, "out of roi", (0, 0, 0)),
+    (4, 255, "static", (0, 0, 0)),
+    (5, 255, "dynamic", (111, 74, 0)),
+    (6, 255, "ground", (81, 0, 81)),
+    (7, 0, "road", (128, 64, 128)),
+    (8, 1, "sidewalk", (244, 35, 232)),
+    (9, 255, "parking", (250, 170, 160)),
+    (10, 255, "rail track", (230, 150, 140)),
+    (11, 2, "building", (70, 70, 70)),
+    (12, 3, "wall", (102, 102, 156)),
+    (13, 4, "fence", (190, 153, 153)),
+    (14, 255, "guard rail", (180, 165, 180)),
+    (15, 255, "bridge", (150, 100, 100)),
+    (16, 255, "tunnel", (150, 120, 90)),
+    (17, 5, "pole", (153, 153, 153)),
+    (18, 255, "polegroup", (153, 153, 153)),
+    (19, 6, "traffic light", (250, 170, 30)),
+    (20, 7, "traffic sign", (220, 220, 0)),
+    (21, 8, "vegetation", (107, 142, 35)),
+    (22, 9, "terrain", (152, 251, 152)),
+    (23, 10, "sky", (70, 130, 180)),
+    (24, 11, "person", (220, 20, 60)),
+    (25, 12, "rider", (255, 0, 0)),
+    (26, 13, "car", (0, 0, 142)),
+    (27, 14, "truck", (0, 0, 70)),
+    (28, 15, "bus", (0, 60, 100)),
+    (29, 255, "caravan", (0, 0, 90)),
+    (30, 255, "trailer", (0, 0, 110)),
+    (31, 16, "train", (0, 80, 100)),
+    (32, 17, "motorcycle", (0, 0, 230)),
+    (33, 18, "bicycle", (119, 11, 32)),
+    (-1, 255, "license plate", (0, 0, 142)),
+)
+_CITYSCAPES_TRAIN = sorted((t, name, color) for _, t, name, color in CITYSCAPES_LABELS if t != 255)
+CITYSCAPES_CLASSES = tuple(name for _, name, _ in _CITYSCAPES_TRAIN)
+CITYSCAPES_PALETTE: tuple[Color, ...] = tuple(color for _, _, color in _CITYSCAPES_TRAIN)
+
+# ADE20K SceneParsing (Zhou et al., 2017), ADEChallengeData2016: 150 classes in annotation order 1..150. Names are
+# the official toolkit's (CSAILVision/sceneparsing) short names: the first name of each objectInfo150 entry, as its
+# colour legend visualizationCode/color150/<name>.jpg spells them ("television receiver" for class 90). Colours are
+# its visualizationCode/color150.mat (road and skyscraper share (140, 140, 140) there).
+# fmt: off
+ADE20K_CLASSES = (
+    "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass", "cabinet",
+    "sidewalk", "person", "earth", "door", "table", "mountain", "plant", "curtain", "chair", "car", "water",
+    "painting", "sofa", "shelf", "house", "sea", "mirror", "rug", "field", "armchair", "seat", "fence", "desk",
+    "rock", "wardrobe", "lamp", "bathtub", "railing", "cushion", "base", "box", "column", "signboard",
+    "chest of drawers", "counter", "sand", "sink", "skyscraper", "fireplace", "refrigerator", "grandstand", "path",
+    "stairs", "runway", "case", "pool table", "pillow", "screen door", "stairway", "river", "bridge", "bookcase",
+    "blind", "coffee table", "toilet", "flower", "book", "hill", "bench", "countertop", "stove", "palm",
+    "kitchen island", "computer", "swivel chair", "boat", "bar", "arcade machine", "hovel", "bus", "towel", "light",
+    "truck", "tower", "chandelier", "awning", "streetlight", "booth", "television receiver", "airplane",
+    "dirt track", "apparel", "pole", "land", "bannister", "escalator", "ottoman", "bottle", "buffet", "poster",
+    "stage", "van", "ship", "fountain", "conveyer belt", "canopy", "washer", "plaything", "swimming pool", "stool",
+    "barrel", "basket", "waterfall", "tent", "bag", "minibike", "cradle", "oven", "ball", "food", "step", "tank",
+    "trade name", "microwave", "pot", "animal", "bicycle", "lake", "dishwasher", "screen", "blanket", "sculpture",
+    "hood", "sconce", "vase", "traffic light", "tray", "ashcan", "fan", "pier", "crt screen", "plate", "monitor",
+    "bulletin board", "shower", "radiator", "glass", "clock", "flag",
+)
+ADE20K_PALETTE: tuple[Color, ...] = (
+    (120, 120, 120), (180, 120, 120), (6, 230, 230), (80, 50, 50), (4, 200, 3), (120, 120, 80), (140, 140, 140),
+    (204, 5, 255), (230, 230, 230), (4, 250, 7), (224, 5, 255), (235, 255, 7), (150, 5, 61), (120, 120, 70),
+    (8, 255, 51), (255, 6, 82), (143, 255, 140), (204, 255, 4), (255, 51, 7), (204, 70, 3), (0, 102, 200),
+    (61, 230, 250), (255, 6, 51), (11, 102, 255), (255, 7, 71), (255, 9, 224), (9, 7, 230), (220, 220, 220),
+    (255, 9, 92), (112, 9, 255), (8, 255, 214), (7, 255, 224), (255, 184, 6), (10, 255, 71), (255, 41, 10),
+    (7, 255, 255), (224, 255, 8), (102, 8, 255), (255, 61, 6), (255, 194, 7), (255, 122, 8), (0, 255, 20),
+    (255, 8, 41), (255, 5, 153), (6, 51, 255), (235, 12, 255), (160, 150, 20), (0, 163, 255), (140, 140, 140),
+    (250, 10, 15), (20, 255, 0), (31, 255, 0), (255, 31, 0), (255, 224, 0), (153, 255, 0), (0, 0, 255),
+    (255, 71, 0), (0, 235, 255), (0, 173, 255), (31, 0, 255), (11, 200, 200), (255, 82, 0), (0, 255, 245),
+    (0, 61, 255), (0, 255, 112), (0, 255, 133), (255, 0, 0), (255, 163, 0), (255, 102, 0), (194, 255, 0),
+    (0, 143, 255), (51, 255, 0), (0, 82, 255), (0, 255, 41), (0, 255, 173), (10, 0, 255), (173, 255, 0),
+    (0, 255, 153), (255, 92, 0), (255, 0, 255), (255, 0, 245), (255, 0, 102), (255, 173, 0), (255, 0, 20),
+    (255, 184, 184), (0, 31, 255), (0, 255, 61), (0, 71, 255), (255, 0, 204), (0, 255, 194), (0, 255, 82),
+    (0, 10, 255), (0, 112, 255), (51, 0, 255), (0, 194, 255), (0, 122, 255), (0, 255, 163), (255, 153, 0),
+    (0, 255, 10), (255, 112, 0), (143, 255, 0), (82, 0, 255), (163, 255, 0), (255, 235, 0), (8, 184, 170),
+    (133, 0, 255), (0, 255, 92), (184, 0, 255), (255, 0, 31), (0, 184, 255), (0, 214, 255), (255, 0, 112),
+    (92, 255, 0), (0, 224, 255), (112, 224, 255), (70, 184, 160), (163, 0, 255), (153, 0, 255), (71, 255, 0),
+    (255, 0, 163), (255, 204, 0), (255, 0, 143), (0, 255, 235), (133, 255, 0), (255, 0, 235), (245, 0, 255),
+    (255, 0, 122), (255, 245, 0), (10, 190, 212), (214, 255, 0), (0, 204, 255), (20, 0, 255), (255, 255, 0),
+    (0, 153, 255), (0, 41, 255), (0, 255, 204), (41, 0, 255), (41, 255, 0), (173, 0, 255), (0, 245, 255),
+    (71, 0, 255), (122, 0, 255), (0, 255, 184), (0, 92, 255), (184, 255, 0), (0, 133, 255), (255, 214, 0),
+    (25, 194, 194), (102, 255, 0), (92, 0, 255),
+)
+# fmt: on
+
+# COCO-Stuff 164k (Caesar et al., 2018): the 182 labels of the official list (nightrome/cocostuff labels.txt, ids
+# 1..182) in the order of the stuffthingmaps PNG values 0..181 (value = id - 1; 255 = unlabeled): 91 thing labels
+# of COCO (80 annotated) then 91 stuff labels.
+# fmt: off
+COCOSTUFF_LABELS = (
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
+    "fire hydrant", "street sign", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep",
+    "cow", "elephant", "bear", "zebra", "giraffe", "hat", "backpack", "umbrella", "shoe", "eye glasses", "handbag",
+    "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove",
+    "skateboard", "surfboard", "tennis racket", "bottle", "plate", "wine glass", "cup", "fork", "knife", "spoon",
+    "bowl", "banana", "apple", "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake",
+    "chair", "couch", "potted plant", "bed", "mirror", "dining table", "window", "desk", "toilet", "door", "tv",
+    "laptop", "mouse", "remote", "keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator",
+    "blender", "book", "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush", "hair brush",
+    "banner", "blanket", "branch", "bridge", "building-other", "bush", "cabinet", "cage", "cardboard", "carpet",
+    "ceiling-other", "ceiling-tile", "cloth", "clothes", "clouds", "counter", "cupboard", "curtain", "desk-stuff",
+    "dirt", "door-stuff", "fence", "floor-marble", "floor-other", "floor-stone", "floor-tile", "floor-wood",
+    "flower", "fog", "food-other", "fruit", "furniture-other", "grass", "gravel", "ground-other", "hill", "house",
+    "leaves", "light", "mat", "metal", "mirror-stuff", "moss", "mountain", "mud", "napkin", "net", "paper",
+    "pavement", "pillow", "plant-other", "plastic", "platform", "playingfield", "railing", "railroad", "river",
+    "road", "rock", "roof", "rug", "salad", "sand", "sea", "shelf", "sky-other", "skyscraper", "snow",
+    "solid-other", "stairs", "stone", "straw", "structural-other", "table", "tent", "textile-other", "towel",
+    "tree", "vegetable", "wall-brick", "wall-concrete", "wall-other", "wall-panel", "wall-stone", "wall-tile",
+    "wall-wood", "water-other", "waterdrops", "window-blind", "window-other", "wood",
+)
+# fmt: on
+# PNG values of the 11 COCO thing labels that were never annotated (street sign, hat, shoe, eye glasses, plate,
+# mirror, window, desk, door, blender, hair brush): no pixel holds them, so they are not classes.
+COCOSTUFF_UNUSED = (11, 25, 28, 29, 44, 65, 67, 68, 70, 82, 90)
+COCOSTUFF_CLASSES = tuple(name for i, name in enumerate(COCOSTUFF_LABELS) if i not in COCOSTUFF_UNUSED)
 
 
 def _parse_color(values: list, path: Path, where: str) -> Color:
