@@ -282,3 +282,23 @@ def test_train_with_compound_loss_median_weights_and_rare_class_sampling(tmp_pat
     assert json.loads((run / "history.jsonl").read_text().splitlines()[0])["train_loss"] > 0
     assert main([*args[:-2], "--set", "train.loss=ce+dicee", "--run-dir", str(run)]) == 2
     assert main([*args[:-2], "--set", "data.copy_paste={classes: [2], q: 1}", "--run-dir", str(run)]) == 2
+
+
+def test_eval_and_predict_with_folded_batchnorm_give_the_same_results(tmp_path, capsys):
+    run = tmp_path / "run"
+    common = ["--model", "unet", "--set", "model.encoder=resnet18", "--no-progress", "--set", "train.device=cpu"]
+    data = ["--data", "synthetic", "--set", "data.image_size=32", "--set", "data.num_train=8", "--set", "data.num_val=4"]
+    assert main(["train", *data, *common, "--epochs", "1", "--set", "train.batch_size=4", "--run-dir", str(run)]) == 0
+    ckpt = str(run / "best.safetensors")
+    reports = {}
+    for flag in ([], ["--fuse-bn"]):
+        out = tmp_path / f"ev{len(flag)}"
+        assert main(["eval", "--checkpoint", ckpt, "--out", str(out), "--metrics", "confusion", *flag]) == 0
+        reports[len(flag)] = json.loads((out / "eval.json").read_text())
+    assert reports[0]["iou"] == reports[1]["iou"] and reports[0]["miou"] == reports[1]["miou"]
+    img = tmp_path / "x.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(img)
+    for flag in ([], ["--fuse-bn"]):
+        assert main(["predict", str(img), "--checkpoint", ckpt, "--out", str(tmp_path / f"p{len(flag)}"), *flag]) == 0
+    a, b = (np.asarray(Image.open(tmp_path / d / "x_label.png")) for d in ("p0", "p1"))
+    np.testing.assert_array_equal(a, b)

@@ -26,6 +26,7 @@ from maskworks.cli.config import (
     load_config,
 )
 from maskworks.data.transforms import normalize_image
+from maskworks.engine.perf import images_to
 
 log = logging.getLogger("maskworks")
 
@@ -199,6 +200,25 @@ def _model_and_meta(checkpoint: str, device: str):
     return model, model.maskworks_meta, dev
 
 
+def _inference_model(model, fuse_bn: bool):
+    """The model as ``eval`` / ``predict`` run it: channels-last for convolutional models (the rule of
+    :func:`maskworks.engine.perf.prefers_channels_last`) and, with ``--fuse-bn``, BatchNorm folded into the
+    convolutions (:func:`maskworks.inference.fuse_conv_bn`). Returns ``(model, channels_last)``."""
+    from maskworks.engine.perf import prefers_channels_last
+    from maskworks.inference import prepare_for_inference
+
+    channels_last = prefers_channels_last(model)
+    if not fuse_bn:
+        if channels_last:
+            model.to(memory_format=torch.channels_last)  # in place: the loaded model is ours to change
+        return model, channels_last
+    prepared = prepare_for_inference(model, fuse=True, channels_last=channels_last)
+    if fuse_bn:
+        report = prepared.conv_bn_fusion
+        log.info("BatchNorm folding: %d layer(s) fused, %d left", report.num_fused, report.num_left)
+    return prepared, channels_last
+
+
 def model_output_classes(model) -> int:
     """Output channels of a checkpoint's model: its constructor's ``num_classes`` (1 = binary, sigmoid)."""
     config = getattr(model, "maskworks_config", None) or {}
@@ -250,6 +270,7 @@ def evaluate(args) -> int:
     cfg = resolve_config(args)
     out = prepare_out_dir(args.out if args.out else Path(args.checkpoint).parent)
     model, meta, dev = _model_and_meta(args.checkpoint, cfg["train"]["device"])
+    model, channels_last = _inference_model(model, args.fuse_bn)
     data_cfg = dict(cfg["data"])
     if args.data is None and not any(o.startswith("data.") for o in args.overrides) and "data_config" in meta:
         data_cfg = {**data_cfg, **meta["data_config"]}
@@ -278,9 +299,9 @@ def evaluate(args) -> int:
         metrics["calibration"] = Calibration(k, from_logits=True)
 
     t0 = time.perf_counter()
-    with torch.no_grad():
-        for batch in tqdm(loader, desc="eval", dynamic_ncols=True):
-            logits, _ = split_outputs(model(batch["image"].to(dev)))
+    with torch.inference_mode():
+        for batch in tqdm(loader, desc="eval", dynamic_ncols=True, disable=None):
+            logits, _ = split_outputs(model(images_to(batch["image"], dev, channels_last)))
             check_finite(logits, f"the logits of {args.checkpoint}")  # argmax would count NaN as class 0
             if out_classes == 1:
                 logits = binary_to_two_class(logits, threshold)
@@ -475,6 +496,7 @@ def predict(args) -> int:
     out = prepare_out_dir(args.out)
     model, meta, dev = _model_and_meta(args.checkpoint, args.device)
     k = model_output_classes(model)
+    model, channels_last = _inference_model(model, args.fuse_bn)
     in_ch = meta.get("in_channels", 3)
     mean, std = meta.get("mean", [0.5] * in_ch), meta.get("std", [0.25] * in_ch)
     palette = [tuple(c) for c in meta.get("palette") or default_palette(max(k, 2))]
@@ -485,8 +507,8 @@ def predict(args) -> int:
     bomb_limit = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = args.max_image_pixels  # files named on the command line may be large on purpose
     try:
-        with torch.no_grad():
-            for f, name in tqdm(list(zip(files, names)), desc="predict", dynamic_ncols=True):
+        with torch.inference_mode():
+            for f, name in tqdm(list(zip(files, names)), desc="predict", dynamic_ncols=True, disable=None):
                 rgb = read_image(f, channels=1 if in_ch == 1 else 3)  # (H, W, C) uint8
                 h, w = rgb.shape[:2]
                 tile = args.tile
@@ -509,7 +531,8 @@ def predict(args) -> int:
                     pred = _label_strips(model, f, args, k, in_ch, mean, std, out, dev)
                 else:
                     x = normalize_image(torch.from_numpy(rgb.copy()).permute(2, 0, 1), mean, std)[None]
-                    probs = predict_probs(model, x.to(dev), args, k, tile=tile)  # (1, K', H, W), K' = max(K, 2)
+                    x = images_to(x, dev, channels_last)
+                    probs = predict_probs(model, x, args, k, tile=tile)  # (1, K', H, W), K' = max(K, 2)
                     del x
                     check_finite(probs, f"the prediction for {f}", "probabilities")  # argmax would give class 0
                     if crf is not None:

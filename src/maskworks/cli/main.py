@@ -123,6 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--threshold", type=float, default=0.5, help="binary models (one output): foreground where p > this (0.5)"
     )
+    p.add_argument(
+        "--fuse-bn",
+        action="store_true",
+        help="fold BatchNorm layers into the convolutions before running (same outputs to float rounding, faster)",
+    )
     p.set_defaults(func=commands.evaluate)
 
     p = sub.add_parser(
@@ -152,6 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--uncertainty", action="store_true", help="also write <name>_uncertainty.png (entropy heat map)")
     p.add_argument(
         "--threshold", type=float, default=0.5, help="binary models (one output): foreground where p > this (0.5)"
+    )
+    p.add_argument(
+        "--fuse-bn",
+        action="store_true",
+        help="fold BatchNorm layers into the convolutions before running (same outputs to float rounding, faster)",
     )
     p.add_argument(
         "--max-pixels",
