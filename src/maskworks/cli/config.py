@@ -33,8 +33,8 @@ DEFAULTS: dict[str, Any] = {
     "run_dir": "runs/train",
     "model": {"name": "unet"},  # other keys are passed to the model constructor
     "data": {
-        "name": "synthetic",  # synthetic | folder | camvid | isbi2012
-        "root": None,  # folder datasets; camvid/isbi2012 default to ../shared/data/<name>
+        "name": "synthetic",  # synthetic | folder | camvid | isbi2012 | voc | cityscapes | ade20k | cocostuff
+        "root": None,  # folder datasets; the named datasets default to ../shared/data/<name>
         "val_root": None,  # folder: a separate validation folder (default: val_fraction split)
         "val_fraction": 0.1,
         "num_train": 1024,  # synthetic only
@@ -50,6 +50,7 @@ DEFAULTS: dict[str, Any] = {
         "copy_paste": None,  # rare classes to copy-paste, e.g. [5, 9, 10] or {classes: [...], p: 0.5, max_objects: 3}
         "num_classes": None,  # K; default: the class file / the dataset's own count / inferred from the masks
         "validate": True,  # check every image and mask file before training or evaluating (cached)
+        # data.train_split: the training split of a named dataset (default train; e.g. train_aug for voc).
         # Any other data.<key> is passed to the dataset reader's constructor (e.g. data.val_slices for isbi2012).
     },
     "train": {
@@ -74,6 +75,14 @@ DEFAULTS: dict[str, Any] = {
         "class_weights": None,  # a list, or inverse | median | effective | log (estimated from the masks)
         "label_smoothing": 0.0,
         "rare_class_sampling": None,  # a threshold t in (0, 1]: repeat-factor sampling of images with rare classes
+        # fine-tuning (the encoder is the model's `encoder`, else `backbone`, submodule)
+        "freeze_encoder_epochs": 0,  # train decoder/heads only for this many epochs, then unfreeze the encoder
+        "encoder_lr_mult": 1.0,  # learning-rate multiplier of the encoder's parameters
+        "layer_decay": None,  # layer-wise LR decay of a ViT-family encoder, e.g. 0.75
+        "freeze_bn": False,  # BatchNorm layers in eval mode with frozen affine parameters (small batches)
+        # speed
+        "channels_last": True,  # channels_last memory format for convolutional models
+        "compile": False,  # torch.compile the model (falls back to eager mode with a warning if it fails)
     },
 }
 
@@ -93,6 +102,8 @@ RESUMABLE_KEYS = (
     "train.log_every",
     "train.eval_every",
     "train.eval_batch_size",
+    "train.channels_last",
+    "train.compile",
 )
 
 
@@ -229,6 +240,12 @@ _CHECKS: dict[str, tuple[bool, Any, str]] = {
     ),
     "train.label_smoothing": (False, lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
     "train.rare_class_sampling": (True, lambda v: _is_number(v) and 0 < v <= 1, "a threshold in (0, 1] or null"),
+    "train.freeze_encoder_epochs": (False, lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "train.encoder_lr_mult": (False, lambda v: _is_number(v) and v > 0, "a number > 0"),
+    "train.layer_decay": (True, lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1] or null"),
+    "train.freeze_bn": (False, lambda v: isinstance(v, bool), "true or false"),
+    "train.channels_last": (False, lambda v: isinstance(v, bool), "true or false"),
+    "train.compile": (False, lambda v: isinstance(v, bool), "true or false"),
 }
 
 

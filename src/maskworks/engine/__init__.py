@@ -1,7 +1,8 @@
 """Training engine: trainer, optimizers and schedules, distributed helpers."""
 
 from maskworks.engine.distributed import DistInfo, ShardedSampler, init_distributed
-from maskworks.engine.optim import build_optimizer, build_scheduler
+from maskworks.engine.optim import build_optimizer, build_scheduler, find_encoder, param_groups
+from maskworks.engine.perf import prefers_channels_last
 from maskworks.engine.trainer import Trainer, TrainingDiverged, dataset_meta, resolve_device, seed_everything
 
 __all__ = [
@@ -9,6 +10,9 @@ __all__ = [
     "TrainingDiverged",
     "build_optimizer",
     "build_scheduler",
+    "find_encoder",
+    "param_groups",
+    "prefers_channels_last",
     "DistInfo",
     "ShardedSampler",
     "init_distributed",

@@ -10,6 +10,19 @@ Determinism across interruptions: every epoch reseeds torch's RNG, the shuffling
 DataLoader workers from ``(seed, epoch)``, and a checkpoint holds everything else (weights,
 optimizer, schedule, scaler), so a run resumed from the checkpoint of epoch ``e`` replays epoch
 ``e + 1`` exactly as the uninterrupted run does.
+
+Fine-tuning: ``freeze_encoder_epochs`` trains only the decoder and heads for the first epochs (the encoder, see
+:func:`~maskworks.engine.optim.find_encoder`, has ``requires_grad=False`` and runs in eval mode, so its weights and
+BatchNorm statistics stay bit-identical), ``encoder_lr_mult`` and ``layer_decay`` set per-group learning rates
+(:func:`~maskworks.engine.optim.param_groups`), ``freeze_bn`` keeps every BatchNorm in eval mode with fixed affine
+parameters (small batches). Which epochs are frozen follows from the epoch number alone, so resumed runs match.
+
+Speed: convolutional models and their batches use ``torch.channels_last`` (see :mod:`maskworks.engine.perf`);
+``compile=True`` runs the training forward/backward through ``torch.compile`` and falls back to eager mode, with a
+warning naming the reason, when compilation fails on the first step. Validation runs under ``torch.inference_mode``.
+
+Progress: on a terminal, per-step bars; otherwise (a log file, a pipe, a batch job) no bars, only one log line
+per epoch (loss, learning rate, images per second, validation mIoU, time).
 """
 
 from __future__ import annotations
@@ -19,7 +32,9 @@ import logging
 import math
 import os
 import random
+import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -40,7 +55,8 @@ from maskworks.checkpoint import (
 )
 from maskworks.data import collate_samples as collate
 from maskworks.engine.distributed import DistInfo, ShardedSampler, all_reduce_sum, init_distributed
-from maskworks.engine.optim import build_optimizer, build_scheduler
+from maskworks.engine.optim import base_lr, build_optimizer, build_scheduler, find_encoder
+from maskworks.engine.perf import images_to, to_channels_last
 from maskworks.losses import CrossEntropyLoss, split_outputs
 from maskworks.metrics import ConfusionMatrix
 from maskworks.metrics.confusion import check_finite
@@ -49,6 +65,15 @@ __all__ = ["Trainer", "TrainingDiverged", "RunFolderExists", "resolve_device", "
 
 log = logging.getLogger(__name__)
 AMP_MODES = ("auto", "off", "bf16", "fp16")
+
+
+_FINE_TUNING_DEFAULTS = {"freeze_encoder_epochs": 0, "encoder_lr_mult": 1.0, "layer_decay": None, "freeze_bn": False}
+
+
+def _model_name(model: nn.Module) -> str:
+    config = getattr(model, "maskworks_config", None)
+    name = config.get("name") if isinstance(config, dict) else None
+    return f"{type(model).__name__} ({name})" if name else type(model).__name__
 
 
 class TrainingDiverged(RuntimeError):
@@ -168,6 +193,19 @@ class Trainer:
         ignore_index: label value ignored by loss and metrics.
         sample_weights: per-sample drawing weights (e.g. :func:`maskworks.data.repeat_factors` for rare-class
             sampling); each epoch then draws ``len(train_set)`` samples with replacement.
+        freeze_encoder_epochs: train with the encoder frozen for this many epochs, then unfreeze it. The encoder
+            is the model's ``encoder`` submodule, or else its ``backbone`` submodule; while frozen its parameters
+            have ``requires_grad=False`` (the optimizer skips them, weight decay included) and it runs in eval
+            mode (BatchNorm statistics and dropout fixed). Parameters frozen by the caller stay frozen.
+        encoder_lr_mult: learning-rate multiplier of the encoder's parameters (decoder and heads at ``lr``).
+        layer_decay: layer-wise learning-rate decay of a ViT-family encoder (timm / BEiT grouping), or None;
+            combines multiplicatively with ``encoder_lr_mult``.
+        freeze_bn: keep every BatchNorm layer in eval mode (running statistics fixed) with its affine parameters
+            frozen, for fine-tuning with small batches.
+        channels_last: run convolutional models and their input batches in ``torch.channels_last`` memory format
+            (models without a convolution other than a ViT patch projection are left as they are).
+        compile: ``torch.compile`` the model for training; if compilation fails on the first step, training goes
+            on uncompiled with a warning naming the reason.
     """
 
     def __init__(
@@ -200,6 +238,12 @@ class Trainer:
         num_classes: int | None = None,
         ignore_index: int = 255,
         sample_weights: torch.Tensor | None = None,
+        freeze_encoder_epochs: int = 0,
+        encoder_lr_mult: float = 1.0,
+        layer_decay: float | None = None,
+        freeze_bn: bool = False,
+        channels_last: bool = True,
+        compile: bool = False,
     ):
         if epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {epochs}")
@@ -207,6 +251,26 @@ class Trainer:
             raise ValueError(f"amp must be one of {AMP_MODES}, got {amp!r}")
         if grad_clip is not None and grad_clip <= 0:
             raise ValueError(f"grad_clip must be > 0 or None, got {grad_clip}")
+        if (
+            not isinstance(freeze_encoder_epochs, int)
+            or isinstance(freeze_encoder_epochs, bool)
+            or freeze_encoder_epochs < 0
+        ):
+            raise ValueError(f"freeze_encoder_epochs must be an integer >= 0, got {freeze_encoder_epochs!r}")
+        if not encoder_lr_mult > 0:
+            raise ValueError(f"encoder_lr_mult must be > 0, got {encoder_lr_mult}")
+        if layer_decay is not None and not 0 < layer_decay <= 1:
+            raise ValueError(f"layer_decay must be in (0, 1] or None, got {layer_decay}")
+        encoder = find_encoder(model)
+        if encoder is None and (freeze_encoder_epochs > 0 or encoder_lr_mult != 1.0):
+            option = (
+                f"freeze_encoder_epochs={freeze_encoder_epochs}"
+                if freeze_encoder_epochs > 0
+                else f"encoder_lr_mult={encoder_lr_mult}"
+            )
+            raise ValueError(
+                f"{option} needs a model with an 'encoder' or 'backbone' submodule; {_model_name(model)} has neither"
+            )
         self.device = resolve_device(device)
         self.dist: DistInfo = init_distributed(self.device)
         if self.dist.enabled and self.device.type == "cuda":
@@ -233,10 +297,26 @@ class Trainer:
         elif self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
 
-        self.model = model.to(self.device)
-        if self.dist.enabled:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        self.module = model.to(self.device)  # the plain model; self.model is what runs (DDP / compiled wrappers)
+        self.freeze_encoder_epochs, self.freeze_bn = freeze_encoder_epochs, freeze_bn
+        self.encoder_lr_mult, self.layer_decay = encoder_lr_mult, layer_decay
+        self.frozen_norms: list[nn.Module] = []
+        if freeze_bn:
+            self.frozen_norms = [m for m in self.module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+            if not self.frozen_norms:
+                log.warning("freeze_bn: %s has no BatchNorm layer; nothing to freeze", _model_name(self.module))
+            for m in self.frozen_norms:
+                for p in m.parameters(recurse=False):
+                    p.requires_grad_(False)
+        self.encoder = encoder[1] if encoder is not None else None
+        # what freezing toggles: the encoder parameters trainable now (ones the caller froze are left alone)
+        self._encoder_params = [p for p in self.encoder.parameters() if p.requires_grad] if self.encoder else []
+        self._encoder_frozen = False
+        self.channels_last = bool(channels_last) and to_channels_last(self.module)
+        self.compile = compile
+        self.compile_error: str | None = None
+        self._compile_pending = False
+        self._wrap()
         self.loss_fn = loss_fn if loss_fn is not None else CrossEntropyLoss(ignore_index=ignore_index)
         if isinstance(self.loss_fn, nn.Module):
             self.loss_fn = self.loss_fn.to(self.device)
@@ -273,7 +353,15 @@ class Trainer:
             )
         self.steps_per_epoch = len(self.train_loader)
         total = self.steps_per_epoch * epochs
-        self.optimizer = build_optimizer(unwrap_model(self.model), optimizer, lr, weight_decay, momentum)
+        self.optimizer = build_optimizer(
+            self.module,
+            optimizer,
+            lr,
+            weight_decay,
+            momentum,
+            encoder_lr_mult=encoder_lr_mult,
+            layer_decay=layer_decay,
+        )
         warmup = min(int(round(warmup_epochs * self.steps_per_epoch)), total - 1)
         self.scheduler = build_scheduler(self.optimizer, total, schedule, warmup)
         self.amp_dtype = self._amp_dtype(amp)
@@ -281,6 +369,55 @@ class Trainer:
         self.start_epoch, self.best_miou, self.history = 0, -math.inf, []
 
     # ------------------------------------------------------------------ setup helpers
+    def _wrap(self) -> None:
+        """(Re)build the wrappers around ``self.module``: DDP under torchrun, then ``torch.compile`` if asked.
+
+        DDP registers the parameters that need gradients when it is built, so it is rebuilt whenever freezing
+        changes that set.
+        """
+        model: nn.Module = self.module
+        if self.dist.enabled:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        self._eager_model = model
+        if self.compile and self.compile_error is None:
+            model = torch.compile(model)
+            self._compile_pending = True
+        self.model = model
+
+    def _set_encoder_frozen(self, frozen: bool) -> None:
+        if frozen == self._encoder_frozen:
+            return
+        for p in self._encoder_params:
+            p.requires_grad_(not frozen)
+        self._encoder_frozen = frozen
+        if self.dist.enabled:
+            self._wrap()
+        elif self.compile and self.compile_error is None:
+            self._compile_pending = True  # the compiled graph is rebuilt for the new set of trainable parameters
+
+    def _train_mode(self, epoch: int) -> None:
+        """Training mode for ``epoch``: the encoder frozen (and in eval mode) during the first
+        ``freeze_encoder_epochs`` epochs; frozen BatchNorm layers in eval mode."""
+        if self.encoder is not None and self.freeze_encoder_epochs > 0:
+            frozen = epoch < self.freeze_encoder_epochs
+            if frozen != self._encoder_frozen and self.dist.is_main:
+                log.info("epoch %d: encoder %s", epoch + 1, "frozen" if frozen else "unfrozen")
+            self._set_encoder_frozen(frozen)
+        self.model.train()
+        if self._encoder_frozen:
+            self.encoder.eval()
+        for m in self.frozen_norms:
+            m.eval()
+
+    def _fine_tuning_settings(self) -> dict:
+        return {
+            "freeze_encoder_epochs": self.freeze_encoder_epochs,
+            "encoder_lr_mult": self.encoder_lr_mult,
+            "layer_decay": self.layer_decay,
+            "freeze_bn": self.freeze_bn,
+        }
+
     def _amp_dtype(self, amp: str) -> torch.dtype | None:
         if amp == "off" or (amp == "auto" and self.device.type != "cuda"):
             return None
@@ -297,13 +434,14 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def _state(self, epoch: int) -> dict:
         return {
-            "model": unwrap_model(self.model).state_dict(),
+            "model": self.module.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "epoch": epoch,
             "best_miou": self.best_miou,
             "history": self.history,
+            "fine_tuning": self._fine_tuning_settings(),
         }
 
     def save_checkpoint(self, epoch: int) -> None:
@@ -328,8 +466,18 @@ class Trainer:
                 f"cannot resume {path}: the run already finished {done} epoch(s) and epochs={self.epochs}; "
                 f"set epochs above {done} to train further"
             )
+        saved = {**_FINE_TUNING_DEFAULTS, **state.get("fine_tuning", {})}
+        changed = [k for k, v in self._fine_tuning_settings().items() if saved.get(k) != v]
+        if changed:
+            raise CheckpointError(
+                f"{path} was trained with "
+                + ", ".join(f"{k}={saved.get(k)!r}" for k in changed)
+                + " but this trainer has "
+                + ", ".join(f"{k}={getattr(self, k)!r}" for k in changed)
+                + "; resume with the settings the run was started with"
+            )
         try:
-            unwrap_model(self.model).load_state_dict(state["model"])
+            self.module.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             self.scaler.load_state_dict(state["scaler"])
@@ -418,12 +566,7 @@ class Trainer:
             self.save_checkpoint(epoch + 1)
             self._append("history.jsonl", row)
             if self.dist.is_main:
-                log.info(
-                    "epoch %d/%d %s",
-                    epoch + 1,
-                    self.epochs,
-                    " ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float)),
-                )
+                log.info("%s", self._epoch_line(row))
         if self.dist.is_main:
             save_model(self.model, self.run_dir / "final", {**self.meta, "epoch": self.epochs})
         return {
@@ -432,6 +575,24 @@ class Trainer:
             "history": self.history,
             "run_dir": str(self.run_dir),
         }
+
+    def _epoch_line(self, row: dict) -> str:
+        """One readable line per epoch: ``epoch 3/10 loss=0.4123 lr=8.10e-04 img/s=45.2 val_mIoU=0.5123 time=12.3s``."""
+        parts = [f"epoch {row['epoch']}/{self.epochs}", f"loss={row['train_loss']:.4f}", f"lr={row['lr']:.3g}"]
+        parts.append(f"img/s={row['img_per_s']:.1f}")
+        if "val_miou" in row:
+            parts.append(f"val_mIoU={row['val_miou']:.4f}")
+        parts.append(f"time={row['epoch_time_s']:.1f}s")
+        return " ".join(parts)
+
+    def _bars(self) -> bool:
+        """Per-step progress bars only on an interactive terminal; logs and pipes get one line per epoch."""
+        if not self.progress:
+            return False
+        try:
+            return bool(sys.stderr.isatty())
+        except (AttributeError, ValueError):  # replaced or closed stream
+            return False
 
     def _autocast(self):
         if self.amp_dtype is None:
@@ -446,31 +607,22 @@ class Trainer:
         self.sampler.set_epoch(epoch)
         self.seeded_train_set.set_epoch(epoch)
         self.loader_generator.manual_seed(self.seed * 1_000_003 + epoch)
-        self.model.train()
+        self._train_mode(epoch)
         total_loss, n_steps, n_images, t0 = 0.0, 0, 0, time.perf_counter()
         bar = tqdm(
             total=self.steps_per_epoch,
             desc=f"epoch {epoch + 1}/{self.epochs}",
-            disable=not self.progress,
+            disable=not self._bars(),
             dynamic_ncols=True,
             leave=False,
         )
         for step, batch in enumerate(self.train_loader):
-            images = batch["image"].to(self.device, non_blocking=True)
+            images = images_to(batch["image"], self.device, self.channels_last, non_blocking=True)
             masks = batch["mask"].to(self.device, non_blocking=True)
-            with self._autocast():
-                output = self.model(images)
-                loss = self.loss_fn(output, masks)
-            loss_value = all_reduce_sum(loss.detach().float().clone()) / self.dist.world_size
-            if not torch.isfinite(loss_value):
-                bar.close()
-                raise TrainingDiverged(
-                    f"loss became {loss_value.item()} at epoch {epoch + 1}, step {step + 1}; stopped. The last good "
-                    f"checkpoint is {self.checkpoint_path if self.checkpoint_path.exists() else 'not written yet'}. "
-                    "Lower the learning rate, enable grad_clip, or check the data for bad values."
-                )
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
+            if self._compile_pending:
+                loss_value = self._first_compiled_step(images, masks, epoch, step, bar)
+            else:
+                loss_value = self._forward_backward(images, masks, epoch, step, bar)
             if self.grad_clip is not None:
                 self.scaler.unscale_(self.optimizer)
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
@@ -491,29 +643,70 @@ class Trainer:
                         "epoch": epoch + 1,
                         "step": epoch * self.steps_per_epoch + step + 1,
                         "loss": lv,
-                        "lr": self.optimizer.param_groups[0]["lr"],
+                        "lr": base_lr(self.optimizer),
                         "img_per_s": ips,
                     },
                 )
         bar.close()
         return {
             "train_loss": total_loss / max(n_steps, 1),
-            "lr": self.optimizer.param_groups[0]["lr"],
+            "lr": base_lr(self.optimizer),
             "epoch_time_s": time.perf_counter() - t0,
             "img_per_s": n_images / max(time.perf_counter() - t0, 1e-9),
         }
 
-    @torch.no_grad()
+    def _forward_backward(self, images: torch.Tensor, masks: torch.Tensor, epoch: int, step: int, bar) -> torch.Tensor:
+        """Forward, loss, NaN check and backward of one step; returns the loss averaged over ranks."""
+        with self._autocast():
+            output = self.model(images)
+            loss = self.loss_fn(output, masks)
+        loss_value = all_reduce_sum(loss.detach().float().clone()) / self.dist.world_size
+        if not torch.isfinite(loss_value):
+            bar.close()
+            raise TrainingDiverged(
+                f"loss became {loss_value.item()} at epoch {epoch + 1}, step {step + 1}; stopped. The last good "
+                f"checkpoint is {self.checkpoint_path if self.checkpoint_path.exists() else 'not written yet'}. "
+                "Lower the learning rate, enable grad_clip, or check the data for bad values."
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        return loss_value
+
+    def _first_compiled_step(self, images, masks, epoch: int, step: int, bar) -> torch.Tensor:
+        """The first step through a new ``torch.compile`` wrapper; when compilation fails, warn, go back to the
+        eager model and redo the step from the same random state."""
+        cpu_rng = torch.get_rng_state()
+        cuda_rng = torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None
+        try:
+            return self._forward_backward(images, masks, epoch, step, bar)
+        except TrainingDiverged:
+            raise
+        except Exception as e:  # compilation errors come in many types (dynamo, inductor, a missing compiler...)
+            lines = str(e).strip().splitlines()
+            self.compile_error = f"{type(e).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+            message = f"torch.compile failed ({self.compile_error}); training without compilation"
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
+            log.warning("%s", message)
+            self.model = self._eager_model
+            torch.set_rng_state(cpu_rng)
+            if cuda_rng is not None:
+                torch.cuda.set_rng_state_all(cuda_rng)
+            self.optimizer.zero_grad(set_to_none=True)
+            return self._forward_backward(images, masks, epoch, step, bar)
+        finally:
+            self._compile_pending = False
+
+    @torch.inference_mode()
     def evaluate(self, loader: DataLoader | None = None) -> dict:
-        """Confusion-matrix metrics on the validation set (summed over DDP ranks)."""
+        """Confusion-matrix metrics on the validation set (summed over DDP ranks), under ``torch.inference_mode``."""
         loader = loader or self.val_loader
         if loader is None:
             raise ValueError("no validation set was given")
-        model = unwrap_model(self.model)
+        model = unwrap_model(self.model)  # eager, unwrapped (also a model the caller put in self.model)
         model.eval()
         cm = None
-        for batch in tqdm(loader, desc="eval", disable=not self.progress, leave=False, dynamic_ncols=True):
-            images = batch["image"].to(self.device)
+        for batch in tqdm(loader, desc="eval", disable=not self._bars(), leave=False, dynamic_ncols=True):
+            images = images_to(batch["image"], self.device, self.channels_last)
             with self._autocast():
                 logits, _ = split_outputs(model(images))
             if cm is None:
