@@ -2,6 +2,7 @@
 
 from maskworks.checkpoint import CheckpointError, load_model, load_training_state, save_model
 from maskworks.convert import load_weights
+from maskworks.hub import WeightsUnavailable, format_pretrained_table, list_pretrained
 from maskworks.registry import create_model, list_models, register_model
 
 __version__ = "0.1.0"
@@ -12,6 +13,9 @@ __all__ = [
     "list_models",
     "register_model",
     "load_weights",
+    "list_pretrained",
+    "format_pretrained_table",
+    "WeightsUnavailable",
     "save_model",
     "load_model",
     "load_training_state",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import inspect
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -110,21 +111,47 @@ def _check_kwargs(entry: ModelEntry, kwargs: dict) -> None:
         raise TypeError(f"model {entry.name!r} needs argument(s) {', '.join(map(repr, required))}")
 
 
-def create_model(name: str, **kwargs) -> nn.Module:
-    """Build the registered model ``name`` with keyword arguments ``kwargs``.
+def create_model(name: str, pretrained: bool | str | os.PathLike | None = None, **kwargs) -> nn.Module:
+    """Build the registered model ``name`` with keyword arguments ``kwargs``, optionally with published weights.
 
     The name and kwargs are remembered on the module (``model.maskworks_config``) so a
     checkpoint can rebuild it.
 
+    Args:
+        name: a registered model or backbone name (``list_models()``).
+        pretrained: ``None`` / ``False``: random initialisation. ``True``: the model's default published weights;
+            a tag (``"a1_in1k"``, ``"coco_voc"``...): those weights, downloaded into the cache
+            (``$MASKWORKS_HOME``) once, checksummed, usable offline after that; a path: a local checkpoint, loaded
+            by :func:`maskworks.load_weights` (format detected). A tag's row may set defaults for ``kwargs`` (the
+            architecture the weights were trained with; see :mod:`maskworks.hub`); ``maskworks_config`` records
+            the resulting arguments, and ``pretrained`` itself, which checkpoints do not store.
+        **kwargs: constructor arguments (``encoder_weights`` too, for encoder-based models: a tag of the
+            encoder, ``"imagenet"``, or a path).
+
     Raises:
         ValueError: ``name`` is not a string, or not a registered name (the message suggests close names);
-            or the constructor refuses a value.
+            the constructor refuses a value; an unknown weights tag or a model without published weights
+            (the message lists the tags); a checkpoint that does not fit the model.
         TypeError: an argument the constructor does not take (named, with the close names it does take).
+        maskworks.hub.WeightsUnavailable: (an ``OSError``) published weights could not be obtained; the message
+            names the URL or hub repository and where a file downloaded by hand is picked up.
     """
     entry = model_entry(name)
     _check_kwargs(entry, kwargs)
+    if pretrained is None or pretrained is False:
+        model = entry.fn(**kwargs)
+        model.maskworks_config = {"name": name, "kwargs": dict(kwargs)}
+        return model
+    from maskworks.convert import load_weights
+    from maskworks.hub import resolve_weights
+
+    # resolve (and download) first: a missing file fails before an expensive build
+    resolved = resolve_weights(name, pretrained, kwargs)
+    kwargs = resolved.model_kwargs
     model = entry.fn(**kwargs)
-    model.maskworks_config = {"name": name, "kwargs": dict(kwargs)}
+    load_weights(model, resolved.path, source=resolved.source)
+    recorded = os.fspath(pretrained) if isinstance(pretrained, os.PathLike) else pretrained
+    model.maskworks_config = {"name": name, "kwargs": {**kwargs, "pretrained": recorded}}
     return model
 
 

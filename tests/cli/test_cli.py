@@ -302,3 +302,9 @@ def test_eval_and_predict_with_folded_batchnorm_give_the_same_results(tmp_path, 
         assert main(["predict", str(img), "--checkpoint", ckpt, "--out", str(tmp_path / f"p{len(flag)}"), *flag]) == 0
     a, b = (np.asarray(Image.open(tmp_path / d / "x_label.png")) for d in ("p0", "p1"))
     np.testing.assert_array_equal(a, b)
+
+
+def test_models_pretrained_lists_the_published_weights(capsys):
+    assert main(["models", "resnet34", "--pretrained"]) == 0
+    out = capsys.readouterr().out
+    assert "* tv_in1k" in out and "resnet34-" in out and "timm/resnet34.a1_in1k" in out and "cache:" in out

@@ -576,6 +576,11 @@ def heatmap(values: np.ndarray, cmap: str = "magma") -> np.ndarray:
 def models(args) -> int:
     from maskworks.registry import create_model, list_models, model_entry
 
+    if args.pretrained:
+        from maskworks.hub import format_pretrained_table
+
+        print(format_pretrained_table(args.pattern))
+        return 0
     names = list_models(args.pattern)
     if not names:
         print(f"no registered model matches {args.pattern!r}")

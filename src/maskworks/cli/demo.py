@@ -43,9 +43,17 @@ def run_demo(run_dir: Path, epochs: int | None = None, device: str = "auto", see
         seed=seed,
         split="train",
         transform=build_transforms(train=False),
+        return_instances=False,
+        cache=True,  # scenes are generated once, not once per epoch
     )
     val_set = SyntheticShapes(
-        num_samples=RECIPE["num_val"], image_size=size, seed=seed, split="val", transform=build_transforms(train=False)
+        num_samples=RECIPE["num_val"],
+        image_size=size,
+        seed=seed,
+        split="val",
+        transform=build_transforms(train=False),
+        return_instances=False,
+        cache=True,
     )
     spec = dict(RECIPE["model"])
     model = create_model(spec.pop("name"), num_classes=train_set.num_classes, in_channels=train_set.in_channels, **spec)

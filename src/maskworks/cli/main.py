@@ -186,6 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("pattern", nargs="?", default="*", help="glob pattern, e.g. 'resnet*' (default: all)")
     p.add_argument("--no-params", action="store_true", help="skip building models to count parameters")
+    p.add_argument(
+        "--pretrained",
+        action="store_true",
+        help="list the published weights of the matching models instead: tag, source, file, SHA-256, licence",
+    )
     p.set_defaults(func=commands.models)
 
     from maskworks.cli import bench, mae, vit_tools

@@ -39,6 +39,7 @@ __all__ = ["convert_hf_deit", "convert_timm_deit", "deit_kwargs_from_hf_config",
 log = logging.getLogger(__name__)
 
 _PATCH_KERNEL = "patch_embed.proj.weight"
+_HYBRID_STEM_CONV = "patch_embed.backbone.stem.conv.weight"  # R50+ViT (timm's HybridEmbed over a ResNetV2)
 
 # HF name (after the "deit." prefix) -> ours, for the non-layer keys
 _HF_EMBED = {
@@ -191,7 +192,8 @@ def convert_timm_deit(
       core's :func:`~maskworks.backbones.vit.checkpoint_filter_fn` (prefix rows kept); ``head.*`` /
       ``head_dist.*`` that the model cannot take (no such head, other class count) are dropped; a distilled
       checkpoint loaded into a plain ViT loses ``dist_token``, ``head_dist`` and the distillation row of
-      ``pos_embed``; the patch kernel is adapted to the model's input channels.
+      ``pos_embed``; the first convolution (the patch kernel, or a hybrid's CNN stem) is adapted to the model's
+      input channels.
 
     Args:
         state_dict: the checkpoint.
@@ -218,7 +220,9 @@ def convert_timm_deit(
                 if param is None or param.shape != converted[key].shape:
                     dropped.append(key)
                     del converted[key]
-        in_channels = model.patch_embed.proj.in_channels
-    if in_channels is not None and _PATCH_KERNEL in converted and converted[_PATCH_KERNEL].ndim == 4:
-        converted[_PATCH_KERNEL] = adapt_input_conv(converted[_PATCH_KERNEL], in_channels)
+        in_channels = getattr(model, "in_channels", None) or model.patch_embed.proj.in_channels
+    # the convolution that sees the image: a hybrid's CNN stem (its patch kernel takes the CNN's channels)
+    first = _HYBRID_STEM_CONV if _HYBRID_STEM_CONV in converted else _PATCH_KERNEL
+    if in_channels is not None and first in converted and converted[first].ndim == 4:
+        converted[first] = adapt_input_conv(converted[first], in_channels)
     return converted, dropped

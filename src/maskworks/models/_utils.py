@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from maskworks.convert import load_weights
+from maskworks.convert import LoadResult, load_weights
 from maskworks.layers.weight_init import init_conv_norm, init_kaiming
 from maskworks.registry import model_entry
 
@@ -27,6 +27,7 @@ __all__ = [
     "crop_to",
     "center_crop",
     "build_encoder",
+    "load_encoder_weights",
     "check_positive_int",
     "check_positive_ints",
     "init_conv_norm",
@@ -57,14 +58,14 @@ def check_positive_ints(name: str, value: Sequence[int], length: int, *, allow_b
 
 
 def build_encoder(
-    encoder: str, in_channels: int, encoder_weights: str | os.PathLike | None = None, **kwargs
+    encoder: str, in_channels: int, encoder_weights: bool | str | os.PathLike | None = None, **kwargs
 ) -> nn.Module:
-    """Build the registered backbone ``encoder`` and load ``encoder_weights`` (a local file) when given.
+    """Build the registered backbone ``encoder`` and load ``encoder_weights`` when given.
 
     Args:
         encoder: name of a registered backbone (``kind="backbone"``).
         in_channels: input image channels.
-        encoder_weights: a local checkpoint (torchvision / timm / maskworks keys), or None for random init.
+        encoder_weights: see :func:`load_encoder_weights`; None for random init.
         **kwargs: further backbone arguments (e.g. ``output_stride``).
 
     Returns:
@@ -74,9 +75,34 @@ def build_encoder(
     if entry.kind != "backbone":
         raise ValueError(f"encoder must be a registered backbone, got {encoder!r} (kind={entry.kind!r})")
     model = entry.fn(in_channels=in_channels, **kwargs)
-    if encoder_weights is not None:
-        load_weights(model, encoder_weights)
+    load_encoder_weights(model, encoder, encoder_weights)
     return model
+
+
+def load_encoder_weights(
+    module: nn.Module, encoder: str, encoder_weights: bool | str | os.PathLike | None
+) -> LoadResult | None:
+    """Load ``encoder_weights`` into the backbone ``module`` (built as the registered backbone ``encoder``).
+
+    ``encoder_weights`` is ``None`` (nothing to do), a tag of ``encoder``'s published weights (``"imagenet"`` or
+    ``True``: its default ImageNet tag; ``"a1_in1k"``...: see ``maskworks models --pretrained``), fetched into the
+    cache (``$MASKWORKS_HOME``) and loaded with the converter its row names, or a local checkpoint path
+    (torchvision / timm / maskworks keys, format detected). Classifier heads are dropped and the first convolution
+    adapted to the module's input channels; a file that fills less than half of the backbone is refused.
+
+    Returns:
+        What :func:`maskworks.load_weights` returns, or ``None`` when ``encoder_weights`` is ``None``.
+
+    Raises:
+        ValueError: an unknown tag (the message lists the encoder's tags) or a checkpoint that does not fit.
+        maskworks.hub.WeightsUnavailable: (an ``OSError``) published weights could not be obtained.
+    """
+    if encoder_weights is None or encoder_weights is False:
+        return None
+    from maskworks.hub import resolve_weights
+
+    resolved = resolve_weights(encoder, encoder_weights)
+    return load_weights(module, resolved.path, source=resolved.source)
 
 
 def init_like_smp(decoder: nn.Module, head: nn.Module) -> None:

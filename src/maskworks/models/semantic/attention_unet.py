@@ -126,7 +126,7 @@ class AttentionUNet(_EncoderUNet):
         in_channels: input image channels.
         decoder_channels: output channels of the decoder blocks, one per encoder map (5 for ResNet).
         decoder_batch_norm: BatchNorm in the decoder and the gates.
-        encoder_weights: path of a local checkpoint for the encoder (see
+        encoder_weights: ``\"imagenet\"`` / a published tag (``maskworks models --pretrained``), or a path of a local checkpoint for the encoder (see
             :func:`maskworks.convert.load_weights`), or ``None`` for random init.
     """
 

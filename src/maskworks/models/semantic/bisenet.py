@@ -33,11 +33,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from maskworks.convert import load_weights
 from maskworks.convert._common import strip_wrapper_prefixes
 from maskworks.layers import PooledBatchNorm2d
 from maskworks.layers.conv import ConvBNReLU
-from maskworks.models._utils import check_positive_int, check_positive_ints, init_kaiming, resize_bilinear
+from maskworks.models._utils import (
+    check_positive_int,
+    check_positive_ints,
+    init_kaiming,
+    load_encoder_weights,
+    resize_bilinear,
+)
 from maskworks.registry import model_entry, register_model
 
 __all__ = [
@@ -193,7 +198,7 @@ class BiSeNetV1(nn.Module):
         head_channels: hidden channels of the main head.
         aux_channels: hidden channels of the auxiliary heads.
         align_corners: ``align_corners`` of the final bilinear resizes (mmseg: False; CoinCheung: True).
-        encoder_weights: path of a local checkpoint for the backbone (torchvision / timm / maskworks ResNet
+        encoder_weights: ``\"imagenet\"`` / a published tag (``maskworks models --pretrained``), or a path of a local checkpoint for the backbone (torchvision / timm / maskworks ResNet
             keys), or ``None`` for random init.
     """
 
@@ -229,8 +234,7 @@ class BiSeNetV1(nn.Module):
         self.align_corners = bool(align_corners)
 
         self.encoder = entry.fn(in_channels=in_channels)
-        if encoder_weights is not None:
-            load_weights(self.encoder, encoder_weights)
+        load_encoder_weights(self.encoder, encoder, encoder_weights)
         reductions = [info["reduction"] for info in self.encoder.feature_info]
         if 16 not in reductions or 32 not in reductions:
             raise ValueError(f"encoder {encoder!r} must give maps at reductions 16 and 32, got {reductions}")

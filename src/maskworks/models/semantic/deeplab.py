@@ -53,10 +53,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from maskworks.convert import load_weights
 from maskworks.layers.aspp import ASPP, SeparableConv2d
 from maskworks.layers.conv import ConvNormAct
-from maskworks.models._utils import build_encoder, check_positive_int, crop_to, init_like_smp, pad_to_multiple
+from maskworks.models._utils import (
+    build_encoder,
+    check_positive_int,
+    crop_to,
+    init_like_smp,
+    load_encoder_weights,
+    pad_to_multiple,
+)
 from maskworks.registry import model_entry, register_model
 
 __all__ = ["DeepLabV3", "DeepLabV3Plus", "DeepLabV3Decoder", "DeepLabV3PlusDecoder", "FCNHead", "default_atrous_rates"]
@@ -283,8 +289,7 @@ class _DeepLab(nn.Module, metaclass=ABCMeta):
             )
         if uniform_dilation:
             _make_dilation_uniform(enc)
-        if encoder_weights is not None:
-            load_weights(enc, encoder_weights)
+        load_encoder_weights(enc, encoder, encoder_weights)
         return enc
 
     def _build_aux(self, aux: bool, num_classes: int) -> None:
@@ -336,7 +341,8 @@ class DeepLabV3(_DeepLab):
         aspp_dropout: dropout after the ASPP projection.
         uniform_dilation: every 3x3 conv of a dilated stage at the stage's rate (smp) instead of
             the first one at the previous rate (torchvision, timm).
-        encoder_weights: path of a local encoder checkpoint, or ``None`` for random init.
+        encoder_weights: published encoder weights (``"imagenet"`` or a tag of ``maskworks models --pretrained``), a
+            local checkpoint path, or ``None`` for random init.
     """
 
     def __init__(
@@ -398,7 +404,8 @@ class DeepLabV3Plus(_DeepLab):
         aspp_dropout: dropout after the ASPP projection.
         uniform_dilation: every 3x3 conv of a dilated stage at the stage's rate (smp, default) instead
             of the first one at the previous rate (torchvision, timm).
-        encoder_weights: path of a local encoder checkpoint, or ``None`` for random init.
+        encoder_weights: published encoder weights (``"imagenet"`` or a tag of ``maskworks models --pretrained``), a
+            local checkpoint path, or ``None`` for random init.
     """
 
     _align_corners = True  # smp's decoder.up and segmentation head upsampling

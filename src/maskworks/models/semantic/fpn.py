@@ -36,7 +36,8 @@ class FPN(nn.Module):
         decoder_merge_policy: ``"add"`` or ``"cat"`` the four levels.
         decoder_dropout: ``Dropout2d`` probability after merging.
         decoder_interpolation: upsampling mode of the top-down pathway (``"nearest"`` as the paper and smp).
-        encoder_weights: path of a local checkpoint for the encoder, or ``None`` for random init.
+        encoder_weights: published encoder weights (``"imagenet"`` or a tag of ``maskworks models --pretrained``), a
+            local checkpoint path, or ``None`` for random init.
     """
 
     def __init__(

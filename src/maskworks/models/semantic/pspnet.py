@@ -79,7 +79,8 @@ class PSPNet(nn.Module):
         psp_use_batchnorm: BatchNorm in the decoder (without it the convs get a bias).
         psp_dropout: ``Dropout2d`` probability after the decoder.
         aux: add an auxiliary FCN head on the previous encoder map, returned in training only.
-        encoder_weights: path of a local checkpoint for the encoder, or ``None`` for random init.
+        encoder_weights: published encoder weights (``"imagenet"`` or a tag of ``maskworks models --pretrained``), a
+            local checkpoint path, or ``None`` for random init.
     """
 
     def __init__(

@@ -310,7 +310,7 @@ class UNet(_EncoderUNet):
         in_channels: input image channels.
         decoder_channels: output channels of the decoder blocks, one per encoder map (5 for ResNet).
         decoder_batch_norm: BatchNorm in the decoder.
-        encoder_weights: path of a local checkpoint for the encoder (torchvision / timm / maskworks
+        encoder_weights: ``\"imagenet\"`` / a published tag (``maskworks models --pretrained``), or a path of a local checkpoint for the encoder (torchvision / timm / maskworks
             ResNet keys; see :func:`maskworks.convert.load_weights`), or ``None`` for random init.
     """
 

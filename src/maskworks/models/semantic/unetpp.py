@@ -172,7 +172,7 @@ class UNetPlusPlus(_EncoderUNet):
             (5 for ResNet), deepest first.
         decoder_batch_norm: BatchNorm in the decoder.
         deep_supervision: add output stages on ``X^{0,1..K-1}`` (aux outputs and pruning).
-        encoder_weights: path of a local checkpoint for the encoder (see
+        encoder_weights: ``\"imagenet\"`` / a published tag (``maskworks models --pretrained``), or a path of a local checkpoint for the encoder (see
             :func:`maskworks.convert.load_weights`), or ``None`` for random init.
     """
 
