@@ -132,6 +132,12 @@ def main() -> None:
     p.add_argument("--eval-scale", type=float, default=0.5)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--default-path",
+        action="store_true",
+        help="train as maskworks.engine.Trainer does by default: channels-last convolutions and, on CPUs with AMX "
+        "(and on GPUs), bfloat16 autocast",
+    )
     p.add_argument("--json", help="also write the result to this JSON file")
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -171,6 +177,14 @@ def main() -> None:
         if args.same_init_as_smp:
             model.load_state_dict(reference.state_dict())  # identical keys: the same initial function
         model = model.to(device)
+    channels_last, amp_dtype = False, None
+    if args.default_path:
+        from maskworks.engine.perf import to_channels_last
+        from maskworks.engine.trainer import cpu_has_native_bf16
+
+        channels_last = to_channels_last(model)
+        if device.type == "cuda" or cpu_has_native_bf16():
+            amp_dtype = torch.bfloat16
     opt = build_optimizer(model, "adamw", lr=args.lr, weight_decay=1e-4)
     weighted = "wce" in args.loss  # the median-frequency weights go to the CE term only
     options = {"ce": {"weight": torch.tensor(CAMVID_MEDIAN_FREQ)}} if weighted else None
@@ -196,7 +210,12 @@ def main() -> None:
                 break
             for g in opt.param_groups:
                 g["lr"] = args.lr * (1.0 - frac) ** 0.9
-            loss = loss_fn(model(batch["image"].to(device)), batch["mask"].to(device))
+            images = batch["image"].to(device)
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+                out = model(images)
+            loss = loss_fn(out, batch["mask"].to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -229,6 +248,7 @@ def main() -> None:
         "per_class_iou": dict(zip(train_set.class_names, metrics["iou"])),
         "speed_vs_smp": speed,
         "device": str(device),
+        "default_path": {"channels_last": channels_last, "autocast": str(amp_dtype)} if args.default_path else None,
         "threads": torch.get_num_threads(),
     }
     print(json.dumps(result, indent=2, default=lambda v: None if isinstance(v, float) and math.isnan(v) else v))

@@ -287,7 +287,16 @@ def test_train_with_compound_loss_median_weights_and_rare_class_sampling(tmp_pat
 def test_eval_and_predict_with_folded_batchnorm_give_the_same_results(tmp_path, capsys):
     run = tmp_path / "run"
     common = ["--model", "unet", "--set", "model.encoder=resnet18", "--no-progress", "--set", "train.device=cpu"]
-    data = ["--data", "synthetic", "--set", "data.image_size=32", "--set", "data.num_train=8", "--set", "data.num_val=4"]
+    data = [
+        "--data",
+        "synthetic",
+        "--set",
+        "data.image_size=32",
+        "--set",
+        "data.num_train=8",
+        "--set",
+        "data.num_val=4",
+    ]
     assert main(["train", *data, *common, "--epochs", "1", "--set", "train.batch_size=4", "--run-dir", str(run)]) == 0
     ckpt = str(run / "best.safetensors")
     reports = {}

@@ -55,8 +55,9 @@ def run(tmp_path, name, **kw):
 
 
 def test_channels_last_matches_nchw_and_checkpoints_load(tmp_path):
-    fast = run(tmp_path, "nhwc", channels_last=True)
-    plain = run(tmp_path, "nchw", channels_last=False)
+    # float32 on both sides: the layout alone must not change the numbers
+    fast = run(tmp_path, "nhwc", channels_last=True, amp="off")
+    plain = run(tmp_path, "nchw", channels_last=False, amp="off")
     assert fast.channels_last and not plain.channels_last
     conv = next(m for m in fast.module.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3))
     assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
@@ -166,3 +167,11 @@ def test_progress_on_a_terminal_shows_bars(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "stderr", term)
     _fit_with_progress(tmp_path, "tty")
     assert "epoch 1/2" in term.getvalue() and "\r" in term.getvalue()
+
+
+def test_auto_mixed_precision_uses_bfloat16_exactly_where_the_cpu_has_it(tmp_path):
+    from maskworks.engine.trainer import cpu_has_native_bf16
+
+    trainer = run(tmp_path, "auto")
+    assert trainer.amp_dtype == (torch.bfloat16 if cpu_has_native_bf16() else None)
+    assert run(tmp_path, "off", amp="off").amp_dtype is None

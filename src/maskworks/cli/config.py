@@ -279,6 +279,8 @@ def check_config(cfg: dict) -> dict:
         value = node[leaf]
         if value is None and nullable:
             continue
+        if key == "train.amp" and isinstance(value, bool):  # YAML reads a bare off / on as false / true
+            value = "off" if value is False else "auto"
         if isinstance(value, str) and expected.startswith(("a number", "an integer", "a fraction", "a probability")):
             try:
                 number = float(value)

@@ -1,4 +1,4 @@
-"""``maskworks demo``: synthetic shapes -> small U-Net -> evaluation -> report, in a few minutes on a CPU."""
+"""``maskworks demo``: synthetic shapes -> small U-Net -> evaluation -> report, in about a minute on a CPU."""
 
 from __future__ import annotations
 
@@ -11,13 +11,14 @@ import torch
 
 log = logging.getLogger("maskworks")
 
-# The recipe: tuned to reach validation mIoU >= 0.8 in about two minutes on 2 CPU cores.
+# The recipe: tuned to reach validation mIoU >= 0.8 in about one minute on 2 CPU cores (bfloat16 where the CPU has
+# AMX, scenes generated once and cached, channels-last convolutions).
 RECIPE = {
-    "image_size": 64,
+    "image_size": 56,
     "num_train": 2048,
     "num_val": 128,
     "model": {"name": "unet_vanilla", "features": (16, 32, 64, 128)},
-    "epochs": 6,
+    "epochs": 5,
     "batch_size": 16,
     "lr": 4e-3,
     "schedule": "cosine",
@@ -30,6 +31,7 @@ def run_demo(run_dir: Path, epochs: int | None = None, device: str = "auto", see
     from maskworks.checkpoint import load_model
     from maskworks.data import SyntheticShapes, build_transforms
     from maskworks.engine import Trainer, seed_everything
+    from maskworks.losses import build_loss
     from maskworks.registry import create_model
     from maskworks.viz import plot_training_curves
 
@@ -70,6 +72,7 @@ def run_demo(run_dir: Path, epochs: int | None = None, device: str = "auto", see
         train_set,
         val_set,
         run_dir,
+        loss_fn=build_loss(RECIPE.get("loss", "ce")),
         epochs=epochs or RECIPE["epochs"],
         batch_size=RECIPE["batch_size"],
         lr=RECIPE["lr"],

@@ -130,6 +130,8 @@ class SyntheticShapes(SegmentationDataset):
         background_grain: pixel noise std of the background in 0-1 units (a fine texture that tells background
             from the flat shapes locally; the class still has to come from the shape).
         return_instances: include ``instances`` in the samples.
+        cache: keep every generated scene in memory (about ``H * W * 4`` bytes each), so later epochs skip the
+            generation; scenes are the same either way.
     """
 
     in_channels = 3
@@ -150,6 +152,7 @@ class SyntheticShapes(SegmentationDataset):
         noise_std: float = 0.02,
         background_grain: float = 0.08,
         return_instances: bool = True,
+        cache: bool = False,
     ) -> None:
         super().__init__(transform)
         if split not in SPLITS:
@@ -175,6 +178,7 @@ class SyntheticShapes(SegmentationDataset):
         self.radius_range = (float(radius_range[0]), float(radius_range[1]))
         self.noise_std, self.background_grain, self.return_instances = noise_std, background_grain, return_instances
         h, w = size
+        self._cache: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] | None = {} if cache else None
         self._ys = (np.arange(h, dtype=np.float32) + 0.5)[:, None]  # (H, 1) pixel centres
         self._xs = (np.arange(w, dtype=np.float32) + 0.5)[None, :]  # (1, W)
 
@@ -242,8 +246,17 @@ class SyntheticShapes(SegmentationDataset):
         image = np.clip(canvas + 0.5, 0, 255).astype(np.uint8)
         return image, id_map, np.asarray(labels, dtype=np.int64)
 
+    def _scene(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if self._cache is None:
+            return self.generate(index)
+        if index not in self._cache:
+            image, id_map, labels = self.generate(index)
+            self._cache[index] = (image, id_map.astype(np.uint8 if len(labels) < 256 else np.int64), labels)
+        image, id_map, labels = self._cache[index]
+        return image, id_map.astype(np.int64), labels
+
     def load_raw(self, index: int) -> dict[str, Any]:
-        image, id_map, labels = self.generate(index)
+        image, id_map, labels = self._scene(index)
         mask = np.concatenate([[0], labels])[id_map]  # (H, W) class ids
         instances = None
         if self.return_instances:

@@ -76,6 +76,16 @@ def _model_name(model: nn.Module) -> str:
     return f"{type(model).__name__} ({name})" if name else type(model).__name__
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices natively (AMX tiles, Intel Sapphire Rapids and later): there
+    ``amp="auto"`` trains convolutions and matmuls in bfloat16, about 3x faster than float32 (elsewhere it stays
+    float32, where bfloat16 would be emulated and slower)."""
+    try:
+        return bool(torch.cpu._is_amx_tile_supported()) and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is left untouched."""
 
@@ -178,7 +188,8 @@ class Trainer:
         momentum: SGD momentum.
         schedule: ``"poly" | "cosine" | "constant"`` per-step schedule.
         warmup_epochs: linear warm-up length in epochs (may be fractional).
-        amp: ``"auto"`` (bf16/fp16 on CUDA, off on CPU), ``"off"``, ``"bf16"`` or ``"fp16"``.
+        amp: ``"auto"`` (bf16/fp16 on CUDA; bf16 on CPUs with AMX, see :func:`cpu_has_native_bf16`; float32
+            elsewhere), ``"off"``, ``"bf16"`` or ``"fp16"``.
         grad_clip: max global gradient norm, or None.
         seed: base seed of weights-independent randomness (shuffle, augmentation, dropout).
         deterministic: use deterministic algorithms.
@@ -419,7 +430,11 @@ class Trainer:
         }
 
     def _amp_dtype(self, amp: str) -> torch.dtype | None:
-        if amp == "off" or (amp == "auto" and self.device.type != "cuda"):
+        if amp == "off":
+            return None
+        if amp == "auto" and self.device.type == "cpu":
+            return torch.bfloat16 if cpu_has_native_bf16() else None
+        if amp == "auto" and self.device.type != "cuda":
             return None
         if amp == "auto":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
