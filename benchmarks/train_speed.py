@@ -58,6 +58,7 @@ def run_ours(state: dict, data: Subset, args) -> float:
             device="cpu",
             progress=False,
             seed=0,
+            amp=args.amp,
         )
         t0 = time.perf_counter()
         trainer.fit()
@@ -97,6 +98,11 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--amp",
+        default="auto",
+        help="the trainer's train.amp (auto: bfloat16 on CPUs with AMX; off: float32, channels-last only)",
+    )
     p.add_argument("--json", help="write the result to this file")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -119,6 +125,7 @@ def main() -> None:
         "rounds": args.rounds,
         "workers": args.workers,
         "threads": args.threads,
+        "amp": args.amp,
         "maskworks_steps_per_s": rows["maskworks"],
         "smp_steps_per_s": rows["smp"],
         "ratio_median": ours / peer,
