@@ -46,6 +46,18 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="shortcut for train.device: auto | cpu | cuda | cuda:N")
 
 
+def _add_inference_args(p: argparse.ArgumentParser) -> None:
+    """Options shared by eval and predict."""
+    p.add_argument(
+        "--threshold", type=float, default=0.5, help="binary models (one output): foreground where p > this (0.5)"
+    )
+    p.add_argument(
+        "--fuse-bn",
+        action="store_true",
+        help="fold BatchNorm layers into the convolutions before running (same outputs to float rounding, faster)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="maskworks",
@@ -120,14 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(ECE, NLL, Brier, reliability diagram), surface (Hausdorff, HD95, ASSD; slower). "
         "Default: confusion,boundary,calibration",
     )
-    p.add_argument(
-        "--threshold", type=float, default=0.5, help="binary models (one output): foreground where p > this (0.5)"
-    )
-    p.add_argument(
-        "--fuse-bn",
-        action="store_true",
-        help="fold BatchNorm layers into the convolutions before running (same outputs to float rounding, faster)",
-    )
+    _add_inference_args(p)
     p.set_defaults(func=commands.evaluate)
 
     p = sub.add_parser(
@@ -155,14 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crf", action="store_true", help="refine with a dense CRF (mean field, Potts, 5 iterations)")
     p.add_argument("--crf-iterations", type=int, default=5, help="mean-field iterations of --crf (default 5)")
     p.add_argument("--uncertainty", action="store_true", help="also write <name>_uncertainty.png (entropy heat map)")
-    p.add_argument(
-        "--threshold", type=float, default=0.5, help="binary models (one output): foreground where p > this (0.5)"
-    )
-    p.add_argument(
-        "--fuse-bn",
-        action="store_true",
-        help="fold BatchNorm layers into the convolutions before running (same outputs to float rounding, faster)",
-    )
+    _add_inference_args(p)
     p.add_argument(
         "--max-pixels",
         type=int,
