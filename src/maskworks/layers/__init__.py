@@ -17,7 +17,7 @@ from maskworks.layers.efficient_attention import (
     WindowAttention2d,
 )
 from maskworks.layers.fpn import FeaturePyramid
-from maskworks.layers.norm import PooledBatchNorm2d
+from maskworks.layers.norm import GlobalResponseNorm, LayerNorm2d, PooledBatchNorm2d
 from maskworks.layers.ppm import PSPModule
 from maskworks.layers.vit_layers import (
     Attention,
@@ -31,6 +31,18 @@ from maskworks.layers.vit_layers import (
     get_2d_sincos_pos_embed,
     resample_abs_pos_embed,
     resample_patch_embed,
+)
+from maskworks.layers.window import (
+    PatchMerging,
+    RelativePositionBias,
+    WindowAttention,
+    pad_to_window,
+    relative_position_index,
+    resize_relative_position_bias_table,
+    shifted_window_mask,
+    window_and_shift_for_size,
+    window_partition,
+    window_reverse,
 )
 
 __all__ = [
@@ -53,6 +65,8 @@ __all__ = [
     "ConvBNReLU",
     "ConvNormAct",
     "FeaturePyramid",
+    "GlobalResponseNorm",
+    "LayerNorm2d",
     "GriddingReport",
     "PSPModule",
     "PooledBatchNorm2d",
@@ -63,4 +77,14 @@ __all__ = [
     "hdc_max_distance",
     "receptive_field",
     "receptive_field_mask",
+    "PatchMerging",
+    "RelativePositionBias",
+    "WindowAttention",
+    "pad_to_window",
+    "relative_position_index",
+    "resize_relative_position_bias_table",
+    "shifted_window_mask",
+    "window_and_shift_for_size",
+    "window_partition",
+    "window_reverse",
 ]
