@@ -5,7 +5,8 @@ Contract shared by every backbone: ``forward_intermediates(x)`` returns a list o
 "module"}`` for each map.
 """
 
-from maskworks.backbones import deit, mobilenet, resnet, vit, vit_hybrid
+from maskworks.backbones import convnext, deit, mobilenet, resnet, swin, vit, vit_hybrid
+from maskworks.backbones.convnext import ConvNeXt
 from maskworks.backbones.deit import VisionTransformerDistilled
 from maskworks.backbones.mobilenet import MobileNetV2, MobileNetV3
 from maskworks.backbones.resnet import BasicBlock, Bottleneck, ResNet
@@ -13,12 +14,15 @@ from maskworks.backbones.vit import VisionTransformer
 from maskworks.backbones.vit_hybrid import HybridVisionTransformer
 
 __all__ = [
+    "convnext",
     "deit",
     "mobilenet",
     "resnet",
+    "swin",
     "vit",
     "vit_hybrid",
     "HybridVisionTransformer",
+    "ConvNeXt",
     "ResNet",
     "BasicBlock",
     "Bottleneck",

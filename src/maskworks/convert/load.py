@@ -13,12 +13,14 @@ import torch.nn as nn
 
 from maskworks.checkpoint import CheckpointError, read_safetensors, torch_load_weights_only
 from maskworks.convert._common import strip_prefixes
+from maskworks.convert.convnext import convert_timm_convnext, is_convnext_state_dict
 from maskworks.convert.deeplab import convert_torchvision_deeplabv3, is_torchvision_deeplab_state_dict
 from maskworks.convert.deit import convert_hf_deit, convert_timm_deit, is_hf_deit_state_dict
 from maskworks.convert.mae import convert_hf_vitmae, is_hf_vitmae_state_dict
 from maskworks.convert.mobilenet import convert_torchvision_mobilenet, is_mobilenet_state_dict
 from maskworks.convert.resnet import convert_timm_resnet, convert_torchvision_resnet, is_resnet_state_dict
 from maskworks.convert.smp import convert_smp, smp_deeplab_mismatches
+from maskworks.convert.swin import convert_timm_swin, is_swin_state_dict
 from maskworks.convert.vit import is_timm_vit_state_dict
 from maskworks.convert.vit_hf_tv import (
     convert_hf_vit,
@@ -81,9 +83,13 @@ def convert_timm(
     state_dict: Mapping[str, torch.Tensor], in_channels: int | None = None, model: nn.Module | None = None
 ) -> tuple[StateDict, list[str]]:
     """A timm checkpoint -> maskworks keys: ViT / DeiT (resampled to ``model``'s grid and patch size when given),
-    or a ResNet backbone (classifier dropped)."""
+    a Swin, a ConvNeXt or a ResNet backbone (classifier dropped)."""
+    if is_swin_state_dict(state_dict):
+        return convert_timm_swin(state_dict, in_channels)
     if is_timm_vit_state_dict(state_dict) or "patch_embed.proj.weight" in state_dict:
         return convert_timm_deit(state_dict, model=model, in_channels=in_channels)  # the ViT rules plus DeiT's
+    if is_convnext_state_dict(state_dict):
+        return convert_timm_convnext(state_dict, in_channels)
     return convert_timm_resnet(state_dict, in_channels)
 
 
@@ -119,7 +125,7 @@ _BACKBONE_SOURCES = ("torchvision", "timm")
 
 
 def _is_backbone_state_dict(state_dict: Mapping[str, torch.Tensor]) -> bool:
-    return is_resnet_state_dict(state_dict) or is_mobilenet_state_dict(state_dict)
+    return is_resnet_state_dict(state_dict) or is_mobilenet_state_dict(state_dict) or is_convnext_state_dict(state_dict)
 
 
 _WRAPPER_KEYS = ("state_dict", "model")

@@ -151,8 +151,16 @@ def _dataset(tag: str) -> str:
         return "ig-1b (semi-weakly sup.) > imagenet-1k"
     if tag.startswith("swag_"):
         return "ig-3.6b (weakly sup.) > imagenet-1k"
-    if tag in ("mae", "dino") or tag.endswith("_mae"):
+    if tag in ("mae", "dino", "fcmae") or tag.endswith("_mae"):
         return "imagenet-1k (self-supervised)"
+    if tag.startswith("fcmae_ft_in22k_in1k"):
+        return "imagenet-1k (self-supervised) > 22k > 1k"
+    if tag.startswith("fcmae_ft_in1k"):
+        return "imagenet-1k (self-supervised) > 1k"
+    if "in22k_ft_in1k" in tag:
+        return "imagenet-22k > 1k"
+    if tag.endswith("in22k"):
+        return "imagenet-22k"
     if "in21k_ft_in1k" in tag:
         return "imagenet-21k > 1k"
     if tag.endswith("in21k"):
@@ -171,17 +179,22 @@ def _tv(model: str, tag: str, weights: str, *, default: bool = False, **kwargs: 
     )
 
 
-# timm tags whose publisher's licence is non-commercial (timm's pretrained configurations say so too)
+# timm tags whose publisher's licence is non-commercial (timm's pretrained configurations say so too; ConvNeXt V2's
+# ``fcmae*`` weights are all cc-by-nc-4.0)
 _TIMM_NC = ("fb_ssl_yfcc100m_ft_in1k", "fb_swsl_ig1b_ft_in1k", "mae")
 
 
-def _timm(model: str, tag: str, *, default: bool = False, note: str = "") -> PretrainedWeights:
+def _timm(
+    model: str, tag: str, *, default: bool = False, note: str = "", license: str | None = None
+) -> PretrainedWeights:
+    if license is None:
+        license = "cc-by-nc-4.0" if tag in _TIMM_NC or tag.startswith("fcmae") else "apache-2.0"
     return PretrainedWeights(
         model,
         tag,
         "timm-hub",
         "timm",
-        "cc-by-nc-4.0" if tag in _TIMM_NC else "apache-2.0",
+        license,
         _dataset(tag),
         repo=f"timm/{model}.{tag}",
         files=_HUB_FILES,
@@ -340,6 +353,28 @@ def _rows() -> list[PretrainedWeights]:
         ("mae_vit_huge_patch14", "facebook/vit-mae-huge"),
     ):
         rows.append(_hf(model, "hf_mae", repo, default=True, license="cc-by-nc-4.0", note=mae_note))
+
+    # ---- ConvNeXt V1 (official Facebook weights; xlarge has no ImageNet-1k-only ones) and V2 (FCMAE pre-training)
+    for size in ("tiny", "small", "base", "large", "xlarge"):
+        tags = ("fb_in22k_ft_in1k", "fb_in22k") if size == "xlarge" else ("fb_in1k", "fb_in22k_ft_in1k", "fb_in22k")
+        rows.extend(_timm(f"convnext_{size}", tag, default=i == 0) for i, tag in enumerate(tags))
+    for size in ("atto", "femto", "pico", "nano", "tiny", "base", "large", "huge"):
+        tags = ("fcmae_ft_in1k", "fcmae")
+        if size in ("nano", "tiny", "base", "large"):
+            tags += ("fcmae_ft_in22k_in1k",)
+        rows.extend(_timm(f"convnextv2_{size}", tag, default=i == 0) for i, tag in enumerate(tags))
+
+    # ---- Swin Transformer V1 (official Microsoft weights, MIT); large has no ImageNet-1k-only ones
+    for model in (
+        "swin_tiny_patch4_window7_224",
+        "swin_small_patch4_window7_224",
+        "swin_base_patch4_window7_224",
+        "swin_base_patch4_window12_384",
+        "swin_large_patch4_window7_224",
+        "swin_large_patch4_window12_384",
+    ):
+        tags = ("ms_in22k_ft_in1k", "ms_in22k") if "large" in model else ("ms_in1k", "ms_in22k_ft_in1k", "ms_in22k")
+        rows.extend(_timm(model, tag, default=i == 0, license="mit") for i, tag in enumerate(tags))
 
     # ---- Whole segmentation models: torchvision DeepLabv3 (COCO images, the 20 Pascal VOC classes + background)
     for i, encoder in enumerate(("resnet50", "resnet101")):
