@@ -5,11 +5,12 @@ Contract shared by every backbone: ``forward_intermediates(x)`` returns a list o
 "module"}`` for each map.
 """
 
-from maskworks.backbones import convnext, deit, mobilenet, resnet, swin, vit, vit_hybrid
+from maskworks.backbones import convnext, deit, mobilenet, resnet, swin, swin_v2, vit, vit_hybrid
 from maskworks.backbones.convnext import ConvNeXt
 from maskworks.backbones.deit import VisionTransformerDistilled
 from maskworks.backbones.mobilenet import MobileNetV2, MobileNetV3
 from maskworks.backbones.resnet import BasicBlock, Bottleneck, ResNet
+from maskworks.backbones.swin_v2 import SwinTransformerV2
 from maskworks.backbones.vit import VisionTransformer
 from maskworks.backbones.vit_hybrid import HybridVisionTransformer
 
@@ -19,11 +20,13 @@ __all__ = [
     "mobilenet",
     "resnet",
     "swin",
+    "swin_v2",
     "vit",
     "vit_hybrid",
     "HybridVisionTransformer",
     "ConvNeXt",
     "ResNet",
+    "SwinTransformerV2",
     "BasicBlock",
     "Bottleneck",
     "MobileNetV2",

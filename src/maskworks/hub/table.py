@@ -376,6 +376,19 @@ def _rows() -> list[PretrainedWeights]:
         tags = ("ms_in22k_ft_in1k", "ms_in22k") if "large" in model else ("ms_in1k", "ms_in22k_ft_in1k", "ms_in22k")
         rows.extend(_timm(model, tag, default=i == 0, license="mit") for i, tag in enumerate(tags))
 
+    # ---- Swin Transformer V2 (official Microsoft weights, MIT); the "12to" models are fine-tuned from 22k at 192
+    for model in (
+        "swinv2_tiny_window8_256",
+        "swinv2_tiny_window16_256",
+        "swinv2_small_window8_256",
+        "swinv2_small_window16_256",
+        "swinv2_base_window8_256",
+        "swinv2_base_window16_256",
+    ):
+        rows.append(_timm(model, "ms_in1k", default=True, license="mit"))
+    for model in ("swinv2_base_window12to16_192to256", "swinv2_base_window12to24_192to384"):
+        rows.append(_timm(model, "ms_in22k_ft_in1k", default=True, license="mit"))
+
     # ---- Whole segmentation models: torchvision DeepLabv3 (COCO images, the 20 Pascal VOC classes + background)
     for i, encoder in enumerate(("resnet50", "resnet101")):
         rows.append(
