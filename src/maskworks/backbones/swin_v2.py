@@ -36,12 +36,8 @@ from maskworks.backbones.swin import SwinPatchEmbed
 from maskworks.layers.vit_layers import DropPath, Mlp, to_2tuple
 from maskworks.layers.window import (
     PatchMerging,
-    pad_to_window,
     relative_position_index,
-    shifted_window_mask,
-    window_and_shift_for_size,
-    window_partition,
-    window_reverse,
+    shifted_window_attention,
 )
 from maskworks.registry import register_model
 
@@ -249,20 +245,7 @@ class SwinTransformerV2Block(nn.Module):
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def _attn(self, x: torch.Tensor) -> torch.Tensor:
-        _, h, w, c = x.shape
-        window, shift = window_and_shift_for_size((h, w), self.window_size, self.shift_size)
-        has_shift = any(shift)
-        if has_shift:  # roll first, then pad (timm's order)
-            x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
-        x, _ = pad_to_window(x, window)
-        hp, wp = x.shape[1], x.shape[2]
-        mask = shifted_window_mask(hp, wp, window, shift, device=x.device) if has_shift else None
-        windows = window_partition(x, window).reshape(-1, window[0] * window[1], c)
-        windows = self.attn(windows, mask=mask, window_size=window)
-        x = window_reverse(windows.reshape(-1, window[0], window[1], c), window, hp, wp)[:, :h, :w]
-        if has_shift:
-            x = torch.roll(x, shifts=shift, dims=(1, 2))
-        return x
+        return shifted_window_attention(x, self.attn, self.window_size, self.shift_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.drop_path1(self.norm1(self._attn(x)))

@@ -419,3 +419,35 @@ class PatchMerging(nn.Module):
         if self.order == "v1":
             return self.reduction(self.norm(x))
         return self.norm(self.reduction(x))
+
+
+def shifted_window_attention(
+    x: torch.Tensor, attn: nn.Module, window_size: int | tuple[int, int], shift_size: int | tuple[int, int] = 0
+) -> torch.Tensor:
+    """(S)W-MSA on an NHWC map of any size, as a Swin block runs it: window and shift clamped to the map
+    (:func:`window_and_shift_for_size`), cyclic shift, padding to the window, partition, ``attn(windows, mask=...,
+    window_size=...)`` with the shifted-window mask, reverse, crop and shift back (timm's order: roll, then pad).
+
+    Args:
+        x: ``(B, H, W, C)`` map.
+        attn: window attention taking ``(B * nW, N, C)`` tokens, an additive ``mask`` and the ``window_size`` used.
+        window_size: the block's window.
+        shift_size: the block's shift (0 for W-MSA).
+
+    Returns:
+        ``(B, H, W, C)``.
+    """
+    _, h, w, c = x.shape
+    window, shift = window_and_shift_for_size((h, w), window_size, shift_size)
+    has_shift = any(shift)
+    if has_shift:
+        x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+    x, _ = pad_to_window(x, window)
+    hp, wp = x.shape[1], x.shape[2]
+    mask = shifted_window_mask(hp, wp, window, shift, device=x.device) if has_shift else None
+    windows = window_partition(x, window).reshape(-1, window[0] * window[1], c)
+    windows = attn(windows, mask=mask, window_size=window)
+    x = window_reverse(windows.reshape(-1, window[0], window[1], c), window, hp, wp)[:, :h, :w]
+    if has_shift:
+        x = torch.roll(x, shifts=shift, dims=(1, 2))
+    return x
