@@ -210,7 +210,46 @@ class SwinPatchEmbed(nn.Module):
         return self.norm(self.proj(x).permute(0, 2, 3, 1))
 
 
-class SwinTransformer(nn.Module):
+class SwinFeatures(nn.Module):
+    """The feature-extractor interface shared by Swin V1 and V2: ``patch_embed`` -> ``layers`` (NHWC stages) ->
+    NCHW maps, with the final ``norm`` sized for the last stage."""
+
+    @property
+    def out_channels(self) -> tuple[int, ...]:
+        """Input channels followed by the channels of the four maps."""
+        return (self.in_channels, *(info["num_chs"] for info in self.feature_info))
+
+    def forward_intermediates(self, x: torch.Tensor, norm: bool = False) -> list[torch.Tensor]:
+        """The outputs of ``layers.0`` .. ``layers.3`` as NCHW maps.
+
+        As timm's ``forward_intermediates``: by default no norm is applied to any map; ``norm=True`` applies the
+        final ``norm`` to the last one (it is sized for the last stage only).
+
+        Args:
+            x: images ``(B, in_channels, H, W)``.
+            norm: apply the final ``norm`` to the last map.
+
+        Returns:
+            Four maps ``(B, C_i, ceil(H / r_i), ceil(W / r_i))`` (ceil per halving) with ``C_i, r_i`` as in
+            ``feature_info`` (reductions 4, 8, 16, 32).
+        """
+        x = self.patch_embed(x)
+        features = []
+        for i, stage in enumerate(self.layers):
+            x = stage(x)
+            out = self.norm(x) if norm and i == len(self.layers) - 1 else x
+            features.append(out.permute(0, 3, 1, 2).contiguous())
+        return features
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last map after the final ``norm``, NCHW (timm's ``forward_features`` returns it NHWC)."""
+        return self.forward_intermediates(x, norm=True)[-1]
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return self.forward_intermediates(x)
+
+
+class SwinTransformer(SwinFeatures):
     """Swin Transformer V1 feature extractor (no classifier) returning the outputs of the four stages.
 
     Args:
@@ -283,40 +322,6 @@ class SwinTransformer(nn.Module):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-
-    @property
-    def out_channels(self) -> tuple[int, ...]:
-        """Input channels followed by the channels of the four maps."""
-        return (self.in_channels, *(info["num_chs"] for info in self.feature_info))
-
-    def forward_intermediates(self, x: torch.Tensor, norm: bool = False) -> list[torch.Tensor]:
-        """The outputs of ``layers.0`` .. ``layers.3`` as NCHW maps.
-
-        As timm's ``forward_intermediates``: by default no norm is applied to any map; ``norm=True`` applies the
-        final ``norm`` to the last one (it is sized for the last stage only).
-
-        Args:
-            x: images ``(B, in_channels, H, W)``.
-            norm: apply the final ``norm`` to the last map.
-
-        Returns:
-            Four maps ``(B, C_i, ceil(H / r_i), ceil(W / r_i))`` (ceil per halving) with ``C_i, r_i`` as in
-            ``feature_info`` (reductions 4, 8, 16, 32).
-        """
-        x = self.patch_embed(x)
-        features = []
-        for i, stage in enumerate(self.layers):
-            x = stage(x)
-            out = self.norm(x) if norm and i == len(self.layers) - 1 else x
-            features.append(out.permute(0, 3, 1, 2).contiguous())
-        return features
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The last map after the final ``norm``, NCHW (timm's ``forward_features`` returns it NHWC)."""
-        return self.forward_intermediates(x, norm=True)[-1]
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return self.forward_intermediates(x)
 
 
 def _swin(

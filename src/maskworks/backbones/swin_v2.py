@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from maskworks.backbones.swin import SwinPatchEmbed
+from maskworks.backbones.swin import SwinFeatures, SwinPatchEmbed
 from maskworks.layers.vit_layers import DropPath, Mlp, to_2tuple
 from maskworks.layers.window import (
     PatchMerging,
@@ -291,7 +291,7 @@ class SwinTransformerV2Stage(nn.Module):
         return self.blocks(self.downsample(x))
 
 
-class SwinTransformerV2(nn.Module):
+class SwinTransformerV2(SwinFeatures):
     """Swin Transformer V2 feature extractor (no classifier) returning the outputs of the four stages.
 
     Args:
@@ -382,37 +382,6 @@ class SwinTransformerV2(nn.Module):
                 for norm in (m.norm1, m.norm2):
                     nn.init.zeros_(norm.weight)
                     nn.init.zeros_(norm.bias)
-
-    @property
-    def out_channels(self) -> tuple[int, ...]:
-        """Input channels followed by the channels of the four maps."""
-        return (self.in_channels, *(info["num_chs"] for info in self.feature_info))
-
-    def forward_intermediates(self, x: torch.Tensor, norm: bool = False) -> list[torch.Tensor]:
-        """The outputs of ``layers.0`` .. ``layers.3`` as NCHW maps (``norm=True``: the final ``norm`` on the last).
-
-        Args:
-            x: images ``(B, in_channels, H, W)``.
-            norm: apply the final ``norm`` to the last map.
-
-        Returns:
-            Four maps ``(B, C_i, ceil(H / r_i), ceil(W / r_i))`` (ceil per halving) with ``C_i, r_i`` as in
-            ``feature_info`` (reductions 4, 8, 16, 32).
-        """
-        x = self.patch_embed(x)
-        features = []
-        for i, stage in enumerate(self.layers):
-            x = stage(x)
-            out = self.norm(x) if norm and i == len(self.layers) - 1 else x
-            features.append(out.permute(0, 3, 1, 2).contiguous())
-        return features
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The last map after the final ``norm``, NCHW (timm's ``forward_features`` returns it NHWC)."""
-        return self.forward_intermediates(x, norm=True)[-1]
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return self.forward_intermediates(x)
 
 
 _TINY = {"embed_dim": 96, "depths": (2, 2, 6, 2), "num_heads": (3, 6, 12, 24)}
