@@ -7,6 +7,13 @@ less than half of the model (:data:`DEFAULT_MIN_FRACTION`). Unreadable files rai
 :class:`maskworks.checkpoint.CheckpointError`.
 """
 
+from maskworks.convert.convnext import (
+    convert_hf_convnext,
+    convert_timm_convnext,
+    convert_torchvision_convnext,
+    is_hf_convnext_state_dict,
+    is_torchvision_convnext_state_dict,
+)
 from maskworks.convert.deeplab import convert_torchvision_deeplabv3
 from maskworks.convert.deit import convert_hf_deit, convert_timm_deit
 from maskworks.convert.load import (
@@ -23,6 +30,13 @@ from maskworks.convert.mae import convert_hf_vitmae
 from maskworks.convert.mobilenet import convert_torchvision_mobilenet
 from maskworks.convert.resnet import adapt_input_conv, convert_timm_resnet, convert_torchvision_resnet
 from maskworks.convert.smp import convert_smp
+from maskworks.convert.swin import (
+    convert_hf_swin,
+    convert_timm_swin,
+    convert_torchvision_swin,
+    is_hf_swin_state_dict,
+    is_torchvision_swin_state_dict,
+)
 from maskworks.convert.vit import convert_timm_vit
 from maskworks.convert.vit_hf_tv import convert_hf_vit, convert_torchvision_vit
 
@@ -32,19 +46,29 @@ __all__ = [
     "LoadResult",
     "adapt_input_conv",
     "convert_hf",
+    "convert_hf_convnext",
     "convert_hf_deit",
+    "convert_hf_swin",
     "convert_hf_vit",
     "convert_hf_vitmae",
     "convert_smp",
     "convert_timm",
+    "convert_timm_convnext",
     "convert_timm_deit",
-    "convert_timm_vit",
-    "convert_torchvision_vit",
     "convert_timm_resnet",
+    "convert_timm_swin",
+    "convert_timm_vit",
     "convert_torchvision",
+    "convert_torchvision_convnext",
     "convert_torchvision_deeplabv3",
     "convert_torchvision_mobilenet",
     "convert_torchvision_resnet",
+    "convert_torchvision_swin",
+    "convert_torchvision_vit",
+    "is_hf_convnext_state_dict",
+    "is_hf_swin_state_dict",
+    "is_torchvision_convnext_state_dict",
+    "is_torchvision_swin_state_dict",
     "load_weights",
     "read_state_dict",
 ]
