@@ -121,5 +121,5 @@ def test_unet_with_convnext_encoder():
     with torch.no_grad():
         out = model(torch.randn(1, 3, 70, 90))
     assert out.shape == (1, 3, 70, 90)
-    with pytest.raises(ValueError, match="one entry per encoder map"):
-        create_model("unet", encoder="convnextv2_atto", num_classes=3)  # default: 5 decoder blocks, 4 maps
+    with pytest.raises(ValueError, match="one entry per encoder map"):  # 4 maps: 4 or 5 blocks, not 3
+        create_model("unet", encoder="convnextv2_atto", num_classes=3, decoder_channels=(64, 32, 16))

@@ -231,7 +231,7 @@ def test_aux_head_is_torchvision_fcn_head():
 @pytest.mark.parametrize(
     "kwargs",
     [
-        {"output_stride": 32},
+        {"output_stride": 4},
         {"encoder": "unet"},
         {"num_classes": 0},
         {"atrous_rates": (6, 0, 18)},

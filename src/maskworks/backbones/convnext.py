@@ -22,6 +22,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from maskworks.layers.norm import GlobalResponseNorm, LayerNorm2d
 from maskworks.layers.vit_layers import DropPath
@@ -81,6 +82,7 @@ class ConvNeXtBlock(nn.Module):
         use_grn: Global Response Normalization in the MLP (V2).
         conv_mlp: 1x1 convs and a channels-first norm instead of linear layers on channels-last maps.
         drop_path: stochastic-depth probability of the residual branch.
+        dilation: dilation of the depthwise conv (a stage past the output stride).
     """
 
     def __init__(
@@ -92,10 +94,12 @@ class ConvNeXtBlock(nn.Module):
         use_grn: bool = False,
         conv_mlp: bool = False,
         drop_path: float = 0.0,
+        dilation: int = 1,
     ) -> None:
         super().__init__()
         self.conv_mlp = conv_mlp
-        self.conv_dw = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
+        pad = dilation * (kernel_size - 1) // 2
+        self.conv_dw = nn.Conv2d(dim, dim, kernel_size, padding=pad, dilation=dilation, groups=dim)
         self.norm = LayerNorm2d(dim, eps=_EPS) if conv_mlp else nn.LayerNorm(dim, eps=_EPS)
         self.mlp = ConvNeXtMlp(dim, int(mlp_ratio * dim), use_grn, conv_mlp)
         self.gamma = nn.Parameter(torch.full((dim,), ls_init_value)) if ls_init_value is not None else None
@@ -113,8 +117,22 @@ class ConvNeXtBlock(nn.Module):
         return shortcut + self.drop_path(x)
 
 
+class _Conv2dSame(nn.Conv2d):
+    """A stride-1 conv with TensorFlow's "same" padding for an even kernel: the extra pixel goes bottom / right
+    (timm's ``Conv2dSame``), so a dilated stage keeps its input size."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        total = self.dilation[0] * (self.kernel_size[0] - 1)
+        return super().forward(F.pad(x, (total // 2, total - total // 2, total // 2, total - total // 2)))
+
+
 class ConvNeXtStage(nn.Module):
-    """Optional ``LayerNorm2d + 2x2 stride-2 conv`` downsample, then ``depth`` blocks."""
+    """Optional ``LayerNorm2d + 2x2 stride-2 conv`` downsample, then ``depth`` blocks.
+
+    A stage past the output stride (``stride=1``, ``dilation=(first, rest)`` with ``rest > 1``) keeps its
+    resolution as in timm: the downsample becomes a 2x2 stride-1 conv with "same" padding (dilated by ``first``)
+    and every block's depthwise conv is dilated by ``rest``; the weights are those of the undilated model.
+    """
 
     def __init__(
         self,
@@ -123,16 +141,22 @@ class ConvNeXtStage(nn.Module):
         stride: int,
         depth: int,
         drop_path_rates: Sequence[float],
+        dilation: tuple[int, int] = (1, 1),
         **block_kwargs,
     ) -> None:
         super().__init__()
-        if stride > 1 or in_chs != out_chs:
-            self.downsample = nn.Sequential(
-                LayerNorm2d(in_chs, eps=_EPS), nn.Conv2d(in_chs, out_chs, kernel_size=stride, stride=stride)
-            )
+        first, rest = dilation
+        if stride > 1 or in_chs != out_chs or first != rest:
+            if rest > 1:  # dilated: 2x2 kernel at stride 1, "same" padding
+                conv = _Conv2dSame(in_chs, out_chs, kernel_size=2, stride=1, dilation=first)
+            else:
+                conv = nn.Conv2d(in_chs, out_chs, kernel_size=stride, stride=stride)
+            self.downsample = nn.Sequential(LayerNorm2d(in_chs, eps=_EPS), conv)
         else:
             self.downsample = nn.Identity()
-        self.blocks = nn.Sequential(*(ConvNeXtBlock(out_chs, drop_path=p, **block_kwargs) for p in drop_path_rates))
+        self.blocks = nn.Sequential(
+            *(ConvNeXtBlock(out_chs, drop_path=p, dilation=rest, **block_kwargs) for p in drop_path_rates)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.blocks(self.downsample(x))
@@ -151,6 +175,11 @@ class ConvNeXt(nn.Module):
         drop_path_rate: stochastic depth of the last block; it grows linearly from 0 over all blocks.
         kernel_size: depthwise kernel size.
         mlp_ratio: MLP hidden width over the block width.
+        out_norms: add one channels-first LayerNorm per stage map (``stage_norms``), applied by
+            :meth:`forward_intermediates`; dense heads such as UPerNet use them (mmseg, HF ``ConvNextBackbone``'s
+            ``hidden_states_norms``). Off by default, as in timm.
+        output_stride: 32, or 16 / 8 for dense prediction (DeepLab): the stages past it keep their resolution
+            and dilate their convs instead, as timm's ``output_stride`` does.
     """
 
     def __init__(
@@ -164,9 +193,13 @@ class ConvNeXt(nn.Module):
         drop_path_rate: float = 0.0,
         kernel_size: int = 7,
         mlp_ratio: float = 4.0,
+        out_norms: bool = False,
+        output_stride: int = 32,
     ) -> None:
         super().__init__()
         depths, dims = tuple(depths), tuple(dims)
+        if output_stride not in (8, 16, 32):
+            raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride!r}")
         if len(depths) != 4 or len(dims) != 4:
             raise ValueError(f"depths and dims must give 4 stages, got depths={depths!r}, dims={dims!r}")
         if not isinstance(in_channels, int) or isinstance(in_channels, bool) or in_channels < 1:
@@ -183,15 +216,23 @@ class ConvNeXt(nn.Module):
             "use_grn": use_grn,
             "conv_mlp": conv_mlp,
         }
-        stages, prev, reduction = [], dims[0], 4
+        stages, prev, reduction, dilation = [], dims[0], 4, 1
         self.feature_info = []
         for i, (depth, dim) in enumerate(zip(depths, dims)):
             stride = 1 if i == 0 else 2
+            if reduction >= output_stride and stride > 1:  # past the output stride: dilate instead (timm's rule)
+                dilation, stride = dilation * stride, 1
             reduction *= stride
-            stages.append(ConvNeXtStage(prev, dim, stride, depth, rates[i].tolist(), **block_kwargs))
+            first_dilation = 1 if dilation in (1, 2) else 2
+            stages.append(
+                ConvNeXtStage(
+                    prev, dim, stride, depth, rates[i].tolist(), dilation=(first_dilation, dilation), **block_kwargs
+                )
+            )
             self.feature_info.append({"num_chs": dim, "reduction": reduction, "module": f"stages.{i}"})
             prev = dim
         self.stages = nn.Sequential(*stages)
+        self.stage_norms = nn.ModuleList(LayerNorm2d(d, eps=_EPS) for d in dims) if out_norms else None
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -215,18 +256,18 @@ class ConvNeXt(nn.Module):
 
         Returns:
             Four maps ``(B, C_i, H // r_i, W // r_i)`` (floored per strided conv) with ``C_i, r_i`` as in
-            ``feature_info`` (reductions 4, 8, 16, 32).
+            ``feature_info`` (reductions 4, 8, 16, 32); after ``stage_norms`` when built with ``out_norms=True``.
         """
         x = self.stem(x)
         features = []
-        for stage in self.stages:
+        for i, stage in enumerate(self.stages):
             x = stage(x)
-            features.append(x)
+            features.append(x if self.stage_norms is None else self.stage_norms[i](x))
         return features
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The last feature map ``(B, dims[-1], H // 32, W // 32)``."""
-        return self.forward_intermediates(x)[-1]
+        """The last feature map ``(B, dims[-1], H // 32, W // 32)`` (no stage norm)."""
+        return self.stages(self.stem(x))
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         return self.forward_intermediates(x)

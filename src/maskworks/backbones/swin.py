@@ -120,6 +120,8 @@ class SwinTransformerBlock(nn.Module):
         drop_path: stochastic-depth probability of both residual branches.
     """
 
+    pad_first = False  # mmseg's window order; set by the backbone's window_padding="mmseg"
+
     def __init__(
         self,
         dim: int,
@@ -147,7 +149,7 @@ class SwinTransformerBlock(nn.Module):
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def _attn(self, x: torch.Tensor) -> torch.Tensor:
-        return shifted_window_attention(x, self.attn, self.window_size, self.shift_size)
+        return shifted_window_attention(x, self.attn, self.window_size, self.shift_size, self.pad_first)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.drop_path1(self._attn(self.norm1(x)))
@@ -212,22 +214,50 @@ class SwinPatchEmbed(nn.Module):
 
 class SwinFeatures(nn.Module):
     """The feature-extractor interface shared by Swin V1 and V2: ``patch_embed`` -> ``layers`` (NHWC stages) ->
-    NCHW maps, with the final ``norm`` sized for the last stage."""
+    NCHW maps, with the final ``norm`` sized for the last stage and, when built with ``out_norms=True``, one
+    LayerNorm per stage map (``stage_norms``, as mmseg's ``norm0..3`` and HF ``SwinBackbone``'s
+    ``hidden_states_norms``)."""
+
+    stage_norms: nn.ModuleList | None
+
+    def _build_stage_norms(self, out_norms: bool) -> None:
+        dims = [info["num_chs"] for info in self.feature_info]
+        self.stage_norms = nn.ModuleList(nn.LayerNorm(d) for d in dims) if out_norms else None
 
     @property
     def out_channels(self) -> tuple[int, ...]:
         """Input channels followed by the channels of the four maps."""
         return (self.in_channels, *(info["num_chs"] for info in self.feature_info))
 
+    def no_weight_decay(self) -> set[str]:
+        """Parameter name patterns without weight decay (timm's and mmseg's Swin recipes): the relative position
+        bias tables (V1) and, for V2, the continuous position-bias MLPs and the attention logit scales."""
+        return {"*relative_position_bias_table", "*cpb_mlp.*", "*logit_scale"}
+
+    def _set_window_padding(self, window_padding: str) -> None:
+        if window_padding not in ("timm", "mmseg"):
+            raise ValueError(f"window_padding must be 'timm' or 'mmseg', got {window_padding!r}")
+        self.window_padding = window_padding
+        for stage in self.layers:
+            for block in stage.blocks:
+                block.pad_first = window_padding == "mmseg"
+
+    def prune_final_norm(self) -> None:
+        """Replace the final ``norm`` (used by :meth:`forward_features` only) with an identity, as timm does for
+        ``features_only`` models, so a dense model that reads the stage maps has no parameter without a gradient.
+        A checkpoint's ``norm.*`` tensors are then reported as unexpected when it is loaded."""
+        self.norm = nn.Identity()
+
     def forward_intermediates(self, x: torch.Tensor, norm: bool = False) -> list[torch.Tensor]:
         """The outputs of ``layers.0`` .. ``layers.3`` as NCHW maps.
 
         As timm's ``forward_intermediates``: by default no norm is applied to any map; ``norm=True`` applies the
-        final ``norm`` to the last one (it is sized for the last stage only).
+        final ``norm`` to the last one (it is sized for the last stage only). A model built with ``out_norms=True``
+        applies ``stage_norms[i]`` to map ``i`` instead (and ``norm`` is not used).
 
         Args:
             x: images ``(B, in_channels, H, W)``.
-            norm: apply the final ``norm`` to the last map.
+            norm: apply the final ``norm`` to the last map (ignored with ``out_norms``).
 
         Returns:
             Four maps ``(B, C_i, ceil(H / r_i), ceil(W / r_i))`` (ceil per halving) with ``C_i, r_i`` as in
@@ -235,15 +265,20 @@ class SwinFeatures(nn.Module):
         """
         x = self.patch_embed(x)
         features = []
+        last = len(self.layers) - 1
         for i, stage in enumerate(self.layers):
             x = stage(x)
-            out = self.norm(x) if norm and i == len(self.layers) - 1 else x
+            if self.stage_norms is not None:
+                out = self.stage_norms[i](x)
+            else:
+                out = self.norm(x) if norm and i == last else x
             features.append(out.permute(0, 3, 1, 2).contiguous())
         return features
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The last map after the final ``norm``, NCHW (timm's ``forward_features`` returns it NHWC)."""
-        return self.forward_intermediates(x, norm=True)[-1]
+        x = self.layers(self.patch_embed(x))
+        return self.norm(x).permute(0, 3, 1, 2).contiguous()
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         return self.forward_intermediates(x)
@@ -265,6 +300,12 @@ class SwinTransformer(SwinFeatures):
         attn_drop_rate: dropout on the attention probabilities.
         drop_path_rate: stochastic depth of the last block; it grows linearly from 0 over all blocks.
         shift: shift every second block's windows (``False``: W-MSA everywhere).
+        out_norms: add one LayerNorm per stage map (``stage_norms``), applied by :meth:`forward_intermediates`;
+            dense heads such as UPerNet use them (mmseg, HF ``SwinBackbone``). Off by default, as in timm.
+        window_padding: ``"timm"`` (default: shift, then pad; windows clipped to small maps) or ``"mmseg"`` (pad,
+            then shift; windows never clipped: the official Swin segmentation code, mmseg and HF ``SwinBackbone``,
+            whose checkpoints were trained that way); the two agree on maps that are multiples of the window and
+            larger than it. See :func:`~maskworks.layers.window.shifted_window_attention`.
     """
 
     def __init__(
@@ -281,6 +322,8 @@ class SwinTransformer(SwinFeatures):
         attn_drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         shift: bool = True,
+        out_norms: bool = False,
+        window_padding: str = "timm",
     ) -> None:
         super().__init__()
         depths, num_heads = tuple(depths), tuple(num_heads)
@@ -313,6 +356,8 @@ class SwinTransformer(SwinFeatures):
             prev = dim
         self.layers = nn.Sequential(*layers)
         self.norm = nn.LayerNorm(prev)
+        self._build_stage_norms(out_norms)
+        self._set_window_padding(window_padding)
         self._init_weights()
 
     def _init_weights(self) -> None:

@@ -211,6 +211,8 @@ class SwinTransformerV2Block(nn.Module):
         pretrained_window_size: see :class:`SwinV2WindowAttention`.
     """
 
+    pad_first = False  # mmseg's window order; set by the backbone's window_padding="mmseg"
+
     def __init__(
         self,
         dim: int,
@@ -245,7 +247,7 @@ class SwinTransformerV2Block(nn.Module):
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def _attn(self, x: torch.Tensor) -> torch.Tensor:
-        return shifted_window_attention(x, self.attn, self.window_size, self.shift_size)
+        return shifted_window_attention(x, self.attn, self.window_size, self.shift_size, self.pad_first)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.drop_path1(self.norm1(self._attn(x)))
@@ -308,6 +310,10 @@ class SwinTransformerV2(SwinFeatures):
         drop_path_rate: stochastic depth of the last block; it grows linearly from 0 over all blocks.
         pretrained_window_sizes: per stage, the window the weights were trained with (``0``: the model's own);
             it sets the normalisation of the position-bias coordinates.
+        out_norms: add one LayerNorm per stage map (``stage_norms``), applied by ``forward_intermediates``
+            (HF ``Swinv2Backbone``'s ``hidden_states_norms``). Off by default, as in timm.
+        window_padding: ``"timm"`` (default: shift, then pad; windows clipped to small maps) or ``"mmseg"``
+            (pad, then shift; windows never clipped), see :func:`~maskworks.layers.window.shifted_window_attention`.
     """
 
     def __init__(
@@ -324,6 +330,8 @@ class SwinTransformerV2(SwinFeatures):
         attn_drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         pretrained_window_sizes: Sequence[int] = (0, 0, 0, 0),
+        out_norms: bool = False,
+        window_padding: str = "timm",
     ) -> None:
         super().__init__()
         depths, num_heads = tuple(depths), tuple(num_heads)
@@ -368,6 +376,8 @@ class SwinTransformerV2(SwinFeatures):
             prev = dim
         self.layers = nn.Sequential(*layers)
         self.norm = nn.LayerNorm(prev)
+        self._build_stage_norms(out_norms)
+        self._set_window_padding(window_padding)
         self._init_weights()
 
     def _init_weights(self) -> None:

@@ -3,7 +3,10 @@
 maskworks' :class:`~maskworks.models.semantic.UNet` uses smp's module names on purpose
 (``encoder.*`` with torchvision ResNet keys, ``decoder.blocks.{i}.conv{1,2}.{0,1}``,
 ``segmentation_head.0``), so the keys pass through unchanged. smp's optional auxiliary
-``classification_head.*`` has no counterpart and is dropped and reported.
+``classification_head.*`` has no counterpart and is dropped and reported. smp's timm encoders (``"tu-convnext_tiny"``,
+``"tu-swin_tiny_patch4_window7_224"``, ...) hold timm's ``features_only`` model at ``encoder.model`` with its stage
+names flattened (``stages_0``, ``layers_0``, ``stem_0``): they become our backbone's keys (``encoder.stages.0``...),
+which are timm's.
 
 What a state dict cannot say: smp's ``DeepLabV3`` / ``DeepLabV3Plus`` build their ASPP with
 ``decoder_atrous_rates=(12, 24, 36)`` and dilate every conv of a dilated stage (``make_dilated``); the
@@ -13,6 +16,7 @@ settings with smp's defaults and :func:`maskworks.convert.load_weights` warns ab
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 import torch
@@ -37,7 +41,18 @@ def convert_smp(
         The converted state dict and the dropped keys (``classification_head.*``).
     """
     dropped = [k for k in state_dict if k.startswith("classification_head.")]
-    return {k: v for k, v in state_dict.items() if not k.startswith("classification_head.")}, dropped
+    out = {}
+    for key, value in state_dict.items():
+        if key.startswith("classification_head."):
+            continue
+        if key.startswith(_TIMM_UNIVERSAL):  # smp "tu-*" encoder: timm features_only keys with flattened names
+            key = "encoder." + _FLAT_STAGE.sub(r"\1.\2.", key[len(_TIMM_UNIVERSAL) :])
+        out[key] = value
+    return out, dropped
+
+
+_TIMM_UNIVERSAL = "encoder.model."
+_FLAT_STAGE = re.compile(r"^(stem|stages|layers)_(\d+)\.")
 
 
 def smp_deeplab_kind(state_dict: Mapping[str, torch.Tensor]) -> str | None:

@@ -422,32 +422,51 @@ class PatchMerging(nn.Module):
 
 
 def shifted_window_attention(
-    x: torch.Tensor, attn: nn.Module, window_size: int | tuple[int, int], shift_size: int | tuple[int, int] = 0
+    x: torch.Tensor,
+    attn: nn.Module,
+    window_size: int | tuple[int, int],
+    shift_size: int | tuple[int, int] = 0,
+    pad_first: bool = False,
 ) -> torch.Tensor:
-    """(S)W-MSA on an NHWC map of any size, as a Swin block runs it: window and shift clamped to the map
-    (:func:`window_and_shift_for_size`), cyclic shift, padding to the window, partition, ``attn(windows, mask=...,
-    window_size=...)`` with the shifted-window mask, reverse, crop and shift back (timm's order: roll, then pad).
+    """(S)W-MSA on an NHWC map of any size, as a Swin block runs it.
+
+    Two orders exist in the reference code and give different results when a map is not a multiple of the window:
+
+    * ``pad_first=False`` (timm, the default): window and shift clamped to the map
+      (:func:`window_and_shift_for_size`), cyclic shift, padding to the window, partition, attention with the
+      shifted-window mask, reverse, crop and shift back.
+    * ``pad_first=True`` (the official Swin segmentation / detection code, mmseg, HF ``SwinBackbone``): padding to a
+      multiple of the window first, then the cyclic shift of the padded map; the window and shift are never
+      clamped (a map smaller than the window is padded up to one window).
 
     Args:
         x: ``(B, H, W, C)`` map.
         attn: window attention taking ``(B * nW, N, C)`` tokens, an additive ``mask`` and the ``window_size`` used.
         window_size: the block's window.
         shift_size: the block's shift (0 for W-MSA).
+        pad_first: pad before shifting, never clamp (mmseg's order).
 
     Returns:
         ``(B, H, W, C)``.
     """
     _, h, w, c = x.shape
-    window, shift = window_and_shift_for_size((h, w), window_size, shift_size)
+    if pad_first:
+        window, shift = to_2tuple(window_size, "window_size"), to_2tuple(shift_size, "shift_size")
+        x, _ = pad_to_window(x, window)
+    else:
+        window, shift = window_and_shift_for_size((h, w), window_size, shift_size)
     has_shift = any(shift)
     if has_shift:
         x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
-    x, _ = pad_to_window(x, window)
+    if not pad_first:
+        x, _ = pad_to_window(x, window)
     hp, wp = x.shape[1], x.shape[2]
     mask = shifted_window_mask(hp, wp, window, shift, device=x.device) if has_shift else None
     windows = window_partition(x, window).reshape(-1, window[0] * window[1], c)
     windows = attn(windows, mask=mask, window_size=window)
-    x = window_reverse(windows.reshape(-1, window[0], window[1], c), window, hp, wp)[:, :h, :w]
+    x = window_reverse(windows.reshape(-1, window[0], window[1], c), window, hp, wp)
+    if not pad_first:
+        x = x[:, :h, :w]
     if has_shift:
         x = torch.roll(x, shifts=shift, dims=(1, 2))
-    return x
+    return x[:, :h, :w] if pad_first else x

@@ -69,12 +69,16 @@ def build_encoder(
         **kwargs: further backbone arguments (e.g. ``output_stride``).
 
     Returns:
-        The backbone.
+        The backbone; a final norm that only its ``forward_features`` uses (Swin) is replaced by an identity
+        (``prune_final_norm``), as in timm's ``features_only`` models.
     """
     entry = model_entry(encoder)
     if entry.kind != "backbone":
         raise ValueError(f"encoder must be a registered backbone, got {encoder!r} (kind={entry.kind!r})")
     model = entry.fn(in_channels=in_channels, **kwargs)
+    prune = getattr(model, "prune_final_norm", None)
+    if callable(prune):  # a norm used only by forward_features (Swin): no parameter without a gradient
+        prune()
     load_encoder_weights(model, encoder, encoder_weights)
     return model
 

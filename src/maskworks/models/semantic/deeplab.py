@@ -67,16 +67,18 @@ from maskworks.registry import model_entry, register_model
 
 __all__ = ["DeepLabV3", "DeepLabV3Plus", "DeepLabV3Decoder", "DeepLabV3PlusDecoder", "FCNHead", "default_atrous_rates"]
 
-# The DeepLabv3 paper's ASPP rates: (6, 12, 18) at output stride 16, doubled at 8.
-_PAPER_RATES = {16: (6, 12, 18), 8: (12, 24, 36)}
+# The DeepLabv3 paper's ASPP rates: (6, 12, 18) at output stride 16, doubled at 8; halved at 32 (an encoder that
+# cannot be dilated, e.g. Swin), which keeps the same field of view in pixels.
+_PAPER_RATES = {16: (6, 12, 18), 8: (12, 24, 36), 32: (3, 6, 9)}
 # Older smp releases built DeepLabV3Decoder as an nn.Sequential; their checkpoints use these prefixes.
 _LEGACY_DECODER_KEYS = (("0.", "aspp."), ("1.", "conv."), ("2.", "bn."))
 
 
 def default_atrous_rates(output_stride: int) -> tuple[int, int, int]:
-    """The paper's ASPP rates for ``output_stride``: (6, 12, 18) at 16, (12, 24, 36) at 8."""
+    """The paper's ASPP rates for ``output_stride``: (6, 12, 18) at 16, (12, 24, 36) at 8; (3, 6, 9) at 32 (an
+    undilated hierarchical encoder: the same field of view in pixels as 16 with (6, 12, 18))."""
     if output_stride not in _PAPER_RATES:
-        raise ValueError(f"output_stride must be 16 or 8, got {output_stride!r}")
+        raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride!r}")
     return _PAPER_RATES[output_stride]
 
 
@@ -201,7 +203,12 @@ def _make_dilation_uniform(encoder: nn.Module) -> None:
     """
     for info in encoder.feature_info:
         stage = encoder.get_submodule(info["module"])
-        convs = [m for m in stage.modules() if isinstance(m, nn.Conv2d) and max(m.kernel_size) > 1]
+        # odd kernels only: ConvNeXt's 2x2 downsample convs keep timm's dilation (as smp's "tu-" encoders do)
+        convs = [
+            m
+            for m in stage.modules()
+            if isinstance(m, nn.Conv2d) and max(m.kernel_size) > 1 and all(k % 2 for k in m.kernel_size)
+        ]
         rate = max((m.dilation[0] for m in convs), default=1)
         if rate == 1:
             continue
@@ -221,6 +228,7 @@ class _DeepLab(nn.Module, metaclass=ABCMeta):
 
     _pad_multiple: int = 1
     _align_corners: bool = False
+    _default_output_stride: int = 16
 
     def __init__(
         self,
@@ -239,13 +247,14 @@ class _DeepLab(nn.Module, metaclass=ABCMeta):
         super().__init__()
         check_positive_int("num_classes", num_classes)
         check_positive_int("decoder_channels", decoder_channels)
-        rates = default_atrous_rates(output_stride) if atrous_rates is None else tuple(atrous_rates)
         self.num_classes = num_classes
         self.in_channels = in_channels
+        self.encoder = self._build_encoder(encoder, in_channels, output_stride, uniform_dilation, encoder_weights)
+        output_stride = self.output_stride = self.encoder.feature_info[-1]["reduction"]
+        rates = default_atrous_rates(output_stride) if atrous_rates is None else tuple(atrous_rates)
         # not in the state dict: load_weights(source="smp") compares them with smp's defaults
         self.atrous_rates = rates
         self.uniform_dilation = bool(uniform_dilation)
-        self.encoder = self._build_encoder(encoder, in_channels, output_stride, uniform_dilation, encoder_weights)
         self.decoder = self._build_decoder(
             encoder, output_stride, rates, decoder_channels, aspp_separable, aspp_dropout
         )
@@ -269,23 +278,37 @@ class _DeepLab(nn.Module, metaclass=ABCMeta):
         self,
         encoder: str,
         in_channels: int,
-        output_stride: int,
+        output_stride: int | None,
         uniform_dilation: bool,
         encoder_weights: str | os.PathLike | None,
     ) -> nn.Module:
-        if output_stride not in (8, 16):
-            raise ValueError(f"output_stride must be 8 or 16, got {output_stride!r}")
+        if output_stride is not None and output_stride not in (8, 16, 32):
+            raise ValueError(f"output_stride must be 8, 16, 32 or None, got {output_stride!r}")
         entry = model_entry(encoder)
         if entry.kind != "backbone":
             raise ValueError(f"encoder must be a registered backbone, got {encoder!r} (kind={entry.kind!r})")
         params = inspect.signature(entry.fn).parameters
-        if "output_stride" not in params and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-            raise ValueError(f"encoder {encoder!r} does not take output_stride; DeepLab needs a dilatable backbone")
-        enc = build_encoder(encoder, in_channels, output_stride=output_stride)
-        if enc.feature_info[-1]["reduction"] != output_stride:
+        takes = "output_stride" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+        enc = None
+        if takes:
+            try:
+                enc = build_encoder(encoder, in_channels, output_stride=output_stride or self._default_output_stride)
+            except TypeError as err:  # **kwargs that end in a constructor without output_stride (Swin)
+                if "output_stride" not in str(err):
+                    raise
+        if enc is None:  # an encoder that cannot be dilated runs at its own stride
+            enc = build_encoder(encoder, in_channels)
+            native = enc.feature_info[-1]["reduction"]
+            if output_stride not in (None, native):
+                raise ValueError(
+                    f"encoder {encoder!r} cannot be dilated (its maps end at stride {native}); pass "
+                    f"output_stride=None (or {native}) to use it at its own stride, or choose a dilatable encoder "
+                    "(ResNet, MobileNet, ConvNeXt)"
+                )
+        elif enc.feature_info[-1]["reduction"] != (output_stride or self._default_output_stride):
             raise ValueError(
                 f"encoder {encoder!r} reached reduction {enc.feature_info[-1]['reduction']}, "
-                f"not the requested output_stride {output_stride}"
+                f"not the requested output_stride {output_stride or self._default_output_stride}"
             )
         if uniform_dilation:
             _make_dilation_uniform(enc)
@@ -328,10 +351,12 @@ class DeepLabV3(_DeepLab):
     so, as in torchvision, no input padding is needed (and none is done).
 
     Args:
-        encoder: registered backbone (``kind="backbone"``) that takes ``output_stride``.
+        encoder: registered backbone (``kind="backbone"``); one that takes ``output_stride`` is dilated to it,
+            one that cannot be dilated (Swin) runs at its own stride.
         num_classes: output channels (logits).
         in_channels: input image channels.
-        output_stride: 8 (torchvision's default) or 16.
+        output_stride: 8 or 16; ``None`` (default): 8 (torchvision's default) for a dilatable encoder, the
+            encoder's own stride (32) for one that cannot be dilated.
         atrous_rates: ASPP rates; ``None`` for the paper's (12, 24, 36) at 8, (6, 12, 18) at 16 (smp's
             ``decoder_atrous_rates`` default is (12, 24, 36) at any output stride).
         aux: add torchvision's FCN auxiliary head on the second-deepest map; its logits are
@@ -345,12 +370,14 @@ class DeepLabV3(_DeepLab):
             local checkpoint path, or ``None`` for random init.
     """
 
+    _default_output_stride = 8  # torchvision's
+
     def __init__(
         self,
         encoder: str = "resnet50",
         num_classes: int = 1,
         in_channels: int = 3,
-        output_stride: int = 8,
+        output_stride: int | None = None,
         atrous_rates: Sequence[int] | None = None,
         aux: bool = False,
         decoder_channels: int = 256,
@@ -388,11 +415,13 @@ class DeepLabV3Plus(_DeepLab):
     cropped back, so any size works.
 
     Args:
-        encoder: registered backbone (``kind="backbone"``) that takes ``output_stride`` and has a
-            stride-4 map.
+        encoder: registered backbone (``kind="backbone"``) with a stride-4 map; one that takes ``output_stride``
+            (ResNet, MobileNet, ConvNeXt) is dilated to it, one that cannot be dilated (Swin) runs at its own
+            stride (ASPP on its stride-32 map, rates (3, 6, 9) by default).
         num_classes: output channels (logits).
         in_channels: input image channels.
-        output_stride: 16 (smp's default) or 8.
+        output_stride: 16 or 8; ``None`` (default): 16 (smp's default) for a dilatable encoder, the encoder's
+            own stride (32) for one that cannot be dilated.
         atrous_rates: ASPP rates; ``None`` for the paper's (6, 12, 18) at 16, (12, 24, 36) at 8.
             smp's default (its ``decoder_atrous_rates``) is (12, 24, 36) at any output stride: pass
             ``atrous_rates=(12, 24, 36)`` to compute what an smp checkpoint computes in smp.
@@ -415,7 +444,7 @@ class DeepLabV3Plus(_DeepLab):
         encoder: str = "resnet50",
         num_classes: int = 1,
         in_channels: int = 3,
-        output_stride: int = 16,
+        output_stride: int | None = None,
         atrous_rates: Sequence[int] | None = None,
         aux: bool = False,
         decoder_channels: int = 256,
@@ -442,7 +471,7 @@ class DeepLabV3Plus(_DeepLab):
         reductions = [info["reduction"] for info in self.encoder.feature_info]
         if 4 not in reductions:
             raise ValueError(f"encoder {encoder!r} has no stride-4 map for the decoder (reductions {reductions})")
-        self._pad_multiple = output_stride
+        self._pad_multiple = max(reductions)
         return DeepLabV3PlusDecoder(
             [info["num_chs"] for info in self.encoder.feature_info],
             reductions.index(4),

@@ -288,6 +288,14 @@ class _EncoderUNet(nn.Module):
         self.in_channels = in_channels
         self.encoder = build_encoder(encoder, in_channels, encoder_weights)
         enc_channels = [info["num_chs"] for info in self.encoder.feature_info]
+        # A hierarchical encoder (Swin, ConvNeXt, ...) starts at stride 4: with one decoder block more than it has
+        # maps, the stride-2 level gets an empty (0-channel) skip, as smp does for such encoders, so the decoder
+        # still upsamples one octave at a time.
+        self._empty_stride2 = (
+            self.encoder.feature_info[0]["reduction"] == 4 and len(decoder_channels) == len(enc_channels) + 1
+        )
+        if self._empty_stride2:
+            enc_channels = [0, *enc_channels]
         self.decoder = self.decoder_cls(enc_channels, decoder_channels, batch_norm=decoder_batch_norm)
         self.segmentation_head = nn.Sequential(nn.Conv2d(decoder_channels[-1], num_classes, 3, padding=1))
         init_like_smp(self.decoder, self.segmentation_head)
@@ -295,9 +303,17 @@ class _EncoderUNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``(B, num_classes, H, W)`` for images ``(B, in_channels, H, W)`` of any size."""
         x, size = pad_to_multiple(x, self.encoder.feature_info[-1]["reduction"])
-        features = self.encoder.forward_intermediates(x)
+        features = self._encode(x)
         x = self.decoder(features, x.shape[-2:])  # (B, decoder_channels[-1], H_pad, W_pad)
         return crop_to(self.segmentation_head(x), size)
+
+    def _encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The encoder maps, highest resolution first, with the empty stride-2 map of a stride-4-first encoder."""
+        features = self.encoder.forward_intermediates(x)
+        if self._empty_stride2:
+            h, w = x.shape[-2:]
+            features = [x.new_zeros(x.shape[0], 0, h // 2, w // 2), *features]
+        return features
 
 
 @register_model(name="unet")
@@ -308,7 +324,9 @@ class UNet(_EncoderUNet):
         encoder: name of a registered backbone (``kind="backbone"``), e.g. ``"resnet34"``.
         num_classes: output channels (logits).
         in_channels: input image channels.
-        decoder_channels: output channels of the decoder blocks, one per encoder map (5 for ResNet).
+        decoder_channels: output channels of the decoder blocks, one per encoder map (5 for ResNet); an encoder
+            whose first map is at stride 4 (Swin, ConvNeXt: 4 maps) takes 5 as well, the stride-2 block then has
+            no skip (smp's handling of such encoders), or 4, the last block then upsamples 4x.
         decoder_batch_norm: BatchNorm in the decoder.
         encoder_weights: ``\"imagenet\"`` / a published tag (``maskworks models --pretrained``), or a path of a local checkpoint for the encoder (torchvision / timm / maskworks
             ResNet keys; see :func:`maskworks.convert.load_weights`), or ``None`` for random init.

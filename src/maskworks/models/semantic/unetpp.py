@@ -44,6 +44,13 @@ from maskworks.registry import register_model
 __all__ = ["UNetPlusPlus", "UnetPlusPlusDecoder", "DeepSupervisionHead"]
 
 
+class _EmptyNode(nn.Module):
+    """A nested node of a level whose encoder map has no channels: a ``(B, 0, *size)`` map, no parameters."""
+
+    def forward(self, x: torch.Tensor, size: Sequence[int], skip: torch.Tensor | None = None) -> torch.Tensor:
+        return x.new_zeros(x.shape[0], 0, *size)
+
+
 class UnetPlusPlusDecoder(nn.Module):
     """smp's U-Net++ decoder: a ``ModuleDict`` of nested blocks ``x_{d}_{l}`` plus the final ``x_0_K``.
 
@@ -84,7 +91,9 @@ class UnetPlusPlusDecoder(nn.Module):
                     in_ch, skip_ch, out_ch = in_chs[l], level_chs[l] * (l + 1), decoder_channels[l]
                 else:  # x_d_l = X^{K-1-l, l-d+1}; upsamples x_d_{l-1} (or encoder map for d == l)
                     in_ch, skip_ch, out_ch = level_chs[l - 1], level_chs[l] * (l + 1 - d), level_chs[l]
-                blocks[f"x_{d}_{l}"] = UnetDecoderBlock(in_ch, skip_ch, out_ch, batch_norm)
+                # nodes of an empty level (the stride-2 level of a stride-4-first encoder) are empty, as in smp
+                block = UnetDecoderBlock(in_ch, skip_ch, out_ch, batch_norm) if out_ch else _EmptyNode()
+                blocks[f"x_{d}_{l}"] = block
         blocks[f"x_0_{self.depth}"] = UnetDecoderBlock(in_chs[-1], 0, decoder_channels[-1], batch_norm)
         self.blocks = nn.ModuleDict(blocks)
         # channels of the finest nodes X^{0,1..K}
@@ -194,6 +203,12 @@ class UNetPlusPlus(_EncoderUNet):
         decoder_channels = tuple(decoder_channels)
         self.deep_supervision = deep_supervision
         self.inference_depth: int | None = None
+        if deep_supervision and 0 in self.decoder.finest_channels[:-1]:
+            raise ValueError(
+                f"deep_supervision needs a map at every level; encoder {encoder!r} has none at stride 2, so the "
+                "finest nested nodes are empty: pass one decoder channel per encoder map, e.g. "
+                f"decoder_channels={tuple(decoder_channels)[:-1]!r}"
+            )
         if deep_supervision:
             self.aux_heads = nn.ModuleList(
                 DeepSupervisionHead(ch, decoder_channels[-1], num_classes, decoder_batch_norm)
@@ -243,7 +258,7 @@ class UNetPlusPlus(_EncoderUNet):
         single = depth is not None  # one head requested: return its logits only, in any mode
         depth = self._check_depth(depth)
         x, size = pad_to_multiple(x, self.encoder.feature_info[-1]["reduction"])
-        features = self.encoder.forward_intermediates(x)
+        features = self._encode(x)
         nodes = self.decoder.forward_nested(features, depth)
         k = self.depth
         if depth < k:
