@@ -119,10 +119,48 @@ _HF_SIZES = {  # hidden, layers, heads, mlp
 }
 
 
+_UPERNET_SWIN = {  # embed, depths, heads, window
+    "tiny": (96, [2, 2, 6, 2], [3, 6, 12, 24], 7),
+    "small": (96, [2, 2, 18, 2], [3, 6, 12, 24], 7),
+    "base": (128, [2, 2, 18, 2], [4, 8, 16, 32], 12),
+    "large": (192, [2, 2, 18, 2], [6, 12, 24, 48], 12),
+}
+_UPERNET_CONVNEXT = {  # depths, first width
+    "tiny": ([3, 3, 9, 3], 96),
+    "small": ([3, 3, 27, 3], 96),
+    "base": ([3, 3, 27, 3], 128),
+    "large": ([3, 3, 27, 3], 192),
+    "xlarge": ([3, 3, 27, 3], 256),
+}
+
+
+def _hf_upernet_reference(name: str) -> torch.nn.Module:
+    """openmmlab/upernet-{swin,convnext}-{size}: UperNetForSemanticSegmentation on ADE20K (150 classes)."""
+    import transformers
+
+    stages = ["stage1", "stage2", "stage3", "stage4"]
+    _, family, size = name.split("-")
+    if family == "swin":
+        embed, depths, heads, window = _UPERNET_SWIN[size]
+        backbone = transformers.SwinConfig(
+            embed_dim=embed, depths=depths, num_heads=heads, window_size=window, out_features=stages
+        )
+        aux_in = embed * 4
+    else:
+        depths, width = _UPERNET_CONVNEXT[size]
+        sizes = [width * 2**i for i in range(4)]
+        backbone = transformers.ConvNextConfig(depths=depths, hidden_sizes=sizes, out_features=stages)
+        aux_in = sizes[2]
+    config = transformers.UperNetConfig(backbone_config=backbone, num_labels=150, auxiliary_in_channels=aux_in)
+    return transformers.UperNetForSemanticSegmentation(config)
+
+
 def _hf_reference(repo: str) -> torch.nn.Module:
     """The transformers model a hub repository holds, from its name (configs are not available offline)."""
     transformers = pytest.importorskip("transformers")
     name = repo.split("/", 1)[1]
+    if name.startswith("upernet-"):
+        return _hf_upernet_reference(name)
     size = next(s for s in _HF_SIZES if f"-{s}" in name)
     hidden, layers, heads, mlp = _HF_SIZES[size]
     dims = {"hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads, "intermediate_size": mlp}

@@ -27,8 +27,10 @@ TINY: dict[str, dict] = {
     "bisenetv1": {"encoder": "resnet18", "aux": True},
     "bisenetv2": {"aux": True, "head_channels": 64},
     "fast_scnn": {"aux": True},
+    "upernet": {"encoder": "resnet18", "channels": 32, "aux_channels": 16},
 }
-SEMANTIC = [n for n in list_models(kind="model") if model_entry(n).task == "semantic"]
+# upernet_swin_tiny, upernet_convnext_base, ...: `upernet` with a fixed full-size encoder (tested in test_upernet.py)
+SEMANTIC = [n for n in list_models(kind="model") if model_entry(n).task == "semantic" and not n.startswith("upernet_")]
 
 
 def build(name: str, num_classes: int = 3, in_channels: int = 3) -> nn.Module:

@@ -13,14 +13,29 @@ import torch.nn as nn
 
 from maskworks.checkpoint import CheckpointError, read_safetensors, torch_load_weights_only
 from maskworks.convert._common import strip_prefixes
-from maskworks.convert.convnext import convert_timm_convnext, is_convnext_state_dict
+from maskworks.convert.convnext import (
+    convert_hf_convnext,
+    convert_timm_convnext,
+    convert_torchvision_convnext,
+    is_convnext_state_dict,
+    is_hf_convnext_state_dict,
+    is_torchvision_convnext_state_dict,
+)
 from maskworks.convert.deeplab import convert_torchvision_deeplabv3, is_torchvision_deeplab_state_dict
 from maskworks.convert.deit import convert_hf_deit, convert_timm_deit, is_hf_deit_state_dict
 from maskworks.convert.mae import convert_hf_vitmae, is_hf_vitmae_state_dict
 from maskworks.convert.mobilenet import convert_torchvision_mobilenet, is_mobilenet_state_dict
 from maskworks.convert.resnet import convert_timm_resnet, convert_torchvision_resnet, is_resnet_state_dict
 from maskworks.convert.smp import convert_smp, smp_deeplab_mismatches
-from maskworks.convert.swin import convert_timm_swin, is_swin_state_dict
+from maskworks.convert.swin import (
+    convert_hf_swin,
+    convert_timm_swin,
+    convert_torchvision_swin,
+    is_hf_swin_state_dict,
+    is_swin_state_dict,
+    is_torchvision_swin_state_dict,
+)
+from maskworks.convert.upernet import convert_hf_upernet, is_hf_upernet_state_dict
 from maskworks.convert.vit import is_timm_vit_state_dict
 from maskworks.convert.vit_hf_tv import (
     convert_hf_vit,
@@ -58,14 +73,15 @@ def convert_torchvision(
     model: nn.Module | None = None,
 ) -> tuple[StateDict, list[str]]:
     """A torchvision checkpoint -> maskworks keys, by what it holds: a segmentation model (``deeplabv3_*``), a
-    Vision Transformer (``vit_*``), or a bare backbone (``resnet*`` / ``resnext*``, ``mobilenet_v2`` /
-    ``mobilenet_v3_*``) whose classifier is dropped.
+    Vision Transformer (``vit_*``), or a bare backbone (``swin_*`` / ``swin_v2_*``, ``convnext_*``, ``resnet*`` /
+    ``resnext*``, ``mobilenet_v2`` / ``mobilenet_v3_*``) whose classifier is dropped.
 
     Args:
         state_dict: the torchvision state dict.
         in_channels: input channels of the target; the first conv is adapted when it differs.
         aux: for ``deeplabv3_*``: the target has an auxiliary head (otherwise ``aux_classifier.*`` is dropped).
-        model: for ViTs: the target, whose grid and patch size the position table and kernel are resampled to.
+        model: for ViTs: the target, whose grid and patch size the position table and kernel are resampled to;
+            for ConvNeXt: the target (its input channels).
 
     Returns:
         The converted state dict and the dropped keys.
@@ -74,6 +90,10 @@ def convert_torchvision(
         return convert_torchvision_deeplabv3(state_dict, in_channels, aux=aux)
     if is_torchvision_vit_state_dict(state_dict):
         return convert_torchvision_vit(state_dict, model=model, in_channels=in_channels)
+    if is_torchvision_swin_state_dict(state_dict):
+        return convert_torchvision_swin(state_dict, in_channels)
+    if is_torchvision_convnext_state_dict(state_dict):
+        return convert_torchvision_convnext(state_dict, in_channels, model=model)
     if is_mobilenet_state_dict(state_dict):
         return convert_torchvision_mobilenet(state_dict, in_channels)
     return convert_torchvision_resnet(state_dict, in_channels)
@@ -97,8 +117,16 @@ def convert_hf(
     state_dict: Mapping[str, torch.Tensor], in_channels: int | None = None, model: nn.Module | None = None
 ) -> tuple[StateDict, list[str]]:
     """A Hugging Face transformers checkpoint -> maskworks keys: ``DeiT*`` (distillation token), ``ViTMAE*``
-    (MAE with its decoder) or ``ViTModel`` / ``ViTForImageClassification``; either the hub key layout or the one of
-    transformers 5."""
+    (MAE with its decoder), ``ViTModel`` / ``ViTForImageClassification``, or a Swin / Swin V2 / ConvNeXt / ConvNeXt
+    V2 (``*Model``, ``*ForImageClassification``, ``*Backbone``; their classifier dropped); either the hub key layout
+    or the one of transformers 5; or a whole ``UperNetForSemanticSegmentation`` with a Swin / ConvNeXt backbone.
+    ``model``: the target (ViT: resampling; ConvNeXt: 1x1-conv MLPs)."""
+    if is_hf_upernet_state_dict(state_dict):
+        return convert_hf_upernet(state_dict, in_channels, model=model)
+    if is_hf_swin_state_dict(state_dict):
+        return convert_hf_swin(state_dict, in_channels)
+    if is_hf_convnext_state_dict(state_dict):
+        return convert_hf_convnext(state_dict, in_channels, model=model)
     if is_hf_deit_state_dict(state_dict):
         return convert_hf_deit(state_dict, model=model, in_channels=in_channels)
     if is_hf_vit_state_dict(state_dict):
@@ -107,8 +135,9 @@ def convert_hf(
         return convert_hf_vitmae(state_dict, in_channels=in_channels)
     raise ValueError(
         "not a supported Hugging Face checkpoint: expected ViTModel / ViTForImageClassification, "
-        "DeiTForImageClassificationWithTeacher or ViTMAEForPreTraining keys (e.g. "
-        "'vit.embeddings.patch_embeddings.projection.weight')"
+        "DeiTForImageClassificationWithTeacher, ViTMAEForPreTraining, Swin / Swinv2, ConvNext / ConvNextV2 or "
+        "UperNetForSemanticSegmentation keys "
+        "(e.g. 'vit.embeddings.patch_embeddings.projection.weight')"
     )
 
 
@@ -121,11 +150,23 @@ CONVERTERS: dict[str, Converter] = {
     "hf": convert_hf,
 }
 # Sources whose checkpoints may be a bare backbone: those load into `model.encoder` when there is one.
-_BACKBONE_SOURCES = ("torchvision", "timm")
+_BACKBONE_SOURCES = ("torchvision", "timm", "hf")
+
+
+def _is_hier_state_dict(state_dict: Mapping[str, torch.Tensor]) -> bool:
+    """A Swin V1 / V2 or ConvNeXt V1 / V2 backbone of any source (timm / maskworks, torchvision or HF)."""
+    return (
+        is_swin_state_dict(state_dict)
+        or is_convnext_state_dict(state_dict)
+        or is_torchvision_swin_state_dict(state_dict)
+        or is_torchvision_convnext_state_dict(state_dict)
+        or is_hf_swin_state_dict(state_dict)
+        or is_hf_convnext_state_dict(state_dict)
+    )
 
 
 def _is_backbone_state_dict(state_dict: Mapping[str, torch.Tensor]) -> bool:
-    return is_resnet_state_dict(state_dict) or is_mobilenet_state_dict(state_dict) or is_convnext_state_dict(state_dict)
+    return is_resnet_state_dict(state_dict) or is_mobilenet_state_dict(state_dict) or _is_hier_state_dict(state_dict)
 
 
 _WRAPPER_KEYS = ("state_dict", "model")
@@ -183,9 +224,18 @@ def read_state_dict(path_or_state_dict: str | os.PathLike | Mapping[str, torch.T
 
 
 def _detect_source(state_dict: Mapping[str, torch.Tensor]) -> str:
+    # Swin / ConvNeXt: torchvision and HF by their own keys; timm's (= ours) as timm, which drops `head.*`.
     # A bare ResNet / MobileNet (torchvision, timm or our backbone) is converted as torchvision: the keys are the
     # same and it is routed into `model.encoder`; so is a torchvision DeepLabv3; anything else is taken to be in
     # our (= smp) layout.
+    if is_hf_upernet_state_dict(state_dict):
+        return "hf"
+    if is_torchvision_swin_state_dict(state_dict) or is_torchvision_convnext_state_dict(state_dict):
+        return "torchvision"
+    if is_hf_swin_state_dict(state_dict) or is_hf_convnext_state_dict(state_dict):
+        return "hf"
+    if is_swin_state_dict(state_dict) or is_convnext_state_dict(state_dict):
+        return "timm"
     if _is_backbone_state_dict(state_dict) or is_torchvision_deeplab_state_dict(state_dict):
         return "torchvision"
     if is_torchvision_vit_state_dict(state_dict):
@@ -214,7 +264,13 @@ def load_weights(
 
     With ``source="auto"``, maskworks and smp checkpoints load as-is; a bare torchvision / timm ResNet or
     torchvision MobileNet state dict goes into ``model.encoder`` when the model has one (into the model itself
-    otherwise), its classifier (``fc.*`` / ``classifier.*``) dropped and reported as unexpected; a torchvision
+    otherwise), its classifier (``fc.*`` / ``classifier.*``) dropped and reported as unexpected; so does a Swin V1 /
+    V2 or ConvNeXt V1 / V2 backbone checkpoint of timm (``swin_*``, ``swinv2_*``, ``convnext*``: our keys, ``head.*``
+    dropped), torchvision (``swin_t/s/b``, ``swin_v2_t/s/b``, ``convnext_tiny`` .. ``large``) or Hugging Face
+    (``Swin*``, ``Swinv2*``, ``ConvNext*``, ``ConvNextV2*``: ``*Model``, ``*ForImageClassification`` and
+    ``*Backbone``, whose ``hidden_states_norms`` become ``stage_norms`` of a backbone built with ``out_norms=True``;
+    the final ``layernorm`` of an HF ConvNeXt, which ours lacks, is dropped and reported), the first convolution
+    adapted to the target's input channels; a torchvision
     ``deeplabv3_*`` checkpoint is renamed into a maskworks ``deeplabv3`` (its ``aux_classifier`` kept when the
     model has one); torchvision ``vit_*`` and Hugging Face ViT / DeiT / ViTMAE checkpoints are recognised and
     renamed. timm ViT / DeiT keys are ours: pass ``source="timm"`` to also resample the position table and patch
@@ -238,7 +294,7 @@ def load_weights(
         model: the model to fill (its parameters are copied in place).
         path_or_state_dict: a ``.safetensors`` / ``.pt`` / ``.pth`` / ``.bin`` path, or a state dict.
         source: ``"auto"``, ``"maskworks"``, ``"smp"``, ``"torchvision"``, ``"timm"`` or ``"hf"`` (Hugging Face
-            transformers ViT / DeiT / ViTMAE).
+            transformers ViT / DeiT / ViTMAE / Swin / Swinv2 / ConvNext / ConvNextV2).
         strict: ``True``: raise when any key is missing or unexpected. ``None`` (default): raise when fewer than
             ``min_fraction`` of the target's tensors (or none) get a value. ``False``: load whatever matches.
         min_fraction: the least fraction, in ``[0, 1]``, of the target's tensors that must match when
@@ -273,8 +329,10 @@ def load_weights(
     kwargs: dict = {"in_channels": getattr(target, "in_channels", None)}
     if source == "torchvision" and is_torchvision_deeplab_state_dict(state_dict):
         kwargs["aux"] = isinstance(getattr(model, "aux_classifier", None), nn.Module)
-    if source in ("timm", "hf", "torchvision") and not _is_backbone_state_dict(state_dict):
-        kwargs["model"] = target  # ViT family: resample position tables / patch kernels to the target
+    if source in ("timm", "hf", "torchvision") and (
+        not _is_backbone_state_dict(state_dict) or _is_hier_state_dict(state_dict)
+    ):
+        kwargs["model"] = target  # ViT family: resample position tables / patch kernels; ConvNeXt: 1x1-conv MLPs
     if source == "hf" and is_hf_vitmae_state_dict(state_dict) and not is_hf_vit_state_dict(state_dict):
         kwargs.pop("model")
     converted, dropped = CONVERTERS[source](state_dict, **kwargs)

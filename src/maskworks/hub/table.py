@@ -389,6 +389,50 @@ def _rows() -> list[PretrainedWeights]:
     for model in ("swinv2_base_window12to16_192to256", "swinv2_base_window12to24_192to384"):
         rows.append(_timm(model, "ms_in22k_ft_in1k", default=True, license="mit"))
 
+    # ---- torchvision's own Swin / Swin V2 / ConvNeXt ImageNet-1k recipes (BSD-3 code, weights trained by torchvision)
+    for model, enum in (
+        ("swin_tiny_patch4_window7_224", "Swin_T_Weights.IMAGENET1K_V1"),
+        ("swin_small_patch4_window7_224", "Swin_S_Weights.IMAGENET1K_V1"),
+        ("swin_base_patch4_window7_224", "Swin_B_Weights.IMAGENET1K_V1"),
+        ("swinv2_tiny_window8_256", "Swin_V2_T_Weights.IMAGENET1K_V1"),
+        ("swinv2_small_window8_256", "Swin_V2_S_Weights.IMAGENET1K_V1"),
+        ("swinv2_base_window8_256", "Swin_V2_B_Weights.IMAGENET1K_V1"),
+        ("convnext_tiny", "ConvNeXt_Tiny_Weights.IMAGENET1K_V1"),
+        ("convnext_small", "ConvNeXt_Small_Weights.IMAGENET1K_V1"),
+        ("convnext_base", "ConvNeXt_Base_Weights.IMAGENET1K_V1"),
+        ("convnext_large", "ConvNeXt_Large_Weights.IMAGENET1K_V1"),
+    ):
+        rows.append(_tv(model, "tv_in1k", enum))
+
+    # ---- UPerNet on ADE20K (150 classes): mmsegmentation's models as published by OpenMMLab on the HF hub
+    #      (UperNetForSemanticSegmentation); Swin-B / -L use the window-12 backbones pre-trained at 384 on 22k
+    for size in ("tiny", "small", "base", "large"):
+        rows.append(
+            _hf(
+                f"upernet_swin_{size}",
+                "ade20k",
+                f"openmmlab/upernet-swin-{size}",
+                default=True,
+                license="mit",
+                dataset="imagenet > ade20k (150 classes)",
+                model_kwargs={"num_classes": 150},
+                requires=("num_classes",),
+            )
+        )
+    for size in ("tiny", "small", "base", "large", "xlarge"):
+        rows.append(
+            _hf(
+                f"upernet_convnext_{size}",
+                "ade20k",
+                f"openmmlab/upernet-convnext-{size}",
+                default=True,
+                license="mit",
+                dataset="imagenet > ade20k (150 classes)",
+                model_kwargs={"num_classes": 150},
+                requires=("num_classes",),
+            )
+        )
+
     # ---- Whole segmentation models: torchvision DeepLabv3 (COCO images, the 20 Pascal VOC classes + background)
     for i, encoder in enumerate(("resnet50", "resnet101")):
         rows.append(
@@ -414,7 +458,18 @@ _TEST_SIZE = "a test-size configuration; nothing is published for it"
 NO_PUBLISHED_WEIGHTS: dict[str, str] = {
     **{
         name: f"no whole-model weights are published in a format maskworks converts; {_ENCODER_HINT}"
-        for name in ("unet", "unetplusplus", "attention_unet", "fpn", "pspnet", "deeplabv3plus", "bisenetv1")
+        for name in (
+            "unet",
+            "unetplusplus",
+            "attention_unet",
+            "fpn",
+            "pspnet",
+            "deeplabv3plus",
+            "bisenetv1",
+            "upernet",
+            "upernet_resnet50",
+            "upernet_resnet101",
+        )
     },
     "unet_vanilla": "no PyTorch / safetensors checkpoint is published for the original U-Net",
     "bisenetv2": "published only as mmsegmentation checkpoints, for which there is no converter",

@@ -8,6 +8,7 @@ from maskworks.models.semantic.fpn import FPN
 from maskworks.models.semantic.pspnet import PSPNet
 from maskworks.models.semantic.unet import UNet, UNetVanilla, valid_input_size, valid_output_size
 from maskworks.models.semantic.unetpp import UNetPlusPlus
+from maskworks.models.semantic.upernet import FCNHead, UPerHead, UPerNet
 
 __all__ = [
     "AttentionGate",
@@ -16,12 +17,15 @@ __all__ = [
     "BiSeNetV2",
     "DeepLabV3",
     "DeepLabV3Plus",
+    "FCNHead",
     "FPN",
     "FastSCNN",
     "PSPNet",
     "UNet",
     "UNetPlusPlus",
     "UNetVanilla",
+    "UPerHead",
+    "UPerNet",
     "valid_input_size",
     "valid_output_size",
 ]
