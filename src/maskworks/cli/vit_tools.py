@@ -28,6 +28,7 @@ COMPLEXITY_EPILOG = """examples:
   maskworks complexity                                  # D=768, 12 heads, N = 196, 784, 3136, all variants
   maskworks complexity --dim 96 --heads 3 --img-sizes 224 448 --patch 4 --window 7
   maskworks complexity --tokens 196 576 1024 4096 --variants full window --no-measure
+  maskworks complexity --models swin_tiny_patch4_window7_224 vit_base_patch16_224 --img-sizes 224 448 896
 """
 
 ATTENTION_EPILOG = """examples:
@@ -74,6 +75,14 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--max-memory-mib", type=float, default=4096.0, help="skip runs whose attention needs more (default 4096)"
     )
+    p.add_argument(
+        "--models",
+        nargs="+",
+        metavar="NAME",
+        help="measure whole registered models instead (MACs of one forward pass at each --img-sizes, default "
+        "224 448 896, counted on the meta device: no weights, no compute), e.g. swin_tiny_patch4_window7_224 "
+        "vit_base_patch16_224; writes model_macs.json",
+    )
     p.add_argument("--out", default="complexity", help="output folder (default: complexity)")
     p.set_defaults(func=complexity)
 
@@ -109,6 +118,8 @@ def complexity(args: argparse.Namespace) -> int:
     from maskworks.engine import resolve_device
     from maskworks.explain.complexity import attention_complexity, complexity_table, plot_complexity
 
+    if args.models:
+        return _model_complexity(args)
     if args.img_sizes and args.tokens:
         raise ValueError("give either --tokens or --img-sizes, not both")
     if args.img_sizes:
@@ -145,6 +156,28 @@ def complexity(args: argparse.Namespace) -> int:
     (out / "complexity.json").write_text(json.dumps(report, indent=2))
     plot_complexity(rows, out / "complexity.png")
     print(f"wrote {out / 'complexity.json'} and {out / 'complexity.png'}")
+    return 0
+
+
+def _model_complexity(args: argparse.Namespace) -> int:
+    """``maskworks complexity --models ...``: measured MACs of whole models over image sizes."""
+    from maskworks.cli.commands import prepare_out_dir
+    from maskworks.explain.complexity import model_scaling, model_scaling_table
+    from maskworks.registry import model_entry
+
+    if args.tokens:
+        raise ValueError("--models measures at --img-sizes; --tokens applies to single attention layers only")
+    sizes = args.img_sizes or [224, 448, 896]
+    if any(s < 1 for s in sizes):
+        raise ValueError(f"--img-sizes must be positive, got {sizes}")
+    for name in args.models:
+        model_entry(name)  # unknown names fail here, with suggestions
+    rows = model_scaling(args.models, sizes)
+    print(model_scaling_table(rows))
+    out = prepare_out_dir(args.out)
+    report = {"unit": "MACs per image (1 MAC = 2 FLOPs), measured with torch.utils.flop_counter", "rows": rows}
+    (out / "model_macs.json").write_text(json.dumps(report, indent=2))
+    print(f"wrote {out / 'model_macs.json'}")
     return 0
 
 

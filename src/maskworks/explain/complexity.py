@@ -21,6 +21,13 @@ pooled       ``2 N D^2 + 2 N' D^2 + N' r^2 D^2 + 2 N N' D`` with ``N' = ceil(H /
              (N' r^2 D^2; 0 for average pooling), scores and weighted sum (2 N N' D); full attention at ``r = 1``
 ===========  ===========================================================================================
 
+Whole models are measured by :func:`model_macs`: ``torch.utils.flop_counter`` counts every matmul and convolution of
+one forward pass on the meta device (shapes only: no weights, no compute, any model size in a fraction of a second),
+split into the attention term (the batched ``Q K^T`` / ``A V`` products and fused SDPA) and the rest.
+:func:`model_scaling` tabulates that over image sizes: Swin-T grows linearly with the number of tokens (4.49, 17.96,
+71.84 GMACs at 224 / 448 / 896: x4 per doubling of the side), ViT-B/16 faster (17.56, 78.50, 449.68) because its
+attention term grows with the square of the token count (0.72, 11.36, 181.39: x16 per doubling).
+
 A whole ViT (:func:`vit_macs`) with ``T = N + prefix`` tokens and MLP width ``r_mlp D``:
 ``N (C p^2) D`` (patch embedding) ``+ depth (4 T D^2 + 2 T^2 D + 2 r_mlp T D^2)`` ``+ D K`` (head), e.g.
 17.56 GMACs for ViT-B/16 at 224 px (timm lists 17.6).
@@ -53,7 +60,11 @@ from maskworks.layers.vit_layers import Attention
 
 __all__ = [
     "VARIANTS",
+    "ATTENTION_OPS",
     "attention_macs",
+    "model_macs",
+    "model_scaling",
+    "model_scaling_table",
     "attention_complexity",
     "build_attention",
     "complexity_table",
@@ -471,3 +482,108 @@ def plot_complexity(rows: Sequence[dict[str, Any]], path: str | PathLike, dpi: i
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi, format="png")
     return path
+
+
+# aten ops of the attention term: the batched Q K^T and A V products (explicit or the math SDPA path) and fused SDPA
+ATTENTION_OPS = (
+    "aten.bmm",
+    "aten.baddbmm",
+    "aten._scaled_dot_product_efficient_attention",
+    "aten._scaled_dot_product_flash_attention",
+    "aten._scaled_dot_product_flash_attention_for_cpu",
+    "aten._scaled_dot_product_cudnn_attention",
+)
+
+
+def _on_meta(name: str, kwargs: dict) -> nn.Module:
+    """The registered model ``name`` on the meta device (built there, or built on the CPU and moved)."""
+    from maskworks.registry import create_model
+
+    try:
+        with torch.device("meta"):
+            return create_model(name, **kwargs).eval()
+    except (RuntimeError, NotImplementedError):  # an initialiser reads values back (e.g. .tolist())
+        return create_model(name, **kwargs).eval().to("meta")
+
+
+def model_macs(
+    model: nn.Module | str, img_size: int | Sequence[int], in_channels: int = 3, **kwargs: Any
+) -> dict[str, Any]:
+    """Multiply-accumulates of one forward pass of a model on one ``(in_channels, H, W)`` image, measured by
+    ``torch.utils.flop_counter`` on the meta device (FLOPs / 2).
+
+    Args:
+        model: a module (deep-copied to the meta device) or a registered name (built there). A ViT-family name is
+            built with ``img_size`` set to the image size when it takes one (its position table then fits).
+        img_size: ``S`` or ``(H, W)``.
+        in_channels: image channels.
+        **kwargs: constructor arguments for a registered name.
+
+    Returns:
+        ``{"macs": total, "attention_macs": the ATTENTION_OPS part, "other_macs": the rest, "by_op": {op: MACs}}``.
+    """
+    import copy
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    h, w = _pair(img_size, "img_size")
+    if isinstance(model, str):
+        try:
+            module = _on_meta(model, {"img_size": (h, w), **kwargs})
+        except TypeError as err:  # no img_size argument: the model takes any size
+            if "img_size" not in str(err):
+                raise
+            module = _on_meta(model, kwargs)
+    else:
+        module = copy.deepcopy(model).eval().to("meta")
+    forward = getattr(module, "forward_features", None) if not hasattr(module, "num_classes") else None
+    x = torch.empty(1, in_channels, h, w, device="meta")
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        (forward or module)(x)
+    by_op = {str(op): int(flops) // 2 for op, flops in counter.get_flop_counts()["Global"].items()}
+    attention = sum(v for op, v in by_op.items() if op in ATTENTION_OPS)
+    total = sum(by_op.values())
+    return {"macs": total, "attention_macs": attention, "other_macs": total - attention, "by_op": by_op}
+
+
+def model_scaling(
+    models: Sequence[str] = ("swin_tiny_patch4_window7_224", "vit_base_patch16_224"),
+    img_sizes: Sequence[int] = (224, 448, 896),
+) -> list[dict[str, Any]]:
+    """Measured MACs (:func:`model_macs`) of registered models over square image sizes, with the growth relative
+    to the first size (the Swin paper's linear vs. quadratic claim, measured). Backbones are measured without a
+    classifier (their ``forward_features``); classification ViTs with theirs (a constant ``D K``)."""
+    rows = []
+    for name in models:
+        first = None
+        for size in img_sizes:
+            m = model_macs(name, size)
+            first = first or m
+            rows.append(
+                {
+                    "model": name,
+                    "img_size": size,
+                    "macs": m["macs"],
+                    "attention_macs": m["attention_macs"],
+                    "other_macs": m["other_macs"],
+                    "growth": m["macs"] / first["macs"],
+                    "attention_growth": m["attention_macs"] / first["attention_macs"]
+                    if first["attention_macs"]
+                    else None,
+                }
+            )
+    return rows
+
+
+def model_scaling_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Plain-text table of :func:`model_scaling` rows (GMACs)."""
+    lines = [
+        f"{'model':<34} {'size':>5} {'GMACs':>9} {'x first':>8} {'attn GMACs':>11} {'attn x first':>12}",
+    ]
+    for r in rows:
+        growth = "-" if r["attention_growth"] is None else f"{r['attention_growth']:.1f}"
+        lines.append(
+            f"{r['model']:<34} {r['img_size']:>5} {r['macs'] / 1e9:>9.2f} {r['growth']:>8.2f} "
+            f"{r['attention_macs'] / 1e9:>11.2f} {growth:>12}"
+        )
+    return "\n".join(lines)
