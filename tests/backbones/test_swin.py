@@ -126,3 +126,36 @@ def test_timm_checkpoint_loads_through_the_converter():
     gray = create_model(_TINY, in_channels=1)
     load_weights(gray, state, source="timm")
     torch.testing.assert_close(gray.patch_embed.proj.weight, state["patch_embed.proj.weight"].sum(1, keepdim=True))
+
+
+def test_mmseg_window_order_equals_hf_swin_backbone_at_any_size():
+    """window_padding="mmseg" (pad to the window, then shift; windows never clipped) is HF SwinBackbone's and mmseg's
+    Swin: equal maps at sizes where the timm order differs (maps not multiples of the window, maps <= window)."""
+    transformers = pytest.importorskip("transformers")
+    from maskworks.convert import load_weights
+
+    torch.manual_seed(0)
+    cfg = transformers.SwinConfig(
+        embed_dim=16,
+        depths=[2, 2, 2, 2],
+        num_heads=[1, 2, 2, 4],
+        window_size=7,
+        out_features=["stage1", "stage2", "stage3", "stage4"],
+    )
+    ref = transformers.SwinBackbone(cfg).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    ours = SwinTransformer(16, (2, 2, 2, 2), (1, 2, 2, 4), window_size=7, out_norms=True, window_padding="mmseg")
+    timm_order = SwinTransformer(16, (2, 2, 2, 2), (1, 2, 2, 4), window_size=7, out_norms=True)
+    for model in (ours, timm_order):
+        load_weights(model.eval(), ref.state_dict(), source="hf")
+    for size in ((97, 131), (160, 160)):
+        x = torch.randn(1, 3, *size)
+        with torch.no_grad():
+            expected = ref(x).feature_maps
+            for a, b in zip(ours(x), expected, strict=True):
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+            assert max((a - b).abs().max() for a, b in zip(timm_order(x), expected)) > 1e-3  # the orders differ
+    with pytest.raises(ValueError, match="window_padding"):
+        SwinTransformer(16, (2,), (1,), window_padding="other")
