@@ -51,6 +51,21 @@ def test_parity_with_timm_at_224(tiny_pair):
 
 
 @torch.no_grad()
+def test_swin_base_parity_with_timm_at_384():
+    """Swin-B, window 12, at its 384 resolution (stage maps 96, 48, 24, 12: the last one is exactly one window)."""
+    torch.manual_seed(0)
+    reference = timm.create_model("swin_base_patch4_window12_384", pretrained=False, num_classes=0).eval()
+    ours = create_model("swin_base_patch4_window12_384").eval()
+    ours.load_state_dict(reference.state_dict(), strict=True)
+    # timm's without its head (the window-12 bias tables make it 135,360 larger than Swin-B/7's 87,768,224 - head)
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in reference.parameters()) == 86_878_584
+    x = torch.randn(1, 3, 384, 384)
+    _, expected = reference.forward_intermediates(x)
+    for a, b in zip(ours.forward_intermediates(x), expected, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+
+
+@torch.no_grad()
 def test_any_size(tiny_pair):
     ours, _ = tiny_pair
     # 97 x 131 is padded to 100 x 132 in the patch embedding: 25 x 33, 13 x 17, 7 x 9, 4 x 5
