@@ -23,14 +23,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from maskworks import create_model, load_weights
-from maskworks.bench import compare, count_macs, machine_info, matmul_gflops
+from maskworks.bench import add_throughput_args, compare, count_macs, setup_throughput_run, write_rows
 from maskworks.explain.complexity import model_macs, model_scaling, model_scaling_table
 
 BACKBONES = (("swin_tiny_patch4_window7_224", 224), ("swinv2_tiny_window8_256", 256), ("convnext_tiny", 224))
@@ -236,24 +234,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
     p.add_argument("--batch", type=int, default=8, help="batch of the backbones section (default 8)")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--amp", action="store_true", help="bf16 autocast")
-    p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
-    p.add_argument("--json", help="write the rows to this file")
+    add_throughput_args(p)
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    dtype = torch.bfloat16 if args.amp else torch.float32
-    limit = matmul_gflops(8192 if device.type == "cuda" else 2048, device=device, dtype=dtype)
-    print(f"machine limit: {dtype} matmul {limit:.1f} GFLOP/s on {device}", flush=True)
+    device, limit = setup_throughput_run(args)
     sections = {"backbones": backbones, "upernet": upernet, "q40": q40, "q33": q33}
     rows = []
     for name in args.sections:
         rows += sections[name](args, device, limit)
-    if args.json:
-        info = {"machine": machine_info(device), "matmul_gflops": limit, "threads": args.threads, "rows": rows}
-        Path(args.json).write_text(json.dumps(info, indent=2))
+    write_rows(args, device, limit, rows)
 
 
 if __name__ == "__main__":

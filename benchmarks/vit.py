@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from maskworks import create_model
-from maskworks.bench import compare, count_macs, machine_info, matmul_gflops
+from maskworks.bench import add_throughput_args, compare, count_macs, setup_throughput_run, write_rows
 
 DEFAULT_MODELS = ("vit_small_patch16_224", "vit_base_patch16_224", "vit_small_patch16_384", "vit_base_patch16_384")
 
@@ -92,17 +90,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=DEFAULT_MODELS)
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--amp", action="store_true", help="bf16 autocast")
-    p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
-    p.add_argument("--json", help="write the rows to this file")
+    add_throughput_args(p)
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    dtype = torch.bfloat16 if args.amp else torch.float32
-    limit = matmul_gflops(8192 if device.type == "cuda" else 2048, device=device, dtype=dtype)
-    print(f"machine limit: {dtype} matmul {limit:.1f} GFLOP/s on {device}", flush=True)
+    device, limit = setup_throughput_run(args)
     rows = []
     for name in args.models:
         rows += measure(name, args.batch, device, args.amp, args.repeats, limit)
@@ -114,9 +104,7 @@ def main() -> None:
             f"| {r['model']} | {r['mode']} | {r['ours_img_s']:.2f} | {r['timm_img_s']:.2f} | "
             f"{r['throughput_ratio']:.3f} | {r['ours_gflops']:.1f} | {r['fraction_of_matmul']:.2f} |"
         )
-    if args.json:
-        info = {"machine": machine_info(device), "matmul_gflops": limit, "rows": rows}
-        Path(args.json).write_text(json.dumps(info, indent=2))
+    write_rows(args, device, limit, rows)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,9 @@ __all__ = [
     "conv_gflops",
     "machine_info",
     "matmul_gflops",
+    "add_throughput_args",
+    "setup_throughput_run",
+    "write_rows",
 ]
 
 
@@ -257,6 +260,37 @@ def matmul_gflops(n: int = 2048, repeats: int = 5, device: torch.device | str = 
     b = torch.randn(n, n, device=device, dtype=dtype)
     result = compare({"mm": lambda: a @ b}, warmup=1, repeats=repeats, device=device, memory=False)
     return 2 * n**3 / result.timings["mm"].best / 1e9
+
+
+def add_throughput_args(parser, repeats: int = 5) -> None:
+    """The options every ours-vs-peer throughput script shares: ``--repeats``, ``--device``, ``--amp``,
+    ``--threads`` (default 2: the standard machine; a fixed count keeps runs comparable) and ``--json``."""
+    parser.add_argument("--repeats", type=int, default=repeats, help=f"timed interleaved rounds (default {repeats})")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--amp", action="store_true", help="bf16 autocast")
+    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch CPU threads")
+    parser.add_argument("--json", help="write the machine facts and rows to this file")
+
+
+def setup_throughput_run(args) -> tuple[torch.device, float]:
+    """Apply ``--threads``, resolve ``--device`` and measure the machine limit (the best GFLOP/s of a square matrix
+    product: 2048 on CPU, 8192 on GPU; bf16 with ``--amp``); prints it and returns ``(device, limit)``."""
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if args.amp else torch.float32
+    limit = matmul_gflops(8192 if device.type == "cuda" else 2048, device=device, dtype=dtype)
+    print(f"machine limit: {dtype} matmul {limit:.1f} GFLOP/s on {device}", flush=True)
+    return device, limit
+
+
+def write_rows(args, device: torch.device, limit: float, rows: list) -> None:
+    """Write ``{"machine", "matmul_gflops", "threads", "rows"}`` to ``args.json`` when it is set."""
+    if args.json:
+        import json
+        from pathlib import Path
+
+        info = {"machine": machine_info(device), "matmul_gflops": limit, "threads": args.threads, "rows": rows}
+        Path(args.json).write_text(json.dumps(info, indent=2))
 
 
 def conv_gflops(
