@@ -5,9 +5,10 @@ Contract shared by every backbone: ``forward_intermediates(x)`` returns a list o
 "module"}`` for each map.
 """
 
-from maskworks.backbones import convnext, deit, mobilenet, resnet, swin, swin_v2, vit, vit_hybrid
+from maskworks.backbones import convnext, deit, mit, mobilenet, resnet, swin, swin_v2, vit, vit_hybrid
 from maskworks.backbones.convnext import ConvNeXt
 from maskworks.backbones.deit import VisionTransformerDistilled
+from maskworks.backbones.mit import MixTransformer
 from maskworks.backbones.mobilenet import MobileNetV2, MobileNetV3
 from maskworks.backbones.resnet import BasicBlock, Bottleneck, ResNet
 from maskworks.backbones.swin_v2 import SwinTransformerV2
@@ -17,6 +18,7 @@ from maskworks.backbones.vit_hybrid import HybridVisionTransformer
 __all__ = [
     "convnext",
     "deit",
+    "mit",
     "mobilenet",
     "resnet",
     "swin",
@@ -25,6 +27,7 @@ __all__ = [
     "vit_hybrid",
     "HybridVisionTransformer",
     "ConvNeXt",
+    "MixTransformer",
     "ResNet",
     "SwinTransformerV2",
     "BasicBlock",
