@@ -211,6 +211,13 @@ class GroupNormAct(nn.GroupNorm):
 # ---------------------------------------------------------------------------------------------------------------
 
 
+class _ChannelGroupNormAct(GroupNormAct):
+    """GroupNorm with one group per channel (``GroupNorm(C, C)``), + optional act."""
+
+    def __init__(self, num_channels: int, eps: float = 1e-5, apply_act: bool = True) -> None:
+        super().__init__(num_channels, num_groups=num_channels, eps=eps, apply_act=apply_act)
+
+
 class DownsampleConv(nn.Module):
     """Projection shortcut: strided 1x1 ``conv`` then ``norm`` (no activation)."""
 
@@ -236,6 +243,7 @@ class ResNetV2Bottleneck(nn.Module):
         conv_layer: convolution class (``StdConv2d`` with the padding and eps bound).
         norm_layer: norm + act class called with channels and ``apply_act``.
         drop_path: stochastic depth of the residual branch.
+        proj_norm_layer: norm class of the projection shortcut (``None``: ``norm_layer``).
     """
 
     def __init__(
@@ -248,10 +256,12 @@ class ResNetV2Bottleneck(nn.Module):
         conv_layer: LayerFactory = StdConv2d,
         norm_layer: LayerFactory = GroupNormAct,
         drop_path: float = 0.0,
+        proj_norm_layer: LayerFactory | None = None,
     ) -> None:
         super().__init__()
         mid_chs = _make_divisible(out_chs * bottle_ratio)
-        self.downsample = DownsampleConv(in_chs, out_chs, stride, conv_layer, norm_layer) if downsample else None
+        proj_norm_layer = proj_norm_layer or norm_layer
+        self.downsample = DownsampleConv(in_chs, out_chs, stride, conv_layer, proj_norm_layer) if downsample else None
         self.conv1 = conv_layer(in_chs, mid_chs, 1)
         self.norm1 = norm_layer(mid_chs)
         self.conv2 = conv_layer(mid_chs, mid_chs, 3, stride=stride)
@@ -284,6 +294,7 @@ class ResNetStage(nn.Module):
         conv_layer: LayerFactory,
         norm_layer: LayerFactory,
         drop_path: Sequence[float] | None = None,
+        proj_norm_layer: LayerFactory | None = None,
     ) -> None:
         super().__init__()
         drop_path = drop_path or [0.0] * depth
@@ -297,6 +308,7 @@ class ResNetStage(nn.Module):
                     conv_layer=conv_layer,
                     norm_layer=norm_layer,
                     drop_path=drop_path[j],
+                    proj_norm_layer=proj_norm_layer,
                 )
                 for j in range(depth)
             ]
@@ -314,7 +326,7 @@ def _make_divisible(v: float, divisor: int = 8, round_limit: float = 0.9) -> int
     return new_v
 
 
-_STEM_TYPES = ("same", "fixed", "")
+_STEM_TYPES = ("same", "fixed", "", "valid")
 
 
 class ResNetV2(nn.Module):
@@ -324,7 +336,8 @@ class ResNetV2(nn.Module):
     Stem: 7x7 / 2 WS conv -> GroupNorm + ReLU -> 3x3 / 2 max pool; then one stage per entry of ``layers``
     (stride 1 for the first, 2 for the others) of :class:`ResNetV2Bottleneck`. Every stride-2 operation maps a
     size ``n`` to ``ceil(n / 2)`` in all padding modes, so the last map of an ``(H, W)`` input is
-    ``ceil(H / r) x ceil(W / r)`` (:meth:`dynamic_feat_size`).
+    ``ceil(H / r) x ceil(W / r)`` (:meth:`dynamic_feat_size`), except with ``stem_type="valid"`` (the pool maps
+    ``n`` to ``floor((n - 1) / 2)``; at multiples of 16 only the 1/4 maps are one pixel short).
 
     Args:
         layers: blocks per stage; ``(3, 4, 9)`` for the R50 hybrid (stride 16), ``(3, 4, 6, 3)`` for a full R50.
@@ -332,12 +345,17 @@ class ResNetV2(nn.Module):
         in_channels: channels of the input image.
         stem_chs: stem width.
         stem_type: ``"same"`` (TF SAME max pool, the ViT hybrid), ``"fixed"`` (constant pad 1 + unpadded pool,
-            BiT) or ``""`` (PyTorch pool padding 1).
+            BiT), ``""`` (PyTorch pool padding 1) or ``"valid"`` (unpadded pool, the official TransUNet code's
+            ``ResNetV2``).
         conv_padding: padding of every convolution, ``"same"`` (the ViT hybrid, timm's ``StdConv2dSame``) or
             ``None`` (symmetric, timm's ``StdConv2d``).
         ws_eps: weight-standardisation epsilon.
         num_groups: GroupNorm groups.
         drop_path_rate: stochastic depth, increasing linearly over all blocks up to this value.
+        norm_eps: GroupNorm epsilon of the stem and the block norms (timm: 1e-5; official TransUNet: 1e-6).
+        proj_num_groups: GroupNorm groups of the projection shortcuts' norms; ``None``: ``num_groups``;
+            ``"channels"``: one group per channel (the official TransUNet code's ``GroupNorm(cout, cout)``).
+        proj_norm_eps: GroupNorm epsilon of the projection shortcuts' norms; ``None``: ``norm_eps``.
 
     Attributes:
         feature_info: ``{"num_chs", "reduction", "module"}`` of the stem map (after its norm, before the pool,
@@ -355,6 +373,9 @@ class ResNetV2(nn.Module):
         ws_eps: float = 1e-8,
         num_groups: int = 32,
         drop_path_rate: float = 0.0,
+        norm_eps: float = 1e-5,
+        proj_num_groups: int | str | None = None,
+        proj_norm_eps: float | None = None,
     ) -> None:
         super().__init__()
         layers = tuple(layers)
@@ -368,7 +389,15 @@ class ResNetV2(nn.Module):
             raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
         self.in_channels = in_channels
         conv_layer = partial(StdConv2d, padding=conv_padding, eps=ws_eps)
-        norm_layer = partial(GroupNormAct, num_groups=num_groups)
+        norm_layer = partial(GroupNormAct, num_groups=num_groups, eps=norm_eps)
+        proj_eps = norm_eps if proj_norm_eps is None else proj_norm_eps
+        if proj_num_groups == "channels":
+            proj_norm_layer = partial(_ChannelGroupNormAct, eps=proj_eps)
+        elif proj_num_groups is None or (isinstance(proj_num_groups, int) and proj_num_groups > 0):
+            proj_norm_layer = partial(GroupNormAct, num_groups=proj_num_groups or num_groups, eps=proj_eps)
+        else:
+            raise ValueError(f"proj_num_groups must be None, a positive int or 'channels', got {proj_num_groups!r}")
+        self.stem_type = stem_type
 
         stem: OrderedDict[str, nn.Module] = OrderedDict()
         stem["conv"] = conv_layer(in_channels, stem_chs, kernel_size=7, stride=2)
@@ -378,19 +407,30 @@ class ResNetV2(nn.Module):
             stem["pool"] = nn.MaxPool2d(kernel_size=3, stride=2, padding=0)
         elif stem_type == "same":
             stem["pool"] = MaxPool2dSame(kernel_size=3, stride=2)
+        elif stem_type == "valid":
+            stem["pool"] = nn.MaxPool2d(kernel_size=3, stride=2, padding=0)
         else:
             stem["pool"] = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         self.stem = nn.Sequential(stem)
         self.feature_info = [{"num_chs": stem_chs, "reduction": 2, "module": "stem.norm"}]
 
-        dpr = torch.linspace(0, drop_path_rate, sum(layers)).tolist()
+        dpr = torch.linspace(0, drop_path_rate, sum(layers), device="cpu").tolist()
         self.stages = nn.Sequential()
         prev_chs, reduction, start = stem_chs, 4, 0
         for i, (depth, out_chs) in enumerate(zip(layers, channels)):
             stride = 1 if i == 0 else 2
             self.stages.add_module(
                 str(i),
-                ResNetStage(prev_chs, out_chs, stride, depth, conv_layer, norm_layer, dpr[start : start + depth]),
+                ResNetStage(
+                    prev_chs,
+                    out_chs,
+                    stride,
+                    depth,
+                    conv_layer,
+                    norm_layer,
+                    dpr[start : start + depth],
+                    proj_norm_layer,
+                ),
             )
             prev_chs, reduction, start = out_chs, reduction * stride, start + depth
             self.feature_info.append({"num_chs": out_chs, "reduction": reduction, "module": f"stages.{i}"})
@@ -408,6 +448,9 @@ class ResNetV2(nn.Module):
 
     def dynamic_feat_size(self, img_size: tuple[int, int]) -> tuple[int, int]:
         """Size ``(H', W')`` of the last map for an input of size ``img_size`` (``ceil(H / r), ceil(W / r)``)."""
+        if self.stem_type == "valid":  # stem ceil(n / 2), unpadded pool floor((n - 1) / 2), stages ceil(n / 2)
+            stages = len(self.stages) - 1
+            return tuple(-(-((math.ceil(n / 2) - 1) // 2) // 2**stages) for n in img_size)
         return math.ceil(img_size[0] / self.reduction), math.ceil(img_size[1] / self.reduction)
 
     def forward_intermediates(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -739,13 +782,22 @@ class HybridVisionTransformer(VisionTransformer):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _r50_hybrid(img_size: int, in_channels: int, num_classes: int, padding_same: bool, **kwargs):
-    backbone = ResNetV2(
-        layers=(3, 4, 9),
-        in_channels=in_channels,
-        stem_type="same" if padding_same else "",
-        conv_padding="same" if padding_same else None,
-    )
+def _r50_hybrid(
+    img_size: int,
+    in_channels: int,
+    num_classes: int,
+    padding_same: bool,
+    ws_eps: float = 1e-8,
+    backbone_kwargs: dict | None = None,
+    **kwargs,
+):
+    options = {
+        "stem_type": "same" if padding_same else "",
+        "conv_padding": "same" if padding_same else None,
+        "ws_eps": ws_eps,
+        **(backbone_kwargs or {}),
+    }
+    backbone = ResNetV2(layers=(3, 4, 9), in_channels=in_channels, **options)
     arch = {"img_size": img_size, "embed_dim": 768, "depth": 12, "num_heads": 12}
     return HybridVisionTransformer(
         backbone=backbone, in_channels=in_channels, num_classes=num_classes, **{**arch, **kwargs}
@@ -759,9 +811,11 @@ def vit_base_r50_s16_224(
     """R50 + ViT-B/16 hybrid at 224 px (timm ``vit_base_r50_s16_224``; 97.9 M parameters without a head).
 
     ``num_classes`` defaults to 0, as timm's (its only weights, ``orig_in21k``, have no head).
-    ``padding_same=False`` builds the symmetric-padding variant (timm ``padding_same=False``).
+    ``padding_same=False`` builds the symmetric-padding variant (timm ``padding_same=False``). ``ws_eps`` is the
+    weight-standardisation epsilon (timm's 1e-8; the official TransUNet code uses 1e-5) and ``backbone_kwargs``
+    further :class:`ResNetV2` arguments (e.g. ``norm_eps``, ``stem_type``).
     """
-    return _r50_hybrid(224, in_channels, num_classes, padding_same, **kwargs)
+    return _r50_hybrid(kwargs.pop("img_size", 224), in_channels, num_classes, padding_same, **kwargs)
 
 
 @register_model(kind="backbone")
@@ -769,14 +823,19 @@ def vit_base_r50_s16_384(
     in_channels: int = 3, num_classes: int = 1000, padding_same: bool = True, **kwargs
 ) -> HybridVisionTransformer:
     """R50 + ViT-B/16 hybrid at 384 px (timm ``vit_base_r50_s16_384``, formerly ``vit_base_resnet50_384``)."""
-    return _r50_hybrid(384, in_channels, num_classes, padding_same, **kwargs)
+    return _r50_hybrid(kwargs.pop("img_size", 384), in_channels, num_classes, padding_same, **kwargs)
 
 
 @register_model(kind="backbone")
-def vit_test_r50_s16(in_channels: int = 3, num_classes: int = 1000, **kwargs) -> HybridVisionTransformer:
+def vit_test_r50_s16(
+    in_channels: int = 3, num_classes: int = 1000, backbone_kwargs: dict | None = None, **kwargs
+) -> HybridVisionTransformer:
     """Tiny hybrid for tests: 64 px; a 2-stage ResNetV2 (stem 32, stages 128 / 256, one block each, stride 8),
-    ``patch_size`` 2 on its map (stride 16, 4 x 4 tokens), 64-d, 2 blocks, 2 heads."""
-    backbone = ResNetV2(layers=(1, 1), channels=(128, 256), in_channels=in_channels, stem_chs=32)
+    ``patch_size`` 2 on its map (stride 16, 4 x 4 tokens), 64-d, 2 blocks, 2 heads. ``backbone_kwargs``: further
+    :class:`ResNetV2` arguments."""
+    backbone = ResNetV2(
+        layers=(1, 1), channels=(128, 256), in_channels=in_channels, stem_chs=32, **(backbone_kwargs or {})
+    )
     arch = {"img_size": 64, "patch_size": 2, "embed_dim": 64, "depth": 2, "num_heads": 2}
     return HybridVisionTransformer(
         backbone=backbone, in_channels=in_channels, num_classes=num_classes, **{**arch, **kwargs}
