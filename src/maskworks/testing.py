@@ -12,7 +12,14 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-__all__ = ["BATCH_NORMS", "count_parameters", "perturb_parameters", "randomize_norms"]
+__all__ = [
+    "BATCH_NORMS",
+    "TINY_SEMANTIC",
+    "count_parameters",
+    "perturb_parameters",
+    "randomize_norms",
+    "semantic_models_to_test",
+]
 
 BATCH_NORMS: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
@@ -90,3 +97,40 @@ def randomize_norms(
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     """Number of parameter elements of ``model`` (only those with ``requires_grad`` when ``trainable_only``)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+# Tiny constructor arguments of every registered semantic model: the real modules at test size (shared by the zoo-wide
+# tests: shapes, gradients, BatchNorm folding, ...). Every semantic model must appear here or be a size variant of
+# one that does (see semantic_models_to_test).
+TINY_SEMANTIC: dict[str, dict] = {
+    "unet": {"encoder": "resnet18", "decoder_channels": (32, 16, 16, 8, 8)},
+    "unet_vanilla": {"features": (8, 16, 32, 64)},
+    "unetplusplus": {"encoder": "resnet18", "decoder_channels": (32, 16, 16, 8, 8), "deep_supervision": True},
+    "attention_unet": {"encoder": "mobilenet_v2", "decoder_channels": (32, 16, 16, 8, 8)},
+    "deeplabv3": {"encoder": "resnet18", "aux": True, "decoder_channels": 32},
+    "deeplabv3plus": {"encoder": "mobilenet_v3_small", "decoder_channels": 32},
+    "fpn": {"encoder": "resnet18", "decoder_pyramid_channels": 32, "decoder_segmentation_channels": 32},
+    "pspnet": {"encoder": "resnet18", "psp_out_channels": 32, "aux": True},
+    "bisenetv1": {"encoder": "resnet18", "aux": True},
+    "bisenetv2": {"aux": True, "head_channels": 64},
+    "fast_scnn": {"aux": True},
+    "upernet": {"encoder": "resnet18", "channels": 32, "aux_channels": 16},
+    "setr_naive": {"encoder": "vit_test_patch16", "img_size": 64, "channels": 16},
+    "setr_pup": {"encoder": "vit_test_patch16", "img_size": 64, "channels": 16},
+    "setr_mla": {"encoder": "vit_test_patch16", "img_size": 64, "mla_channels": 16, "mla_head_channels": 8},
+    "segformer_b0": {"decoder_channels": 32, "drop_path_rate": 0.0},
+    "transunet": {"encoder": "vit_test_r50_s16", "decoder_channels": (32, 16, 16, 8), "head_channels": 32},
+}
+
+
+def _size_variant(name: str) -> bool:
+    """``upernet_swin_tiny``, ``upernet_convnext_base``, ... (``upernet`` with a fixed full-size encoder) and
+    ``segformer_b1`` .. ``b5`` (``segformer_b0``'s architecture at other sizes): covered by their family's tests."""
+    return name.startswith("upernet_") or (name.startswith("segformer_b") and name != "segformer_b0")
+
+
+def semantic_models_to_test() -> list[str]:
+    """The registered semantic models the zoo-wide tests run, in registry order: all but the size variants."""
+    from maskworks.registry import list_models, model_entry
+
+    return [n for n in list_models(kind="model") if model_entry(n).task == "semantic" and not _size_variant(n)]

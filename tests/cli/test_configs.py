@@ -14,15 +14,12 @@ CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"
 
 
 def test_there_is_a_camvid_recipe_for_every_semantic_model():
-    from maskworks import list_models
-    from maskworks.registry import model_entry
+    from maskworks.testing import semantic_models_to_test
 
     names = {p.stem.removeprefix("camvid_") for p in CONFIGS if p.stem.startswith("camvid_")}
-    semantic = {n for n in list_models(kind="model") if model_entry(n).task == "semantic"}
-    # upernet_swin_tiny, upernet_convnext_base, ...: upernet with a fixed encoder, covered by the upernet recipes
-    aliases = {n for n in semantic if n.startswith("upernet_")}
-    assert {"upernet", "upernet_convnext_tiny"} <= names
-    assert semantic - {"unet_vanilla"} - aliases <= names
+    # size variants (upernet_swin_tiny, segformer_b2, ...) are covered by their family's recipes
+    assert {"upernet", "upernet_convnext_tiny", "segformer_b0", "segformer_b2"} <= names
+    assert set(semantic_models_to_test()) - {"unet_vanilla"} <= names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)

@@ -155,12 +155,38 @@ def _hf_upernet_reference(name: str) -> torch.nn.Module:
     return transformers.UperNetForSemanticSegmentation(config)
 
 
+_SEGFORMER = {  # hidden sizes, depths, decoder width
+    "b0": ([32, 64, 160, 256], [2, 2, 2, 2], 256),
+    "b1": ([64, 128, 320, 512], [2, 2, 2, 2], 256),
+    "b2": ([64, 128, 320, 512], [3, 4, 6, 3], 768),
+    "b3": ([64, 128, 320, 512], [3, 4, 18, 3], 768),
+    "b4": ([64, 128, 320, 512], [3, 8, 27, 3], 768),
+    "b5": ([64, 128, 320, 512], [3, 6, 40, 3], 768),
+}
+
+
+def _hf_segformer_reference(name: str) -> torch.nn.Module:
+    """nvidia/mit-b*: SegformerForImageClassification (1000 classes); nvidia/segformer-b*-finetuned-ade-*: ADE20K."""
+    import transformers
+
+    sizes, depths, decoder = _SEGFORMER[re.search(r"b\d", name).group(0)]
+    if name.startswith("mit-"):
+        config = transformers.SegformerConfig(hidden_sizes=sizes, depths=depths, num_labels=1000)
+        return transformers.SegformerForImageClassification(config)
+    config = transformers.SegformerConfig(
+        hidden_sizes=sizes, depths=depths, decoder_hidden_size=decoder, num_labels=150
+    )
+    return transformers.SegformerForSemanticSegmentation(config)
+
+
 def _hf_reference(repo: str) -> torch.nn.Module:
     """The transformers model a hub repository holds, from its name (configs are not available offline)."""
     transformers = pytest.importorskip("transformers")
     name = repo.split("/", 1)[1]
     if name.startswith("upernet-"):
         return _hf_upernet_reference(name)
+    if name.startswith(("mit-", "segformer-")):
+        return _hf_segformer_reference(name)
     size = next(s for s in _HF_SIZES if f"-{s}" in name)
     hidden, layers, heads, mlp = _HF_SIZES[size]
     dims = {"hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads, "intermediate_size": mlp}

@@ -7,26 +7,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from maskworks import create_model, list_models
+from maskworks import create_model
 from maskworks.inference import FusionReport, fuse_conv_bn, prepare_for_inference
-from maskworks.registry import model_entry
-from maskworks.testing import randomize_norms
+from maskworks.testing import TINY_SEMANTIC, randomize_norms, semantic_models_to_test
 
-# tiny constructor arguments per registered semantic model; every one must appear here
-TINY: dict[str, dict] = {
-    "unet": {"encoder": "resnet18", "decoder_channels": (32, 16, 16, 8, 8)},
-    "unet_vanilla": {"features": (8, 16, 32, 64)},
-    "unetplusplus": {"encoder": "resnet18", "decoder_channels": (32, 16, 16, 8, 8)},
-    "attention_unet": {"encoder": "mobilenet_v2", "decoder_channels": (32, 16, 16, 8, 8)},
-    "deeplabv3": {"encoder": "resnet18", "decoder_channels": 32},
-    "deeplabv3plus": {"encoder": "mobilenet_v3_small", "decoder_channels": 32},
-    "fpn": {"encoder": "resnet18", "decoder_pyramid_channels": 32, "decoder_segmentation_channels": 32},
-    "pspnet": {"encoder": "resnet18", "psp_out_channels": 32},
-    "bisenetv1": {"encoder": "resnet18"},
-    "bisenetv2": {"head_channels": 64},
-    "fast_scnn": {},
-}
-SEMANTIC = [n for n in list_models(kind="model") if model_entry(n).task == "semantic"]
+TINY = TINY_SEMANTIC
+SEMANTIC = semantic_models_to_test()
 
 
 def test_every_semantic_model_has_a_tiny_config():

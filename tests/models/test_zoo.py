@@ -10,27 +10,12 @@ import pytest
 import torch
 import torch.nn as nn
 
-from maskworks import create_model, list_models
+from maskworks import create_model
 from maskworks.losses import CrossEntropyLoss, split_outputs
-from maskworks.registry import model_entry
+from maskworks.testing import TINY_SEMANTIC, semantic_models_to_test
 
-# tiny constructor arguments per registered model; every semantic model must appear here
-TINY: dict[str, dict] = {
-    "unet": {"encoder": "resnet18", "decoder_channels": (32, 16, 16, 8, 8)},
-    "unet_vanilla": {"features": (8, 16, 32, 64)},
-    "unetplusplus": {"encoder": "resnet18", "decoder_channels": (32, 16, 16, 8, 8), "deep_supervision": True},
-    "attention_unet": {"encoder": "mobilenet_v2", "decoder_channels": (32, 16, 16, 8, 8)},
-    "deeplabv3": {"encoder": "resnet18", "aux": True, "decoder_channels": 32},
-    "deeplabv3plus": {"encoder": "mobilenet_v3_small", "decoder_channels": 32},
-    "fpn": {"encoder": "resnet18", "decoder_pyramid_channels": 32, "decoder_segmentation_channels": 32},
-    "pspnet": {"encoder": "resnet18", "psp_out_channels": 32, "aux": True},
-    "bisenetv1": {"encoder": "resnet18", "aux": True},
-    "bisenetv2": {"aux": True, "head_channels": 64},
-    "fast_scnn": {"aux": True},
-    "upernet": {"encoder": "resnet18", "channels": 32, "aux_channels": 16},
-}
-# upernet_swin_tiny, upernet_convnext_base, ...: `upernet` with a fixed full-size encoder (tested in test_upernet.py)
-SEMANTIC = [n for n in list_models(kind="model") if model_entry(n).task == "semantic" and not n.startswith("upernet_")]
+TINY = TINY_SEMANTIC
+SEMANTIC = semantic_models_to_test()
 
 
 def build(name: str, num_classes: int = 3, in_channels: int = 3) -> nn.Module:

@@ -21,6 +21,7 @@ from maskworks.convert.load import (
     DEFAULT_MIN_FRACTION,
     LoadResult,
     convert_hf,
+    convert_official,
     convert_timm,
     convert_torchvision,
     load_weights,
@@ -29,6 +30,12 @@ from maskworks.convert.load import (
 from maskworks.convert.mae import convert_hf_vitmae
 from maskworks.convert.mobilenet import convert_torchvision_mobilenet
 from maskworks.convert.resnet import adapt_input_conv, convert_timm_resnet, convert_torchvision_resnet
+from maskworks.convert.segformer import (
+    convert_hf_segformer,
+    convert_nvlabs_mit,
+    convert_smp_mit,
+    is_hf_segformer_state_dict,
+)
 from maskworks.convert.smp import convert_smp
 from maskworks.convert.swin import (
     convert_hf_swin,
@@ -37,10 +44,14 @@ from maskworks.convert.swin import (
     is_hf_swin_state_dict,
     is_torchvision_swin_state_dict,
 )
+from maskworks.convert.transunet import convert_transunet_official, is_transunet_official_state_dict
 from maskworks.convert.vit import convert_timm_vit
 from maskworks.convert.vit_hf_tv import convert_hf_vit, convert_torchvision_vit
 
 __all__ = [
+    "convert_official",
+    "convert_transunet_official",
+    "is_transunet_official_state_dict",
     "CONVERTERS",
     "DEFAULT_MIN_FRACTION",
     "LoadResult",
@@ -48,10 +59,13 @@ __all__ = [
     "convert_hf",
     "convert_hf_convnext",
     "convert_hf_deit",
+    "convert_hf_segformer",
     "convert_hf_swin",
     "convert_hf_vit",
     "convert_hf_vitmae",
+    "convert_nvlabs_mit",
     "convert_smp",
+    "convert_smp_mit",
     "convert_timm",
     "convert_timm_convnext",
     "convert_timm_deit",
@@ -66,6 +80,7 @@ __all__ = [
     "convert_torchvision_swin",
     "convert_torchvision_vit",
     "is_hf_convnext_state_dict",
+    "is_hf_segformer_state_dict",
     "is_hf_swin_state_dict",
     "is_torchvision_convnext_state_dict",
     "is_torchvision_swin_state_dict",

@@ -26,6 +26,13 @@ from maskworks.convert.deit import convert_hf_deit, convert_timm_deit, is_hf_dei
 from maskworks.convert.mae import convert_hf_vitmae, is_hf_vitmae_state_dict
 from maskworks.convert.mobilenet import convert_torchvision_mobilenet, is_mobilenet_state_dict
 from maskworks.convert.resnet import convert_timm_resnet, convert_torchvision_resnet, is_resnet_state_dict
+from maskworks.convert.segformer import (
+    convert_hf_segformer,
+    convert_mit,
+    is_hf_segformer_state_dict,
+    is_mit_state_dict,
+    is_nvlabs_mit_state_dict,
+)
 from maskworks.convert.smp import convert_smp, smp_deeplab_mismatches
 from maskworks.convert.swin import (
     convert_hf_swin,
@@ -35,6 +42,7 @@ from maskworks.convert.swin import (
     is_swin_state_dict,
     is_torchvision_swin_state_dict,
 )
+from maskworks.convert.transunet import convert_transunet_official, is_transunet_official_state_dict
 from maskworks.convert.upernet import convert_hf_upernet, is_hf_upernet_state_dict
 from maskworks.convert.vit import is_timm_vit_state_dict
 from maskworks.convert.vit_hf_tv import (
@@ -103,7 +111,10 @@ def convert_timm(
     state_dict: Mapping[str, torch.Tensor], in_channels: int | None = None, model: nn.Module | None = None
 ) -> tuple[StateDict, list[str]]:
     """A timm checkpoint -> maskworks keys: ViT / DeiT (resampled to ``model``'s grid and patch size when given),
-    a Swin, a ConvNeXt or a ResNet backbone (classifier dropped)."""
+    a Swin, a ConvNeXt or a ResNet backbone (classifier dropped); a bare MiT (SegFormer encoder; timm has none) in
+    our keys or the NVlabs layout (``mit_b*.pth``) is routed here too."""
+    if is_mit_state_dict(state_dict) or is_nvlabs_mit_state_dict(state_dict):
+        return convert_mit(state_dict, in_channels)
     if is_swin_state_dict(state_dict):
         return convert_timm_swin(state_dict, in_channels)
     if is_timm_vit_state_dict(state_dict) or "patch_embed.proj.weight" in state_dict:
@@ -119,10 +130,14 @@ def convert_hf(
     """A Hugging Face transformers checkpoint -> maskworks keys: ``DeiT*`` (distillation token), ``ViTMAE*``
     (MAE with its decoder), ``ViTModel`` / ``ViTForImageClassification``, or a Swin / Swin V2 / ConvNeXt / ConvNeXt
     V2 (``*Model``, ``*ForImageClassification``, ``*Backbone``; their classifier dropped); either the hub key layout
-    or the one of transformers 5; or a whole ``UperNetForSemanticSegmentation`` with a Swin / ConvNeXt backbone.
+    or the one of transformers 5; a whole ``UperNetForSemanticSegmentation`` with a Swin / ConvNeXt backbone; or a
+    Segformer (``SegformerModel`` / ``SegformerForImageClassification``: MiT encoder keys;
+    ``SegformerForSemanticSegmentation``: a whole ``segformer_b*``).
     ``model``: the target (ViT: resampling; ConvNeXt: 1x1-conv MLPs)."""
     if is_hf_upernet_state_dict(state_dict):
         return convert_hf_upernet(state_dict, in_channels, model=model)
+    if is_hf_segformer_state_dict(state_dict):
+        return convert_hf_segformer(state_dict, in_channels, model=model)
     if is_hf_swin_state_dict(state_dict):
         return convert_hf_swin(state_dict, in_channels)
     if is_hf_convnext_state_dict(state_dict):
@@ -135,9 +150,22 @@ def convert_hf(
         return convert_hf_vitmae(state_dict, in_channels=in_channels)
     raise ValueError(
         "not a supported Hugging Face checkpoint: expected ViTModel / ViTForImageClassification, "
-        "DeiTForImageClassificationWithTeacher, ViTMAEForPreTraining, Swin / Swinv2, ConvNext / ConvNextV2 or "
-        "UperNetForSemanticSegmentation keys "
+        "DeiTForImageClassificationWithTeacher, ViTMAEForPreTraining, Swin / Swinv2, ConvNext / ConvNextV2, "
+        "Segformer or UperNetForSemanticSegmentation keys "
         "(e.g. 'vit.embeddings.patch_embeddings.projection.weight')"
+    )
+
+
+def convert_official(
+    state_dict: Mapping[str, torch.Tensor], in_channels: int | None = None
+) -> tuple[StateDict, list[str]]:
+    """A checkpoint in the layout of a model's original authors' code: TransUNet (``Beckschen/TransUNet``; build the
+    model with ``official_cnn=True`` to compute their function)."""
+    if is_transunet_official_state_dict(state_dict):
+        return convert_transunet_official(state_dict), []
+    raise ValueError(
+        "not a supported original-code checkpoint: expected the official TransUNet keys "
+        "('transformer.embeddings.hybrid_model.root.conv.weight', 'decoder.conv_more...')"
     )
 
 
@@ -148,6 +176,7 @@ CONVERTERS: dict[str, Converter] = {
     "torchvision": convert_torchvision,
     "timm": convert_timm,
     "hf": convert_hf,
+    "official": convert_official,
 }
 # Sources whose checkpoints may be a bare backbone: those load into `model.encoder` when there is one.
 _BACKBONE_SOURCES = ("torchvision", "timm", "hf")
@@ -165,8 +194,21 @@ def _is_hier_state_dict(state_dict: Mapping[str, torch.Tensor]) -> bool:
     )
 
 
+def _is_mit_backbone_state_dict(state_dict: Mapping[str, torch.Tensor]) -> bool:
+    """A bare MiT (SegFormer encoder): ours, NVlabs', or HF ``SegformerModel`` / ``SegformerForImageClassification``
+    (an HF ``SegformerForSemanticSegmentation``, with its ``decode_head.*``, is a whole model)."""
+    if is_mit_state_dict(state_dict) or is_nvlabs_mit_state_dict(state_dict):
+        return True
+    return is_hf_segformer_state_dict(state_dict) and not any(k.startswith("decode_head.") for k in state_dict)
+
+
 def _is_backbone_state_dict(state_dict: Mapping[str, torch.Tensor]) -> bool:
-    return is_resnet_state_dict(state_dict) or is_mobilenet_state_dict(state_dict) or _is_hier_state_dict(state_dict)
+    return (
+        is_resnet_state_dict(state_dict)
+        or is_mobilenet_state_dict(state_dict)
+        or _is_hier_state_dict(state_dict)
+        or _is_mit_backbone_state_dict(state_dict)
+    )
 
 
 _WRAPPER_KEYS = ("state_dict", "model")
@@ -228,8 +270,14 @@ def _detect_source(state_dict: Mapping[str, torch.Tensor]) -> str:
     # A bare ResNet / MobileNet (torchvision, timm or our backbone) is converted as torchvision: the keys are the
     # same and it is routed into `model.encoder`; so is a torchvision DeepLabv3; anything else is taken to be in
     # our (= smp) layout.
-    if is_hf_upernet_state_dict(state_dict):
+    if is_transunet_official_state_dict(state_dict):
+        return "official"
+    if is_hf_upernet_state_dict(state_dict) or is_hf_segformer_state_dict(state_dict):
         return "hf"
+    if is_mit_state_dict(state_dict) or is_nvlabs_mit_state_dict(state_dict):
+        return "timm"  # a bare MiT in our / the NVlabs layout: routed into model.encoder, ``head.*`` dropped
+    if "encoder.patch_embed1.proj.weight" in state_dict and "encoder.block1.0.attn.kv.weight" in state_dict:
+        return "smp"  # an smp model with a mit_b* encoder
     if is_torchvision_swin_state_dict(state_dict) or is_torchvision_convnext_state_dict(state_dict):
         return "torchvision"
     if is_hf_swin_state_dict(state_dict) or is_hf_convnext_state_dict(state_dict):
@@ -293,8 +341,9 @@ def load_weights(
     Args:
         model: the model to fill (its parameters are copied in place).
         path_or_state_dict: a ``.safetensors`` / ``.pt`` / ``.pth`` / ``.bin`` path, or a state dict.
-        source: ``"auto"``, ``"maskworks"``, ``"smp"``, ``"torchvision"``, ``"timm"`` or ``"hf"`` (Hugging Face
-            transformers ViT / DeiT / ViTMAE / Swin / Swinv2 / ConvNext / ConvNextV2).
+        source: ``"auto"``, ``"maskworks"``, ``"smp"``, ``"torchvision"``, ``"timm"``, ``"hf"`` (Hugging Face
+            transformers ViT / DeiT / ViTMAE / Swin / Swinv2 / ConvNext / ConvNextV2 / SegFormer / UperNet) or
+            ``"official"`` (the original authors' code: TransUNet).
         strict: ``True``: raise when any key is missing or unexpected. ``None`` (default): raise when fewer than
             ``min_fraction`` of the target's tensors (or none) get a value. ``False``: load whatever matches.
         min_fraction: the least fraction, in ``[0, 1]``, of the target's tensors that must match when

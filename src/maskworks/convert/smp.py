@@ -40,6 +40,9 @@ def convert_smp(
     Returns:
         The converted state dict and the dropped keys (``classification_head.*``).
     """
+    from maskworks.convert.segformer import convert_smp_mit  # smp "mit_b*" encoders: our MiT keys
+
+    state_dict = convert_smp_mit(state_dict)
     dropped = [k for k in state_dict if k.startswith("classification_head.")]
     out = {}
     for key, value in state_dict.items():

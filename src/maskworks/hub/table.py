@@ -433,6 +433,38 @@ def _rows() -> list[PretrainedWeights]:
             )
         )
 
+    # ---- MiT encoders (ImageNet-1k) and SegFormer on ADE20K, as NVIDIA publishes them on the HF hub
+    nvidia_note = (
+        "NVIDIA Source Code License for SegFormer (https://github.com/NVlabs/SegFormer/blob/master/LICENSE): "
+        "non-commercial (research / evaluation) use only"
+    )
+    for i in range(6):
+        rows.append(
+            _hf(
+                f"mit_b{i}",
+                "hf_in1k",
+                f"nvidia/mit-b{i}",
+                default=True,
+                license="other",
+                dataset="imagenet-1k",
+                note=nvidia_note,
+            )
+        )
+        ade = "640-640" if i == 5 else "512-512"
+        rows.append(
+            _hf(
+                f"segformer_b{i}",
+                "ade20k",
+                f"nvidia/segformer-b{i}-finetuned-ade-{ade}",
+                default=True,
+                license="other",
+                dataset="imagenet-1k > ade20k (150 classes)",
+                model_kwargs={"num_classes": 150},
+                requires=("num_classes",),
+                note=nvidia_note,
+            )
+        )
+
     # ---- Whole segmentation models: torchvision DeepLabv3 (COCO images, the 20 Pascal VOC classes + background)
     for i, encoder in enumerate(("resnet50", "resnet101")):
         rows.append(
@@ -472,6 +504,12 @@ NO_PUBLISHED_WEIGHTS: dict[str, str] = {
         )
     },
     "unet_vanilla": "no PyTorch / safetensors checkpoint is published for the original U-Net",
+    "setr_naive": "published only as mmsegmentation checkpoints, for which there is no converter",
+    "setr_pup": "published only as mmsegmentation checkpoints, for which there is no converter",
+    "setr_mla": "published only as mmsegmentation checkpoints, for which there is no converter",
+    "transunet": "the official release (Beckschen/TransUNet) publishes no trained TransUNet weights, only Google's "
+    "ImageNet-21k ViT encoders; start its encoder with encoder_weights='orig_in21k' or convert a checkpoint trained "
+    "with the official code by maskworks.convert.transunet.convert_transunet_official (build with official_cnn=True)",
     "bisenetv2": "published only as mmsegmentation checkpoints, for which there is no converter",
     "fast_scnn": "published only as mmsegmentation checkpoints, for which there is no converter",
     "vit_large_patch14_224": "timm and torchvision publish ViT-L/14 only as CLIP models (another architecture)",
