@@ -13,6 +13,10 @@ papers' Cityscapes setting, 11 elsewhere), random weights, eval mode, batch 1, n
   encoder and options (state dicts identical: the parity tests load one into the other);
 * ``deeplabv3`` against torchvision's ``deeplabv3_resnet50``.
 
+The transformer segmenters run in their standard configurations too (UPerNet with Swin-T, SegFormer B0 / B2,
+TransUNet R50-ViT-B/16, SETR-PUP on ViT-B/16 (the paper's ViT-L/16 is 3.5x larger)); their same-function peers
+(HF UperNet / SegFormer) are timed in ``benchmarks/hierarchical.py`` and ``benchmarks/segformer.py``.
+
 Each model runs in two memory layouts, contiguous (NCHW) and channels-last, for ours and for the reference alike;
 the ratio column compares the same layout, and the best-vs-best column each side's faster layout. Timing: warm-up,
 then ``--repeats`` interleaved rounds (ours, reference, reference, ours, ...), median reported. MACs are counted
@@ -45,6 +49,11 @@ STANDARD: dict[str, dict] = {
     "bisenetv1": {"encoder": "resnet18", "aux": False},
     "bisenetv2": {"aux": False},
     "fast_scnn": {"aux": False},
+    "upernet": {"encoder": "swin_tiny_patch4_window7_224", "aux": False},
+    "segformer_b0": {},
+    "segformer_b2": {},
+    "transunet": {},
+    "setr_pup": {"encoder": "vit_base_patch16_384", "aux": False},
 }
 REALTIME = ("bisenetv1", "bisenetv2", "fast_scnn")
 REFERENCE_NAMES = {

@@ -317,3 +317,30 @@ def test_models_pretrained_lists_the_published_weights(capsys):
     assert main(["models", "resnet34", "--pretrained"]) == 0
     out = capsys.readouterr().out
     assert "* tv_in1k" in out and "resnet34-" in out and "timm/resnet34.a1_in1k" in out and "cache:" in out
+
+
+@pytest.mark.parametrize(
+    "model, sets",
+    [
+        ("segformer_b0", ["model.decoder_channels=32"]),
+        ("setr_pup", ["model.encoder=vit_test_patch16", "model.img_size=32", "model.channels=16"]),
+        (
+            "transunet",
+            ["model.encoder=vit_test_r50_s16", "model.decoder_channels=[32,16,16,8]", "model.head_channels=32"],
+        ),
+    ],
+)
+def test_train_and_predict_transformer_segmenters_end_to_end(model, sets, tmp_path):
+    """`maskworks train --model segformer_b0 ...` (and SETR with its auxiliary heads, TransUNet) trains, saves a
+    checkpoint that rebuilds the model, and predicts."""
+    run = tmp_path / "run"
+    args = ["train", "--data", "synthetic", "--model", model, "--no-progress", "--epochs", "1", "--run-dir", str(run)]
+    for item in [*sets, "data.image_size=32", "data.num_train=16", "data.num_val=4", "train.batch_size=8"]:
+        args += ["--set", item]
+    assert main([*args, "--set", "train.device=cpu"]) == 0
+    assert (run / "best.safetensors").exists() and (run / "checkpoints" / "last.pt").exists()
+    image = tmp_path / "in.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 52, 3), dtype=np.uint8)).save(image)
+    out = tmp_path / "pred"
+    assert main(["predict", "--checkpoint", str(run / "best.safetensors"), str(image), "--out", str(out)]) == 0
+    assert np.asarray(Image.open(next(out.glob("in*.png")))).shape[:2] == (40, 52)
