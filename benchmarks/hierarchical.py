@@ -60,6 +60,31 @@ def _features_step(forward, params, x: torch.Tensor, train: bool, amp: bool):
     return train_step
 
 
+def _pair_row(section, model, train, batch, size, peer, peer_key, result, macs, limit) -> dict:
+    """One ours-vs-peer row from a :func:`compare` result (``ours`` and ``peer_key`` timings)."""
+    ours_t, peer_t = result.timings["ours"].median, result.timings[peer_key].median
+    flops = 2 * macs * (3 if train else 1)
+    row = {
+        "section": section,
+        "model": model,
+        "mode": "train" if train else "eval",
+        "batch": batch,
+        "input": [size, size],
+        "ours_img_s": batch / ours_t,
+        "peer_img_s": batch / peer_t,
+        "peer": peer,
+        "throughput_ratio": peer_t / ours_t,
+        "ours_iqr_s": result.timings["ours"].iqr,
+        "peer_iqr_s": result.timings[peer_key].iqr,
+        "ours_gflops": flops / ours_t / 1e9,
+        "fraction_of_matmul": flops / ours_t / 1e9 / limit,
+        "ours_peak_mib": result.timings["ours"].peak_mib,
+        "peer_peak_mib": result.timings[peer_key].peak_mib,
+    }
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def backbones(args, device: torch.device, limit: float) -> list[dict]:
     import timm
 
@@ -77,28 +102,7 @@ def backbones(args, device: torch.device, limit: float) -> list[dict]:
                 model.to(device).train(train)
                 fns[label] = _features_step(model.forward_features, model.parameters(), x, train, args.amp)
             result = compare(fns, warmup=2, repeats=args.repeats, device=device)
-            ours_t, timm_t = result.timings["ours"].median, result.timings["timm"].median
-            flops = 2 * macs * (3 if train else 1)
-            rows.append(
-                {
-                    "section": "backbones",
-                    "model": name,
-                    "mode": "train" if train else "eval",
-                    "batch": args.batch,
-                    "input": [size, size],
-                    "ours_img_s": args.batch / ours_t,
-                    "peer_img_s": args.batch / timm_t,
-                    "peer": "timm",
-                    "throughput_ratio": timm_t / ours_t,
-                    "ours_iqr_s": result.timings["ours"].iqr,
-                    "peer_iqr_s": result.timings["timm"].iqr,
-                    "ours_gflops": flops / ours_t / 1e9,
-                    "fraction_of_matmul": flops / ours_t / 1e9 / limit,
-                    "ours_peak_mib": result.timings["ours"].peak_mib,
-                    "peer_peak_mib": result.timings["timm"].peak_mib,
-                }
-            )
-            print(json.dumps(rows[-1]), flush=True)
+            rows.append(_pair_row("backbones", name, train, args.batch, size, "timm", "timm", result, macs, limit))
     return rows
 
 
@@ -165,28 +169,9 @@ def upernet(args, device: torch.device, limit: float) -> list[dict]:
         hf.to(device).train(train)
         fns = _upernet_fns(ours, hf, x, y, train, args.amp)
         result = compare(fns, warmup=1, repeats=args.repeats, device=device)
-        ours_t, hf_t = result.timings["ours"].median, result.timings["hf"].median
-        flops = 2 * macs * (3 if train else 1)
         rows.append(
-            {
-                "section": "upernet",
-                "model": "upernet_swin_tiny",
-                "mode": "train" if train else "eval",
-                "batch": batch,
-                "input": [size, size],
-                "ours_img_s": batch / ours_t,
-                "peer_img_s": batch / hf_t,
-                "peer": "hf transformers",
-                "throughput_ratio": hf_t / ours_t,
-                "ours_iqr_s": result.timings["ours"].iqr,
-                "peer_iqr_s": result.timings["hf"].iqr,
-                "ours_gflops": flops / ours_t / 1e9,
-                "fraction_of_matmul": flops / ours_t / 1e9 / limit,
-                "ours_peak_mib": result.timings["ours"].peak_mib,
-                "peer_peak_mib": result.timings["hf"].peak_mib,
-            }
+            _pair_row("upernet", "upernet_swin_tiny", train, batch, size, "hf transformers", "hf", result, macs, limit)
         )
-        print(json.dumps(rows[-1]), flush=True)
     return rows
 
 

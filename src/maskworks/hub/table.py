@@ -210,6 +210,9 @@ def _hf(model: str, tag: str, repo: str, *, default: bool = False, **kwargs: Any
     return PretrainedWeights(model, tag, "hf-hub", "hf", repo=repo, files=_HUB_FILES, default=default, **kwargs)
 
 
+_CONVNEXT_SIZES = ("tiny", "small", "base", "large", "xlarge")
+
+
 def _rows() -> list[PretrainedWeights]:
     rows: list[PretrainedWeights] = []
 
@@ -406,32 +409,20 @@ def _rows() -> list[PretrainedWeights]:
 
     # ---- UPerNet on ADE20K (150 classes): mmsegmentation's models as published by OpenMMLab on the HF hub
     #      (UperNetForSemanticSegmentation); Swin-B / -L use the window-12 backbones pre-trained at 384 on 22k
-    for size in ("tiny", "small", "base", "large"):
-        rows.append(
-            _hf(
-                f"upernet_swin_{size}",
-                "ade20k",
-                f"openmmlab/upernet-swin-{size}",
-                default=True,
-                license="mit",
-                dataset="imagenet > ade20k (150 classes)",
-                model_kwargs={"num_classes": 150},
-                requires=("num_classes",),
+    for family, sizes in (("swin", ("tiny", "small", "base", "large")), ("convnext", _CONVNEXT_SIZES)):
+        for size in sizes:
+            rows.append(
+                _hf(
+                    f"upernet_{family}_{size}",
+                    "ade20k",
+                    f"openmmlab/upernet-{family}-{size}",
+                    default=True,
+                    license="mit",
+                    dataset="imagenet > ade20k (150 classes)",
+                    model_kwargs={"num_classes": 150},
+                    requires=("num_classes",),
+                )
             )
-        )
-    for size in ("tiny", "small", "base", "large", "xlarge"):
-        rows.append(
-            _hf(
-                f"upernet_convnext_{size}",
-                "ade20k",
-                f"openmmlab/upernet-convnext-{size}",
-                default=True,
-                license="mit",
-                dataset="imagenet > ade20k (150 classes)",
-                model_kwargs={"num_classes": 150},
-                requires=("num_classes",),
-            )
-        )
 
     # ---- MiT encoders (ImageNet-1k) and SegFormer on ADE20K, as NVIDIA publishes them on the HF hub
     nvidia_note = (
