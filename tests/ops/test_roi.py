@@ -42,3 +42,17 @@ def test_roi_pool_equals_torchvision():
     for size in (7, (3, 5)):
         expected = torchvision.ops.roi_pool(x, rois, size, spatial_scale=0.5)
         torch.testing.assert_close(roi_pool(x, rois, size, spatial_scale=0.5), expected, atol=1e-6, rtol=0)
+
+
+def test_fpn_level_equals_torchvision_level_mapper():
+    from torchvision.ops.poolers import LevelMapper
+
+    from maskworks.ops.roi import fpn_level
+
+    g = torch.Generator().manual_seed(5)
+    xy = torch.rand(200, 2, generator=g) * 500
+    boxes = [torch.cat([xy, xy + torch.rand(200, 2, generator=g) * 600 + 1], dim=1)]
+    boxes.append(torch.tensor([[0.0, 0.0, 224.0, 224.0], [0.0, 0.0, 112.0, 112.0], [0.0, 0.0, 8.0, 8.0]]))
+    expected = LevelMapper(2, 5)(boxes)
+    assert torch.equal(fpn_level(boxes), expected)
+    assert fpn_level(boxes[1]).tolist() == [2, 1, 0]  # P4, P3, and P2 (clamped) as indices from P2

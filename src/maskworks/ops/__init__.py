@@ -7,13 +7,14 @@ references equal to torchvision's compiled kernels (the models call torchvision'
 
 from maskworks.ops.boxes import box_area, box_iou, generalized_box_iou
 from maskworks.ops.nms import batched_nms, fast_nms, mask_iou, mask_nms, matrix_nms, soft_nms
-from maskworks.ops.roi import roi_align, roi_pool
+from maskworks.ops.roi import fpn_level, roi_align, roi_pool
 
 __all__ = [
     "batched_nms",
     "box_area",
     "box_iou",
     "fast_nms",
+    "fpn_level",
     "generalized_box_iou",
     "mask_iou",
     "mask_nms",

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["roi_align", "roi_pool"]
+__all__ = ["fpn_level", "roi_align", "roi_pool"]
 
 
 def _as_rois(boxes: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
@@ -128,3 +128,29 @@ def roi_pool(
                 if he > hs and we > ws:
                     out[k, :, ph, pw] = input[int(b), :, hs:he, ws:we].amax(dim=(1, 2))
     return out
+
+
+def fpn_level(
+    boxes: torch.Tensor | Sequence[torch.Tensor],
+    k_min: int = 2,
+    k_max: int = 5,
+    canonical_scale: float = 224.0,
+    canonical_level: int = 4,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """The FPN level each box is pooled from (Lin et al., CVPR 2017, eq. 1): ``k = floor(k0 + log2(sqrt(wh) /
+    224))`` clamped to ``[k_min, k_max]``, returned as an index from ``k_min`` (what ``MultiScaleRoIAlign`` uses):
+    a 224x224 box reads P4, one half its side P3.
+
+    Args:
+        boxes: ``(K, 4)`` xyxy boxes, or a list of per-image ``(N_i, 4)``.
+        k_min, k_max: the lowest and highest pyramid levels (P2..P5 by default).
+        canonical_scale, canonical_level: ``224`` and ``k0 = 4``, the ImageNet pre-training size and its level.
+        eps: added before the floor so that exact powers of two land on their level despite rounding.
+    """
+    from maskworks.ops.boxes import box_area
+
+    flat = boxes if isinstance(boxes, torch.Tensor) else torch.cat(list(boxes))
+    side = box_area(flat).sqrt()
+    level = torch.floor(canonical_level + torch.log2(side / canonical_scale) + eps)
+    return level.clamp(min=k_min, max=k_max).to(torch.int64) - k_min
