@@ -222,6 +222,7 @@ def main() -> None:
     add_throughput_args(p)
     args = p.parse_args()
     device, limit = setup_throughput_run(args)
+    print(f"machine limit: matmul {limit:.1f} GFLOP/s on {device} ({'bf16' if args.amp else 'fp32'})", flush=True)
     sections = {"backbones": backbones, "upernet": upernet, "q40": q40, "q33": q33}
     rows = []
     for name in args.sections:

@@ -118,6 +118,7 @@ def main() -> None:
     add_throughput_args(p)
     args = p.parse_args()
     device, limit = setup_throughput_run(args)
+    print(f"machine limit: matmul {limit:.1f} GFLOP/s on {device} ({'bf16' if args.amp else 'fp32'})", flush=True)
     rows = [row for name in args.models for row in measure(name, args, device, limit)]
     print("| model | mode | ours img/s | HF img/s | ours / HF | ours GFLOP/s | fraction of matmul |")
     print("|---|---|---|---|---|---|---|")

@@ -93,6 +93,7 @@ def main() -> None:
     add_throughput_args(p)
     args = p.parse_args()
     device, limit = setup_throughput_run(args)
+    print(f"machine limit: matmul {limit:.1f} GFLOP/s on {device} ({'bf16' if args.amp else 'fp32'})", flush=True)
     rows = []
     for name in args.models:
         rows += measure(name, args.batch, device, args.amp, args.repeats, limit)

@@ -18,6 +18,7 @@ unavailable elsewhere).
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import platform
 import statistics
@@ -44,6 +45,9 @@ __all__ = [
     "setup_throughput_run",
     "write_rows",
 ]
+
+
+log = logging.getLogger(__name__)
 
 
 def _sync(device: torch.device | None) -> None:
@@ -274,12 +278,12 @@ def add_throughput_args(parser, repeats: int = 5) -> None:
 
 def setup_throughput_run(args) -> tuple[torch.device, float]:
     """Apply ``--threads``, resolve ``--device`` and measure the machine limit (the best GFLOP/s of a square matrix
-    product: 2048 on CPU, 8192 on GPU; bf16 with ``--amp``); prints it and returns ``(device, limit)``."""
+    product: 2048 on CPU, 8192 on GPU; bf16 with ``--amp``); logs it and returns ``(device, limit)``."""
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if args.amp else torch.float32
     limit = matmul_gflops(8192 if device.type == "cuda" else 2048, device=device, dtype=dtype)
-    print(f"machine limit: {dtype} matmul {limit:.1f} GFLOP/s on {device}", flush=True)
+    log.info("machine limit: %s matmul %.1f GFLOP/s on %s", dtype, limit, device)
     return device, limit
 
 

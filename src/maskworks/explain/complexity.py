@@ -502,7 +502,7 @@ def _on_meta(name: str, kwargs: dict) -> nn.Module:
     try:
         with torch.device("meta"):
             return create_model(name, **kwargs).eval()
-    except (RuntimeError, NotImplementedError):  # an initialiser reads values back (e.g. .tolist())
+    except (RuntimeError, NotImplementedError):  # an initialiser that reads tensor values cannot run on meta
         return create_model(name, **kwargs).eval().to("meta")
 
 
