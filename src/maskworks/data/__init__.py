@@ -3,6 +3,7 @@
 from maskworks.data.ade20k import ADE20K
 from maskworks.data.camvid import CamVid
 from maskworks.data.cityscapes import Cityscapes
+from maskworks.data.coco import CocoInstances, coco_layout, coco_results, mask_to_polygons, write_coco_results
 from maskworks.data.cocostuff import CocoStuff
 from maskworks.data.copy_paste import BankedObject, RareClassCopyPaste, extract_objects
 from maskworks.data.folder import FolderDataset, PairedFileDataset
@@ -17,7 +18,7 @@ from maskworks.data.io import (
     read_image,
     read_mask,
 )
-from maskworks.data.isbi import ISBI2012
+from maskworks.data.isbi import ISBI2012, ISBI2012Instances
 from maskworks.data.palette import default_palette, read_class_file
 from maskworks.data.sampling import image_class_presence, repeat_factors
 from maskworks.data.synthetic import SyntheticShapes
@@ -41,6 +42,12 @@ __all__ = [
     "IGNORE_INDEX",
     "IMAGE_EXTENSIONS",
     "CamVid",
+    "CocoInstances",
+    "ISBI2012Instances",
+    "coco_layout",
+    "coco_results",
+    "mask_to_polygons",
+    "write_coco_results",
     "Cityscapes",
     "CocoStuff",
     "DatasetError",

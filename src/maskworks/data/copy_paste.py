@@ -247,10 +247,15 @@ class RareClassCopyPaste:
             )
             keep = (masks == 1).flatten(1).any(1)
             masks, labels = masks[keep], labels[keep]
+            crowd = {}
+            if inst.get("iscrowd") is not None:  # pasted objects are single instances, never crowd regions
+                flags = torch.as_tensor(inst["iscrowd"]).as_subclass(torch.Tensor).long()
+                crowd["iscrowd"] = torch.cat([flags, torch.zeros(len(added_labels), dtype=torch.int64)])[keep]
             out["instances"] = {
                 **inst,
                 "masks": InstanceMasks(masks),
                 "labels": labels,
                 "boxes": tv_tensors.BoundingBoxes(masks_to_boxes(masks == 1), format="XYXY", canvas_size=(H, W)),
+                **crowd,
             }
         return out

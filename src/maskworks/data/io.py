@@ -4,7 +4,8 @@ A dataset returns ``dataset[i]`` as a dict (see :class:`SegmentationDataset`)::
 
     {"image": float32 (C, H, W) normalised by the dataset mean/std,
      "mask": int64 (H, W), class ids 0..K-1 and 255 = ignore,
-     "instances": {"boxes": float32 (N, 4) xyxy, "labels": int64 (N,), "masks": bool (N, H, W)},  # when available
+     "instances": {"boxes": float32 (N, 4) xyxy, "labels": int64 (N,), "masks": bool (N, H, W)[,
+                   "iscrowd": int64 (N,)]},  # when available; iscrowd only from datasets that have crowd regions
      "meta": {"file": str | None, "index": int, "orig_size": (H, W)}}
 
 The pipeline of every ``__getitem__`` is: read the *raw* sample (``image`` a ``tv_tensors.Image`` uint8 (C, H, W),
@@ -12,7 +13,9 @@ The pipeline of every ``__getitem__`` is: read the *raw* sample (``image`` a ``t
 :class:`~maskworks.data.transforms.InstanceMasks`), check it, apply the dataset's ``transform`` to it, then
 convert the image to float and normalise it (:func:`~maskworks.data.transforms.normalize_image`). Transforms never
 need to know mean/std; instances that a transform moved out of view are dropped and boxes are recomputed from the
-visible instance masks (pixel-edge convention: a box spans ``[x1, x2) x [y1, y2)``).
+visible instance masks (pixel-edge convention: a box spans ``[x1, x2) x [y1, y2)``). An optional per-instance
+``iscrowd`` (int64 ``(N,)``, 1 = crowd region) is a plain tensor that transforms pass through unchanged; it is
+filtered together with the labels when instances are dropped.
 """
 
 from __future__ import annotations
@@ -354,8 +357,8 @@ def raw_sample(image: np.ndarray, mask: np.ndarray, instances: dict[str, np.ndar
     Args:
         image: uint8 ``(H, W, C)``.
         mask: ``(H, W)`` class ids.
-        instances: optional ``{"labels": (N,), "masks": (N, H, W)[, "boxes": (N, 4) xyxy]}``; boxes default to
-            the tight boxes of the masks.
+        instances: optional ``{"labels": (N,), "masks": (N, H, W)[, "boxes": (N, 4) xyxy][, "iscrowd": (N,)]}``;
+            boxes default to the tight boxes of the masks; ``iscrowd`` (0/1) is kept as int64 when given.
 
     Returns:
         ``{"image": tv_tensors.Image, "mask": tv_tensors.Mask[, "instances": {...}]}``.
@@ -375,6 +378,8 @@ def raw_sample(image: np.ndarray, mask: np.ndarray, instances: dict[str, np.ndar
             "labels": torch.as_tensor(instances["labels"], dtype=torch.int64),
             "masks": InstanceMasks(masks),
         }
+        if instances.get("iscrowd") is not None:
+            sample["instances"]["iscrowd"] = torch.as_tensor(np.asarray(instances["iscrowd"]), dtype=torch.int64)
     return sample
 
 
@@ -396,17 +401,29 @@ def finalize_instances(instances: dict[str, Any]) -> dict[str, torch.Tensor]:
     """Drop instances with no visible pixel and recompute their boxes from the masks.
 
     Instance masks count a pixel as set only where the value is exactly 1, so any fill a transform used for
-    padding never creates instance pixels.
+    padding never creates instance pixels. An ``iscrowd`` entry, when present, is filtered like ``labels``.
     """
     labels = torch.as_tensor(instances["labels"]).as_subclass(torch.Tensor).to(torch.int64)
+    iscrowd = instances.get("iscrowd")
+    if iscrowd is not None:
+        iscrowd = torch.as_tensor(iscrowd).as_subclass(torch.Tensor).to(torch.int64).reshape(-1)
+        if iscrowd.shape[0] != labels.shape[0]:
+            raise ValueError(
+                f"instances have {labels.shape[0]} labels but {iscrowd.shape[0]} iscrowd flags; expected one flag "
+                f"per instance (a transform that adds or removes instances must update 'iscrowd' too)"
+            )
     if "masks" not in instances:
         boxes = torch.as_tensor(instances["boxes"]).as_subclass(torch.Tensor).float().reshape(-1, 4)
         keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-        return {"boxes": boxes[keep], "labels": labels[keep]}
-    masks = instances["masks"].as_subclass(torch.Tensor) == 1  # (N, H, W)
-    keep = masks.flatten(1).any(1)
-    masks = masks[keep]
-    return {"boxes": masks_to_boxes(masks), "labels": labels[keep], "masks": masks}
+        out = {"boxes": boxes[keep], "labels": labels[keep]}
+    else:
+        masks = instances["masks"].as_subclass(torch.Tensor) == 1  # (N, H, W)
+        keep = masks.flatten(1).any(1)
+        masks = masks[keep]
+        out = {"boxes": masks_to_boxes(masks), "labels": labels[keep], "masks": masks}
+    if iscrowd is not None:
+        out["iscrowd"] = iscrowd[keep]
+    return out
 
 
 def finalize_sample(
