@@ -1,10 +1,13 @@
-"""Supervised training loop for semantic segmentation.
+"""Supervised training loop for every kind of segmentation output.
 
 One :class:`Trainer` runs single-process or under ``torchrun`` (DDP), on CPU or GPU:
 AdamW/SGD with poly or warm-up-cosine schedules, optional mixed precision, gradient clipping,
 an atomically written checkpoint after every epoch (``--resume`` continues from it), the best
-model by validation mIoU, a clear stop on a NaN/inf loss, a seeded deterministic mode and JSONL
-logs in the run folder.
+model by the task's headline validation metric (mIoU, mask AP, ...), a clear stop on a NaN/inf
+loss, a seeded deterministic mode and JSONL logs in the run folder.
+
+What differs between semantic, instance and later kinds of output (batching, the loss, the evaluation) belongs to
+a :class:`~maskworks.tasks.Task`; the default is :class:`~maskworks.tasks.SemanticTask` with the given ``loss_fn``.
 
 Determinism across interruptions: every epoch reseeds torch's RNG, the shuffling and the
 DataLoader workers from ``(seed, epoch)``, and a checkpoint holds everything else (weights,
@@ -22,7 +25,7 @@ Speed: convolutional models and their batches use ``torch.channels_last`` (see :
 warning naming the reason, when compilation fails on the first step. Validation runs under ``torch.inference_mode``.
 
 Progress: on a terminal, per-step bars; otherwise (a log file, a pipe, a batch job) no bars, only one log line
-per epoch (loss, learning rate, images per second, validation mIoU, time).
+per epoch (loss, learning rate, images per second, the validation headline metric, time).
 """
 
 from __future__ import annotations
@@ -53,13 +56,10 @@ from maskworks.checkpoint import (
     save_model,
     unwrap_model,
 )
-from maskworks.data import collate_samples as collate
 from maskworks.engine.distributed import DistInfo, ShardedSampler, all_reduce_sum, init_distributed
 from maskworks.engine.optim import base_lr, build_optimizer, build_scheduler, find_encoder
-from maskworks.engine.perf import images_to, to_channels_last
-from maskworks.losses import CrossEntropyLoss, split_outputs
-from maskworks.metrics import ConfusionMatrix
-from maskworks.metrics.confusion import check_finite
+from maskworks.engine.perf import to_channels_last
+from maskworks.tasks import SemanticTask, Task
 
 __all__ = ["Trainer", "TrainingDiverged", "RunFolderExists", "resolve_device", "dataset_meta", "seed_everything"]
 
@@ -172,14 +172,19 @@ class EpochSeededDataset(Dataset):
 
 
 class Trainer:
-    """Train a segmentation model on a dataset of ``{"image", "mask"}`` samples.
+    """Train a segmentation model; what the model returns and how it is scored is the ``task``'s business.
 
     Args:
-        model: module returning logits ``(B, K, H, W)`` or ``{"out", "aux"}`` in training.
+        model: for the default semantic task, a module returning logits ``(B, K, H, W)`` (or ``{"out", "aux"}``
+            in training) on ``{"image", "mask"}`` samples; for other tasks, what the task expects (instance
+            models: torchvision's detection convention).
         train_set: training dataset.
         val_set: optional validation dataset (evaluated every ``eval_every`` epochs).
         run_dir: folder for checkpoints and logs.
-        loss_fn: ``loss_fn(output, target)``; default cross-entropy with ``ignore_index``.
+        task: a :class:`~maskworks.tasks.Task`; default :class:`~maskworks.tasks.SemanticTask` with ``loss_fn``,
+            ``num_classes`` and ``ignore_index``. The best checkpoint follows its headline metric.
+        loss_fn: ``loss_fn(output, target)`` of the default semantic task; default cross-entropy with
+            ``ignore_index`` (a task brings its own losses).
         epochs: number of epochs.
         batch_size: global batch size (split evenly over DDP ranks).
         optimizer: ``"adamw" | "adam" | "sgd"``.
@@ -200,8 +205,9 @@ class Trainer:
         log_every: write a step row to ``steps.jsonl`` every this many steps.
         progress: show progress bars (main process only).
         meta: extra JSON metadata stored with the model (class names, palette, mean/std...).
-        num_classes: number of classes for metrics (default: ``train_set.num_classes`` or model output).
-        ignore_index: label value ignored by loss and metrics.
+        num_classes: number of classes for the semantic metrics (default: ``train_set.num_classes`` or model
+            output).
+        ignore_index: label value ignored by the semantic loss and metrics.
         sample_weights: per-sample drawing weights (e.g. :func:`maskworks.data.repeat_factors` for rare-class
             sampling); each epoch then draws ``len(train_set)`` samples with replacement.
         freeze_encoder_epochs: train with the encoder frozen for this many epochs, then unfreeze it. The encoder
@@ -226,6 +232,7 @@ class Trainer:
         val_set: Dataset | None = None,
         run_dir: str | os.PathLike = "runs/train",
         *,
+        task: Task | None = None,
         loss_fn: Callable[[Any, torch.Tensor], torch.Tensor] | None = None,
         epochs: int = 10,
         batch_size: int = 8,
@@ -258,6 +265,8 @@ class Trainer:
     ):
         if epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {epochs}")
+        if task is not None and loss_fn is not None:
+            raise ValueError(f"pass loss_fn to the task, not to the Trainer: {task!r} computes its own losses")
         if amp not in AMP_MODES:
             raise ValueError(f"amp must be one of {AMP_MODES}, got {amp!r}")
         if grad_clip is not None and grad_clip <= 0:
@@ -301,6 +310,10 @@ class Trainer:
         self.train_set, self.val_set = train_set, val_set
         self.meta = {**dataset_meta(train_set), **(meta or {})}
         self.num_classes = num_classes or getattr(getattr(train_set, "dataset", train_set), "num_classes", None)
+        if task is None:
+            task = SemanticTask(loss_fn, num_classes=self.num_classes, ignore_index=ignore_index)
+        self.task = task
+        self.meta.setdefault("task", task.kind)
         if deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True, warn_only=True)
@@ -323,14 +336,12 @@ class Trainer:
         # what freezing toggles: the encoder parameters trainable now (ones the caller froze are left alone)
         self._encoder_params = [p for p in self.encoder.parameters() if p.requires_grad] if self.encoder else []
         self._encoder_frozen = False
-        self.channels_last = bool(channels_last) and to_channels_last(self.module)
+        self.channels_last = bool(channels_last) and task.channels_last and to_channels_last(self.module)
         self.compile = compile
         self.compile_error: str | None = None
         self._compile_pending = False
         self._wrap()
-        self.loss_fn = loss_fn if loss_fn is not None else CrossEntropyLoss(ignore_index=ignore_index)
-        if isinstance(self.loss_fn, nn.Module):
-            self.loss_fn = self.loss_fn.to(self.device)
+        self.task.to(self.device)
 
         per_rank = batch_size // self.dist.world_size
         self.sampler = ShardedSampler(
@@ -349,7 +360,7 @@ class Trainer:
             batch_size=per_rank,
             sampler=self.sampler,
             num_workers=num_workers,
-            collate_fn=collate,
+            collate_fn=self.task.collate,
             drop_last=True,
             worker_init_fn=_worker_init,
             generator=self.loader_generator,
@@ -360,7 +371,11 @@ class Trainer:
         if val_set is not None:
             vs = ShardedSampler(len(val_set), shuffle=False, rank=self.dist.rank, world_size=self.dist.world_size)
             self.val_loader = DataLoader(
-                val_set, batch_size=eval_batch_size or per_rank, sampler=vs, num_workers=num_workers, collate_fn=collate
+                val_set,
+                batch_size=eval_batch_size or per_rank,
+                sampler=vs,
+                num_workers=num_workers,
+                collate_fn=self.task.collate,
             )
         self.steps_per_epoch = len(self.train_loader)
         total = self.steps_per_epoch * epochs
@@ -377,7 +392,7 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, total, schedule, warmup)
         self.amp_dtype = self._amp_dtype(amp)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
-        self.start_epoch, self.best_miou, self.history = 0, -math.inf, []
+        self.start_epoch, self.best_metric, self.history = 0, -math.inf, []
 
     # ------------------------------------------------------------------ setup helpers
     def _wrap(self) -> None:
@@ -454,7 +469,8 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "epoch": epoch,
-            "best_miou": self.best_miou,
+            "best_metric": self.best_metric,
+            "metric": self.task.headline,
             "history": self.history,
             "fine_tuning": self._fine_tuning_settings(),
         }
@@ -502,7 +518,9 @@ class Trainer:
                 f"{path} does not fit this model and optimizer ({first}); resume with the settings the run was "
                 "started with"
             ) from e
-        self.best_miou, self.history = state.get("best_miou", -math.inf), list(state.get("history", []))
+        # checkpoints written before tasks existed hold the semantic headline as "best_miou"
+        self.best_metric = state.get("best_metric", state.get("best_miou", -math.inf))
+        self.history = list(state.get("history", []))
         self.start_epoch = done
         self._resumed_from = path
         log.info("resumed from %s after epoch %d of %d", path, self.start_epoch, self.epochs)
@@ -538,7 +556,9 @@ class Trainer:
                 Without it, such a folder is refused (:class:`RunFolderExists`) and nothing in it is touched.
 
         Returns:
-            Summary dict: ``best_miou``, ``final`` (last epoch's log row), ``history``, ``run_dir``.
+            Summary dict: ``metric`` (the task's headline metric, e.g. ``"miou"`` or ``"mask_ap"``),
+            ``best_metric`` (its best validation value, None without validation), ``final`` (last epoch's log
+            row), ``history``, ``run_dir``; semantic runs also give ``best_miou`` (= ``best_metric``).
         """
         if self.run_dir.exists() and not self.run_dir.is_dir():
             raise NotADirectoryError(f"run folder {self.run_dir} is a file; expected a folder")
@@ -561,21 +581,15 @@ class Trainer:
             row = {"epoch": epoch + 1, **self.train_one_epoch(epoch)}
             if self.val_loader is not None and ((epoch + 1) % self.eval_every == 0 or epoch + 1 == self.epochs):
                 metrics = self.evaluate()
-                row.update(
-                    {
-                        "val_miou": metrics["miou"],
-                        "val_pixel_acc": metrics["pixel_acc"],
-                        "val_mean_acc": metrics["mean_acc"],
-                        "val_mdice": metrics["mdice"],
-                    }
-                )
-                if metrics["miou"] > self.best_miou or not math.isfinite(self.best_miou):
-                    self.best_miou = metrics["miou"]
+                row.update(self.task.history_row(metrics))
+                value = metrics[self.task.headline]
+                if value > self.best_metric or not math.isfinite(self.best_metric):
+                    self.best_metric = value
                     if self.dist.is_main:
                         save_model(
                             self.model,
                             self.run_dir / "best",
-                            {**self.meta, "epoch": epoch + 1, "val_miou": metrics["miou"]},
+                            {**self.meta, "epoch": epoch + 1, f"val_{self.task.headline}": value},
                         )
             self.history.append(row)
             self.save_checkpoint(epoch + 1)
@@ -584,19 +598,24 @@ class Trainer:
                 log.info("%s", self._epoch_line(row))
         if self.dist.is_main:
             save_model(self.model, self.run_dir / "final", {**self.meta, "epoch": self.epochs})
+        best = self.best_metric if math.isfinite(self.best_metric) else None
         return {
-            "best_miou": self.best_miou if math.isfinite(self.best_miou) else None,
+            "metric": self.task.headline,
+            "best_metric": best,
+            **({"best_miou": best} if self.task.headline == "miou" else {}),
             "final": self.history[-1] if self.history else None,
             "history": self.history,
             "run_dir": str(self.run_dir),
         }
 
     def _epoch_line(self, row: dict) -> str:
-        """One readable line per epoch: ``epoch 3/10 loss=0.4123 lr=8.10e-04 img/s=45.2 val_mIoU=0.5123 time=12.3s``."""
+        """One readable line per epoch: ``epoch 3/10 loss=0.4123 lr=8.10e-04 img/s=45.2 val_mIoU=0.5123 time=12.3s``
+        (the task's headline metric: ``val_mask_AP=...`` for instances)."""
         parts = [f"epoch {row['epoch']}/{self.epochs}", f"loss={row['train_loss']:.4f}", f"lr={row['lr']:.3g}"]
         parts.append(f"img/s={row['img_per_s']:.1f}")
-        if "val_miou" in row:
-            parts.append(f"val_mIoU={row['val_miou']:.4f}")
+        key = f"val_{self.task.headline}"
+        if key in row:
+            parts.append(f"val_{self.task.headline_label.replace(' ', '_')}={row[key]:.4f}")
         parts.append(f"time={row['epoch_time_s']:.1f}s")
         return " ".join(parts)
 
@@ -624,6 +643,7 @@ class Trainer:
         self.loader_generator.manual_seed(self.seed * 1_000_003 + epoch)
         self._train_mode(epoch)
         total_loss, n_steps, n_images, t0 = 0.0, 0, 0, time.perf_counter()
+        part_sums: dict[str, float] = {}
         bar = tqdm(
             total=self.steps_per_epoch,
             desc=f"epoch {epoch + 1}/{self.epochs}",
@@ -632,12 +652,11 @@ class Trainer:
             leave=False,
         )
         for step, batch in enumerate(self.train_loader):
-            images = images_to(batch["image"], self.device, self.channels_last, non_blocking=True)
-            masks = batch["mask"].to(self.device, non_blocking=True)
+            batch = self.task.to_device(batch, self.device, self.channels_last, non_blocking=True)
             if self._compile_pending:
-                loss_value = self._first_compiled_step(images, masks, epoch, step, bar)
+                loss_value, parts = self._first_compiled_step(batch, epoch, step, bar)
             else:
-                loss_value = self._forward_backward(images, masks, epoch, step, bar)
+                loss_value, parts = self._forward_backward(batch, epoch, step, bar)
             if self.grad_clip is not None:
                 self.scaler.unscale_(self.optimizer)
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
@@ -646,8 +665,10 @@ class Trainer:
             self.scheduler.step()
             lv = loss_value.item()
             total_loss += lv
+            for name, value in parts.items():
+                part_sums[name] = part_sums.get(name, 0.0) + value
             n_steps += 1
-            n_images += images.shape[0] * self.dist.world_size
+            n_images += self.task.num_images(batch) * self.dist.world_size
             ips = n_images / max(time.perf_counter() - t0, 1e-9)
             bar.update(1)
             bar.set_postfix(loss=f"{lv:.4f}", img_s=f"{ips:.1f}")
@@ -665,16 +686,18 @@ class Trainer:
         bar.close()
         return {
             "train_loss": total_loss / max(n_steps, 1),
+            **{f"train_{name}": value / max(n_steps, 1) for name, value in part_sums.items()},
             "lr": base_lr(self.optimizer),
             "epoch_time_s": time.perf_counter() - t0,
             "img_per_s": n_images / max(time.perf_counter() - t0, 1e-9),
         }
 
-    def _forward_backward(self, images: torch.Tensor, masks: torch.Tensor, epoch: int, step: int, bar) -> torch.Tensor:
-        """Forward, loss, NaN check and backward of one step; returns the loss averaged over ranks."""
+    def _forward_backward(self, batch: dict, epoch: int, step: int, bar) -> tuple[torch.Tensor, dict[str, float]]:
+        """Forward, loss, NaN check and backward of one step; returns the loss averaged over ranks and this rank's
+        named loss parts (the task's losses other than the total)."""
         with self._autocast():
-            output = self.model(images)
-            loss = self.loss_fn(output, masks)
+            losses = self.task.training_step(self.model, batch)
+            loss = losses["loss"]
         loss_value = all_reduce_sum(loss.detach().float().clone()) / self.dist.world_size
         if not torch.isfinite(loss_value):
             bar.close()
@@ -685,15 +708,16 @@ class Trainer:
             )
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
-        return loss_value
+        parts = {name: float(v.detach()) for name, v in losses.items() if name != "loss"}
+        return loss_value, parts
 
-    def _first_compiled_step(self, images, masks, epoch: int, step: int, bar) -> torch.Tensor:
+    def _first_compiled_step(self, batch: dict, epoch: int, step: int, bar) -> tuple[torch.Tensor, dict[str, float]]:
         """The first step through a new ``torch.compile`` wrapper; when compilation fails, warn, go back to the
         eager model and redo the step from the same random state."""
         cpu_rng = torch.get_rng_state()
         cuda_rng = torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None
         try:
-            return self._forward_backward(images, masks, epoch, step, bar)
+            return self._forward_backward(batch, epoch, step, bar)
         except TrainingDiverged:
             raise
         except Exception as e:  # compilation errors come in many types (dynamo, inductor, a missing compiler...)
@@ -707,31 +731,33 @@ class Trainer:
             if cuda_rng is not None:
                 torch.cuda.set_rng_state_all(cuda_rng)
             self.optimizer.zero_grad(set_to_none=True)
-            return self._forward_backward(images, masks, epoch, step, bar)
+            return self._forward_backward(batch, epoch, step, bar)
         finally:
             self._compile_pending = False
 
     @torch.inference_mode()
     def evaluate(self, loader: DataLoader | None = None) -> dict:
-        """Confusion-matrix metrics on the validation set (summed over DDP ranks), under ``torch.inference_mode``."""
+        """The task's validation metrics (gathered over DDP ranks), under ``torch.inference_mode``: confusion-matrix
+        metrics for semantic models (the matrix is kept as ``last_confusion``), COCO mask / box AP for instance
+        models. The evaluator is kept as ``last_evaluator``."""
         loader = loader or self.val_loader
         if loader is None:
             raise ValueError("no validation set was given")
         model = unwrap_model(self.model)  # eager, unwrapped (also a model the caller put in self.model)
         model.eval()
-        cm = None
+        evaluator = self.task.evaluator()
+        seen = 0
         for batch in tqdm(loader, desc="eval", disable=not self._bars(), leave=False, dynamic_ncols=True):
-            images = images_to(batch["image"], self.device, self.channels_last)
+            batch = self.task.to_device(batch, self.device, self.channels_last)
             with self._autocast():
-                logits, _ = split_outputs(model(images))
-            if cm is None:
-                k = self.num_classes or max(2, logits.shape[1])
-                cm = ConfusionMatrix(k, ignore_index=self.ignore_index, device=self.device)
-            check_finite(logits, "validation logits")  # argmax would count NaN as class 0
-            pred = logits.argmax(1) if logits.shape[1] > 1 else (logits[:, 0] > 0).long()
-            cm.update(pred, batch["mask"].to(self.device))
-        if cm is None:
+                outputs = self.task.forward(model, batch)
+            evaluator.update(outputs, batch)
+            seen += 1
+        if not seen:
             raise ValueError("validation set is empty")
-        cm.all_reduce()
-        self.last_confusion = cm
-        return cm.compute()
+        evaluator.all_reduce()
+        self.last_evaluator = evaluator
+        confusion = getattr(evaluator, "confusion", None)
+        if confusion is not None:
+            self.last_confusion = confusion
+        return evaluator.compute()

@@ -1,5 +1,6 @@
 """Visualisation: coloured masks, overlays, label PNGs, training curves, confusion matrices and HTML reports."""
 
+from maskworks.viz.instances import draw_instances, instance_colors
 from maskworks.viz.plots import plot_confusion_matrix, plot_reliability, plot_training_curves
 from maskworks.viz.render import (
     colorize,
@@ -17,6 +18,8 @@ __all__ = [
     "colorize",
     "default_palette",
     "denormalize",
+    "draw_instances",
+    "instance_colors",
     "make_grid",
     "overlay",
     "plot_confusion_matrix",
