@@ -16,16 +16,29 @@ from maskworks.cli.config import ConfigError
 
 log = logging.getLogger(__name__)
 
-DATASETS = ("synthetic", "folder", "camvid", "isbi2012", "voc", "cityscapes", "ade20k", "cocostuff")
+DATASETS = (
+    "synthetic",
+    "folder",
+    "camvid",
+    "isbi2012",
+    "isbi2012_instances",
+    "voc",
+    "cityscapes",
+    "ade20k",
+    "cocostuff",
+    "coco",
+)
 # Readers of a fixed public layout under data.root (default ../shared/data/<name>), with named splits.
-STANDARD_DATASETS = ("camvid", "isbi2012", "voc", "cityscapes", "ade20k", "cocostuff")
+STANDARD_DATASETS = ("camvid", "isbi2012", "isbi2012_instances", "voc", "cityscapes", "ade20k", "cocostuff", "coco")
+# Datasets read from another dataset's folder by default.
+_DEFAULT_FOLDER = {"isbi2012_instances": "isbi2012"}
 
 _TRANSFORM_KEYS = ("crop_size", "scale_range", "hflip", "vflip", "rotate", "elastic", "color_jitter")
 
 
 def default_data_root(name: str) -> Path:
     """``../shared/data/<name>`` relative to the current directory, the usual place next to a checkout."""
-    return Path("..") / "shared" / "data" / name
+    return Path("..") / "shared" / "data" / _DEFAULT_FOLDER.get(name, name)
 
 
 def reader_class(name: str):
@@ -35,8 +48,10 @@ def reader_class(name: str):
         ISBI2012,
         CamVid,
         Cityscapes,
+        CocoInstances,
         CocoStuff,
         FolderDataset,
+        ISBI2012Instances,
         SyntheticShapes,
         VOCSegmentation,
     )
@@ -46,10 +61,12 @@ def reader_class(name: str):
         "folder": FolderDataset,
         "camvid": CamVid,
         "isbi2012": ISBI2012,
+        "isbi2012_instances": ISBI2012Instances,
         "voc": VOCSegmentation,
         "cityscapes": Cityscapes,
         "ade20k": ADE20K,
         "cocostuff": CocoStuff,
+        "coco": CocoInstances,
     }
     if name not in readers:
         close = difflib.get_close_matches(str(name), list(readers), n=1)
@@ -282,6 +299,52 @@ def build_model(model_cfg: dict, num_classes: int, in_channels: int):
         return create_model(model_cfg["name"], **kwargs)
     except TypeError as e:
         raise ConfigError(f"model {model_cfg['name']!r} does not accept these arguments {kwargs}: {e}") from e
+
+
+def model_task(name: str) -> str:
+    """The task (``"semantic"``, ``"instance"``...) the registered model ``name`` declares.
+
+    Raises:
+        ConfigError: an unknown model name (with close names), or a backbone.
+    """
+    from maskworks.registry import model_entry
+
+    try:
+        entry = model_entry(name)
+    except ValueError as e:
+        raise ConfigError(f"model.name: {e}") from e
+    if entry.kind == "backbone":
+        raise ConfigError(f"{name!r} is a backbone, not a segmentation model; use it as model.encoder")
+    return entry.task
+
+
+# train.* / data.* settings that only a semantic model's training uses, with what they mean when unset.
+SEMANTIC_ONLY = {
+    "train.loss": "ce",
+    "train.class_weights": None,
+    "train.label_smoothing": None,
+    "train.rare_class_sampling": None,
+    "data.copy_paste": None,
+}
+
+
+def check_task_settings(cfg: dict, task: str) -> None:
+    """Refuse settings that the model's task does not use (e.g. ``train.loss`` for an instance model, whose losses
+    are part of the model).
+
+    Raises:
+        ConfigError: naming the setting and the task.
+    """
+    if task == "semantic":
+        return
+    for key, unset in SEMANTIC_ONLY.items():
+        section, name = key.split(".")
+        value = cfg[section].get(name)
+        if value not in (unset, None, 0, 0.0, False):
+            raise ConfigError(
+                f"{key}={value!r} applies to semantic models only; {cfg['model']['name']} is a {task} model "
+                f"(its losses are part of the model): drop {key}"
+            )
 
 
 def build_loss(train_cfg: dict, train_set=None, ignore_index: int = 255):

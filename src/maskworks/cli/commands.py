@@ -131,6 +131,8 @@ def train(args) -> int:
                 f"run folder {run_dir} already holds a run ({', '.join(earlier[:3])}); continue it with --resume, "
                 "start a new one with --run-dir NEW_FOLDER, or replace it with --overwrite"
             )
+    kind = builders.model_task(cfg["model"]["name"])
+    builders.check_task_settings(cfg, kind)
     seed_everything(int(cfg["train"]["seed"]))  # the initial weights depend on the seed too
     progress = not args.no_progress
     train_set, val_set = builders.build_datasets(cfg["data"])
@@ -139,7 +141,15 @@ def train(args) -> int:
     if cfg["data"].get("copy_paste"):
         builders.add_copy_paste(train_set, cfg["data"]["copy_paste"], progress=progress)
     model = builders.build_model(cfg["model"], base.num_classes, base.in_channels)
-    loss = builders.build_loss(cfg["train"], train_set)
+    meta: dict[str, Any] = {"data_config": cfg["data"], "task": kind}
+    if getattr(base, "category_ids", None) is not None:  # COCO: labels map back to category ids in results
+        meta["category_ids"] = list(base.category_ids)
+    if kind == "semantic":
+        task_args: dict[str, Any] = {"loss_fn": builders.build_loss(cfg["train"], train_set)}
+    else:
+        from maskworks.tasks import build_task
+
+        task_args = {"task": build_task(kind, class_names=list(base.class_names))}
     sample_weights = None
     if cfg["train"].get("rare_class_sampling"):
         from maskworks.data import image_class_presence, repeat_factors
@@ -152,10 +162,10 @@ def train(args) -> int:
         train_set,
         val_set,
         run_dir,
-        loss_fn=loss,
         progress=progress,
-        meta={"data_config": cfg["data"]},
+        meta=meta,
         sample_weights=sample_weights,
+        **task_args,
         **builders.trainer_kwargs(cfg["train"]),
     )
     if args.resume:
@@ -178,8 +188,9 @@ def train(args) -> int:
         cleanup_distributed()
     if trainer.dist.is_main:
         _plot_history(summary["history"], run_dir / "training_curves.png")
-        best = summary["best_miou"]
-        print(f"done: best val mIoU {best:.4f}" if best is not None else "done", f"- run folder {run_dir}")
+        best = summary["best_metric"]
+        label = trainer.task.headline_label
+        print(f"done: best val {label} {best:.4f}" if best is not None else "done", f"- run folder {run_dir}")
     return 0
 
 
@@ -270,12 +281,17 @@ def evaluate(args) -> int:
     cfg = resolve_config(args)
     out = prepare_out_dir(args.out if args.out else Path(args.checkpoint).parent)
     model, meta, dev = _model_and_meta(args.checkpoint, cfg["train"]["device"])
-    model, channels_last = _inference_model(model, args.fuse_bn)
     data_cfg = dict(cfg["data"])
     if args.data is None and not any(o.startswith("data.") for o in args.overrides) and "data_config" in meta:
         data_cfg = {**data_cfg, **meta["data_config"]}
         if args.root:
             data_cfg["root"] = args.root
+    from maskworks.tasks import model_task
+
+    kind = model_task(model)
+    if kind != "semantic":
+        return _evaluate_task(args, kind, model, meta, dev, data_cfg, out)
+    model, channels_last = _inference_model(model, args.fuse_bn)
     dataset = builders.build_split(data_cfg, args.split)
     builders.validate_datasets(data_cfg, dataset)
     base = builders.base_dataset(dataset)
@@ -331,6 +347,72 @@ def evaluate(args) -> int:
     print(format_table(result, names, results))
     print("report: " + ", ".join(str(w) for w in written))
     return 0
+
+
+def _evaluate_task(args, kind: str, model, meta: dict, dev, data_cfg: dict, out: Path) -> int:
+    """``maskworks eval`` for every task but semantic, through the task's evaluator (instance: COCO mask and box
+    AP with pycocotools)."""
+    from tqdm.auto import tqdm
+
+    from maskworks.tasks import build_task
+
+    if args.fuse_bn:
+        raise ConfigError(
+            f"--fuse-bn applies to semantic models; {meta.get('model', 'this checkpoint')} is a {kind} model"
+        )
+    dataset = builders.build_split(data_cfg, args.split)
+    builders.validate_datasets(data_cfg, dataset)
+    base = builders.base_dataset(dataset)
+    names = list(getattr(base, "class_names", None) or meta.get("class_names") or [])
+    out_classes = model_output_classes(model)
+    if names and len(names) != out_classes:
+        raise ConfigError(
+            f"checkpoint {args.checkpoint} predicts {out_classes} classes (background included) but "
+            f"data.name={data_cfg['name']} has {len(names)}"
+        )
+    task = build_task(kind, class_names=names or None)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, collate_fn=task.collate)
+    evaluator = task.evaluator()
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for batch in tqdm(loader, desc="eval", dynamic_ncols=True, disable=None):
+            batch = task.to_device(batch, dev)
+            evaluator.update(task.forward(model, batch), batch)
+    result = evaluator.compute()
+    report = {
+        "checkpoint": str(args.checkpoint),
+        "task": kind,
+        "data": data_cfg,
+        "split": args.split,
+        "num_images": len(dataset),
+        "seconds": time.perf_counter() - t0,
+        **result,
+    }
+    atomic_write_bytes(out / "eval.json", json.dumps(report, indent=2, default=str).encode())
+    print(format_instance_table(result))
+    print(f"report: {out / 'eval.json'}")
+    return 0
+
+
+def format_instance_table(result: dict) -> str:
+    """Per-class mask AP / box AP (COCO AP at IoU 0.50:0.95) and the summary numbers."""
+    classes = result.get("classes") or []
+    names = result.get("class_names") or [str(c) for c in classes]
+    width = max(8, *(len(n) for n in names)) if names else 8
+
+    def cell(v) -> str:
+        return "    n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:7.4f}"
+
+    lines = [f"{'class':<{width}}  {'maskAP':>7} {'boxAP':>7}"]
+    for i, name in enumerate(names):
+        lines.append(f"{name:<{width}}  {cell(result['mask_ap_per_class'][i])} {cell(result['box_ap_per_class'][i])}")
+    lines.append("-" * len(lines[0]))
+    lines.append(
+        f"mask AP {cell(result['mask_ap']).strip()}  AP50 {cell(result['mask_ap50']).strip()}  "
+        f"AP75 {cell(result['mask_ap75']).strip()}   box AP {cell(result['box_ap']).strip()}  "
+        f"AP50 {cell(result['box_ap50']).strip()}   ({result['num_images']} images)"
+    )
+    return "\n".join(lines)
 
 
 def format_table(result: dict, names: list[str], extra: dict | None = None) -> str:
@@ -495,6 +577,11 @@ def predict(args) -> int:
     names = output_names(files)
     out = prepare_out_dir(args.out)
     model, meta, dev = _model_and_meta(args.checkpoint, args.device)
+    from maskworks.tasks import model_task
+
+    kind = model_task(model)
+    if kind != "semantic":
+        return _predict_task(args, kind, files, names, out, model, meta, dev)
     k = model_output_classes(model)
     model, channels_last = _inference_model(model, args.fuse_bn)
     in_ch = meta.get("in_channels", 3)
@@ -557,6 +644,63 @@ def predict(args) -> int:
     if auto_tiled:
         extras.append(f"{auto_tiled} large image(s) tiled automatically")
     print(f"wrote {len(files)} prediction(s) to {out}" + (f" ({', '.join(extras)})" if extras else ""))
+    return 0
+
+
+def _predict_task(args, kind: str, files: list[Path], names: list[Path], out: Path, model, meta: dict, dev) -> int:
+    """``maskworks predict`` for instance checkpoints: per image ``<name>_instances.png`` (each instance in its own
+    colour with class and score) and one ``coco_results.json`` (RLE masks; COCO polygons with ``--polygons``)."""
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    from maskworks.data import read_image
+    from maskworks.tasks import build_task
+
+    semantic_options = [
+        flag
+        for flag, on in (
+            ("--tile", args.tile),
+            ("--tta", args.tta),
+            ("--crf", args.crf),
+            ("--uncertainty", args.uncertainty),
+            ("--fuse-bn", args.fuse_bn),
+        )
+        if on
+    ]
+    if semantic_options:
+        raise ConfigError(
+            f"{', '.join(semantic_options)} apply to semantic models; {args.checkpoint} is a {kind} model"
+        )
+    task = build_task(kind, class_names=meta.get("class_names"), score_threshold=args.score_threshold)
+    in_ch = meta.get("in_channels", 3)
+    mean, std = meta.get("mean", [0.5] * in_ch), meta.get("std", [0.25] * in_ch)
+    rows: list[dict[str, Any]] = []
+    counts = []
+    bomb_limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = args.max_image_pixels
+    try:
+        with torch.inference_mode():
+            for i, (f, name) in enumerate(
+                tqdm(list(zip(files, names)), desc="predict", dynamic_ncols=True, disable=None)
+            ):
+                arr = read_image(f, channels=1 if in_ch == 1 else 3)  # (H, W, C) uint8
+                x = normalize_image(torch.from_numpy(arr.copy()).permute(2, 0, 1), mean, std).to(dev)
+                result = task.postprocess(task.forward(model, {"images": [x]}))[0]
+                counts.append(len(result["labels"]))
+                target = out / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                if not args.no_overlay:
+                    task.write_overlay(
+                        result, _rgb3(arr), target.with_name(f"{target.name}_instances.png"), meta, args.alpha
+                    )
+                rows.extend(task.result_rows(result, i, str(f), meta, polygons=args.polygons))
+    finally:
+        Image.MAX_IMAGE_PIXELS = bomb_limit
+    atomic_write_bytes(out / "coco_results.json", json.dumps(rows).encode())
+    print(
+        f"wrote {sum(counts)} instance(s) (score >= {args.score_threshold}) in {len(files)} image(s) to {out}: "
+        f"coco_results.json{'' if args.no_overlay else ' and <name>_instances.png overlays'}"
+    )
     return 0
 
 

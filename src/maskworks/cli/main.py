@@ -111,9 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "eval",
         help="evaluate a checkpoint on a dataset",
-        description="Evaluate a checkpoint: prints a per-class table (IoU, Dice, precision, recall, boundary F1, "
-        "boundary IoU) with mIoU, calibration (ECE, NLL, Brier) and, on request, Hausdorff distances, and writes "
-        "eval.json, confusion_matrix.png and reliability.png into --out (default: beside the checkpoint).",
+        description="Evaluate a checkpoint. Semantic models: prints a per-class table (IoU, Dice, precision, recall, "
+        "boundary F1, boundary IoU) with mIoU, calibration (ECE, NLL, Brier) and, on request, Hausdorff distances, and "
+        "writes eval.json, confusion_matrix.png and reliability.png into --out (default: beside the checkpoint). "
+        "Instance models: COCO mask and box AP (AP, AP50, AP75, per class) into eval.json.",
     )
     p.add_argument("--checkpoint", required=True, help="a .safetensors checkpoint with its .json beside it")
     _add_config_args(p)
@@ -138,12 +139,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "predict",
         help="segment image files or folders",
-        description="Segment images of any size: writes <name>_label.png (palette PNG of class ids), "
+        description="Segment images of any size. Semantic models: writes <name>_label.png (palette PNG of class ids), "
         "keeping the inputs' folder structure below their common folder (files that share a name keep their "
         "extension in it, e.g. scene_png_label.png), "
         "<name>_overlay.png and, with --uncertainty, <name>_uncertainty.png (normalised predictive entropy) for "
         "every input image. --tile runs a Gaussian-blended sliding window; --tta averages the probabilities of "
-        "flipped/rotated/rescaled inputs (inside every tile when tiling); --crf refines with a dense CRF.",
+        "flipped/rotated/rescaled inputs (inside every tile when tiling); --crf refines with a dense CRF. "
+        "Instance models: writes <name>_instances.png (each instance in its own colour, with class and score) and "
+        "coco_results.json (COCO results with RLE masks, category ids of the training data; polygons with "
+        "--polygons).",
     )
     p.add_argument("inputs", nargs="+", help="image files and/or folders of images")
     p.add_argument("--checkpoint", required=True, help="a .safetensors checkpoint with its .json beside it")
@@ -160,6 +164,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crf", action="store_true", help="refine with a dense CRF (mean field, Potts, 5 iterations)")
     p.add_argument("--crf-iterations", type=int, default=5, help="mean-field iterations of --crf (default 5)")
     p.add_argument("--uncertainty", action="store_true", help="also write <name>_uncertainty.png (entropy heat map)")
+    p.add_argument(
+        "--score-threshold",
+        type=float,
+        default=0.5,
+        help="instance models: keep detections scoring at least this much (default 0.5)",
+    )
+    p.add_argument(
+        "--polygons", action="store_true", help="instance models: also write COCO polygons into coco_results.json"
+    )
     _add_inference_args(p)
     p.add_argument(
         "--max-pixels",

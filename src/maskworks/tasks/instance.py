@@ -236,6 +236,64 @@ class InstanceTask(Task):
             )
         return results
 
+    def result_rows(
+        self,
+        result: dict[str, Any],
+        image_id: int,
+        file_name: str | None = None,
+        meta: dict[str, Any] | None = None,
+        polygons: bool = False,
+    ) -> list[dict[str, Any]]:
+        """COCO results of one image, as ``COCO.loadRes`` reads them: ``image_id``, ``category_id`` (the label
+        mapped back through ``meta["category_ids"]`` when the model was trained on a COCO dataset), ``bbox`` xywh,
+        ``score``, ``segmentation`` (compressed RLE, ``counts`` as text); plus ``file_name``, ``category_name`` and,
+        with ``polygons``, COCO polygons (``polygons``: flat ``[x1, y1, x2, y2, ...]`` lists, pixel-edge
+        coordinates)."""
+        from pycocotools import mask as mask_utils
+
+        meta = meta or {}
+        class_names = meta.get("class_names") or self.class_names
+        category_ids = meta.get("category_ids")
+        masks = result["masks"]
+        masks = masks.numpy() if isinstance(masks, torch.Tensor) else np.asarray(masks)
+        rows = []
+        for j, label in enumerate(int(v) for v in result["labels"]):
+            rle = mask_utils.encode(np.asfortranarray(masks[j].astype(np.uint8)))
+            rle["counts"] = rle["counts"].decode("ascii")
+            x1, y1, x2, y2 = (float(v) for v in result["boxes"][j])
+            category = category_ids[label] if category_ids and 0 < label < len(category_ids) else label
+            row = {
+                "image_id": int(image_id),
+                "category_id": int(category),
+                "score": float(result["scores"][j]),
+                "bbox": [x1, y1, x2 - x1, y2 - y1],
+                "segmentation": rle,
+            }
+            if file_name is not None:
+                row["file_name"] = str(file_name)
+            if class_names and 0 <= label < len(class_names):
+                row["category_name"] = class_names[label]
+            if polygons:
+                from maskworks.data.coco import mask_to_polygons
+
+                row["polygons"] = mask_to_polygons(masks[j])
+            rows.append(row)
+        return rows
+
+    def write_overlay(
+        self,
+        result: dict[str, Any],
+        image: np.ndarray,
+        path: str | Path,
+        meta: dict[str, Any] | None = None,
+        alpha: float = 0.5,
+    ) -> Path:
+        """``image`` (uint8 RGB or gray) with each instance in its own colour, outlined, with class and score."""
+        from maskworks.viz import draw_instances, save_rgb_png
+
+        class_names = (meta or {}).get("class_names") or self.class_names
+        return save_rgb_png(draw_instances(image, result, class_names=class_names, alpha=alpha), path)
+
     def write(
         self,
         results: Sequence[dict[str, Any]],
@@ -247,51 +305,23 @@ class InstanceTask(Task):
         alpha: float = 0.5,
         polygons: bool = False,
     ) -> list[Path]:
-        """Per image ``<name>_instances.png`` (each instance in its own colour, outlined, with class and score)
-        when ``images`` are given; and ``coco_results.json`` in ``out_dir``: a list of COCO results as
-        ``COCO.loadRes`` reads them (``image_id``: the index of the image in ``names``, ``category_id`` mapped
-        back through ``meta["category_ids"]`` when the model was trained on a COCO dataset, ``bbox`` xywh,
-        ``score``, ``segmentation`` as compressed RLE) plus each result's ``file_name`` and ``category_name``, and
-        COCO polygons (``polygons``: flat ``[x1, y1, x2, y2, ...]`` lists) when ``polygons``."""
-        from pycocotools import mask as mask_utils
-
+        """Per image ``<name>_instances.png`` (:meth:`write_overlay`, when ``images`` are given) and
+        ``coco_results.json`` in ``out_dir`` with every image's :meth:`result_rows` (``image_id`` = the image's
+        index in ``names``)."""
         from maskworks.checkpoint import atomic_write_bytes
-        from maskworks.viz import draw_instances, save_rgb_png
 
-        meta = meta or {}
-        class_names = meta.get("class_names") or self.class_names
-        category_ids = meta.get("category_ids")
         out_dir = Path(out_dir)
         written: list[Path] = []
         rows: list[dict[str, Any]] = []
         for i, (res, name) in enumerate(zip(results, names)):
-            target = out_dir / name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            masks = res["masks"].numpy() if isinstance(res["masks"], torch.Tensor) else np.asarray(res["masks"])
             if overlay and images is not None:
-                picture = draw_instances(images[i], res, class_names=class_names, alpha=alpha)
-                written.append(save_rgb_png(picture, target.with_name(f"{target.name}_instances.png")))
-            labels = [int(v) for v in res["labels"]]
-            for j, label in enumerate(labels):
-                rle = mask_utils.encode(np.asfortranarray(masks[j].astype(np.uint8)))
-                rle["counts"] = rle["counts"].decode("ascii")
-                x1, y1, x2, y2 = (float(v) for v in res["boxes"][j])
-                category = category_ids[label] if category_ids and label < len(category_ids) else label
-                row = {
-                    "image_id": i,
-                    "file_name": str(name),
-                    "category_id": int(category),
-                    "score": float(res["scores"][j]),
-                    "bbox": [x1, y1, x2 - x1, y2 - y1],
-                    "segmentation": rle,
-                }
-                if class_names and label < len(class_names):
-                    row["category_name"] = class_names[label]
-                if polygons:
-                    from maskworks.data.coco import mask_to_polygons
-
-                    row["polygons"] = mask_to_polygons(masks[j])
-                rows.append(row)
+                target = out_dir / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                written.append(
+                    self.write_overlay(res, images[i], target.with_name(f"{target.name}_instances.png"), meta, alpha)
+                )
+            rows.extend(self.result_rows(res, i, str(name), meta, polygons))
+        out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / "coco_results.json"
         atomic_write_bytes(path, json.dumps(rows).encode())
         written.append(path)
