@@ -16,6 +16,11 @@ from maskworks.convert.convnext import (
 )
 from maskworks.convert.deeplab import convert_torchvision_deeplabv3
 from maskworks.convert.deit import convert_hf_deit, convert_timm_deit
+from maskworks.convert.detection import (
+    convert_torchvision_detection,
+    is_torchvision_detection_state_dict,
+    is_torchvision_mask_rcnn_state_dict,
+)
 from maskworks.convert.load import (
     CONVERTERS,
     DEFAULT_MIN_FRACTION,
@@ -49,6 +54,9 @@ from maskworks.convert.vit import convert_timm_vit
 from maskworks.convert.vit_hf_tv import convert_hf_vit, convert_torchvision_vit
 
 __all__ = [
+    "convert_torchvision_detection",
+    "is_torchvision_detection_state_dict",
+    "is_torchvision_mask_rcnn_state_dict",
     "convert_official",
     "convert_transunet_official",
     "is_transunet_official_state_dict",

@@ -23,6 +23,7 @@ from maskworks.convert.convnext import (
 )
 from maskworks.convert.deeplab import convert_torchvision_deeplabv3, is_torchvision_deeplab_state_dict
 from maskworks.convert.deit import convert_hf_deit, convert_timm_deit, is_hf_deit_state_dict
+from maskworks.convert.detection import convert_torchvision_detection, is_torchvision_detection_state_dict
 from maskworks.convert.mae import convert_hf_vitmae, is_hf_vitmae_state_dict
 from maskworks.convert.mobilenet import convert_torchvision_mobilenet, is_mobilenet_state_dict
 from maskworks.convert.resnet import convert_timm_resnet, convert_torchvision_resnet, is_resnet_state_dict
@@ -80,8 +81,9 @@ def convert_torchvision(
     aux: bool = True,
     model: nn.Module | None = None,
 ) -> tuple[StateDict, list[str]]:
-    """A torchvision checkpoint -> maskworks keys, by what it holds: a segmentation model (``deeplabv3_*``), a
-    Vision Transformer (``vit_*``), or a bare backbone (``swin_*`` / ``swin_v2_*``, ``convnext_*``, ``resnet*`` /
+    """A torchvision checkpoint -> maskworks keys, by what it holds: a segmentation model (``deeplabv3_*``), an
+    R-CNN detector with FPN (``maskrcnn_*`` / ``fasterrcnn_*_fpn``: old key layouts renamed, stem adapted,
+    class-specific predictors dropped when ``model.num_classes`` differs), a Vision Transformer (``vit_*``), or a bare backbone (``swin_*`` / ``swin_v2_*``, ``convnext_*``, ``resnet*`` /
     ``resnext*``, ``mobilenet_v2`` / ``mobilenet_v3_*``) whose classifier is dropped.
 
     Args:
@@ -94,6 +96,8 @@ def convert_torchvision(
     Returns:
         The converted state dict and the dropped keys.
     """
+    if is_torchvision_detection_state_dict(state_dict):
+        return convert_torchvision_detection(state_dict, in_channels, model=model)
     if is_torchvision_deeplab_state_dict(state_dict):
         return convert_torchvision_deeplabv3(state_dict, in_channels, aux=aux)
     if is_torchvision_vit_state_dict(state_dict):
@@ -272,6 +276,8 @@ def _detect_source(state_dict: Mapping[str, torch.Tensor]) -> str:
     # our (= smp) layout.
     if is_transunet_official_state_dict(state_dict):
         return "official"
+    if is_torchvision_detection_state_dict(state_dict):
+        return "torchvision"  # Faster / Mask R-CNN with FPN (maskworks' Mask R-CNN keys are the same)
     if is_hf_upernet_state_dict(state_dict) or is_hf_segformer_state_dict(state_dict):
         return "hf"
     if is_mit_state_dict(state_dict) or is_nvlabs_mit_state_dict(state_dict):
@@ -310,7 +316,9 @@ def load_weights(
 ) -> LoadResult:
     """Load a local checkpoint into ``model``, converting it from its source format.
 
-    With ``source="auto"``, maskworks and smp checkpoints load as-is; a bare torchvision / timm ResNet or
+    With ``source="auto"``, maskworks and smp checkpoints load as-is; a torchvision Mask R-CNN / Faster R-CNN (FPN)
+    checkpoint (``backbone.fpn.*``, ``rpn.head.*``, ``roi_heads.*``) loads into maskworks' Mask R-CNN models as it
+    is (detected as torchvision; old key layouts renamed); a bare torchvision / timm ResNet or
     torchvision MobileNet state dict goes into ``model.encoder`` when the model has one (into the model itself
     otherwise), its classifier (``fc.*`` / ``classifier.*``) dropped and reported as unexpected; so does a Swin V1 /
     V2 or ConvNeXt V1 / V2 backbone checkpoint of timm (``swin_*``, ``swinv2_*``, ``convnext*``: our keys, ``head.*``

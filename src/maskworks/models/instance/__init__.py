@@ -1,0 +1,24 @@
+"""Instance segmentation models: torchvision-style detectors returning per-image ``boxes``, ``labels``, ``scores``
+and ``masks`` in eval and a loss dict in training (DESIGN.md "Instance output").
+
+The generic constructor ``mask_rcnn(encoder=...)`` lives in (and is reached through) the submodule
+:mod:`maskworks.models.instance.mask_rcnn`, or by name with ``create_model("mask_rcnn", encoder=...)``; it is not
+re-exported here so that the attribute ``mask_rcnn`` of this package stays the submodule."""
+
+from maskworks.models.instance.mask_rcnn import (
+    AlignedMultiScaleRoIAlign,
+    MaskRCNN,
+    MultiScaleRoIPool,
+    mask_rcnn_mobilenet_v3_large_fpn,
+    mask_rcnn_resnet50_fpn,
+    mask_rcnn_resnet50_fpn_v2,
+)
+
+__all__ = [
+    "AlignedMultiScaleRoIAlign",
+    "MaskRCNN",
+    "MultiScaleRoIPool",
+    "mask_rcnn_mobilenet_v3_large_fpn",
+    "mask_rcnn_resnet50_fpn",
+    "mask_rcnn_resnet50_fpn_v2",
+]

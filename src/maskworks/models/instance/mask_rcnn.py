@@ -1,0 +1,622 @@
+"""Mask R-CNN (He et al., "Mask R-CNN", ICCV 2017) on torchvision's detection framework with maskworks backbones.
+
+Everything after the feature extractor is torchvision's own code: ``GeneralizedRCNNTransform``, the anchor generator,
+``RegionProposalNetwork`` / ``RPNHead``, ``RoIHeads`` with ``TwoMLPHead`` or ``FastRCNNConvFCHead``,
+``MaskRCNNHeads`` / ``MaskRCNNPredictor``, ``FeaturePyramidNetwork`` with ``LastLevelMaxPool`` and
+``MultiScaleRoIAlign``. Only the body of the FPN backbone is a maskworks backbone:
+
+* :func:`mask_rcnn_resnet50_fpn` / :func:`mask_rcnn_resnet50_fpn_v2`: state-dict keys and shapes equal those of
+  torchvision's ``maskrcnn_resnet50_fpn`` / ``maskrcnn_resnet50_fpn_v2`` built with ``weights=None,
+  weights_backbone=None`` (plain ``BatchNorm2d``, every layer trainable), so torchvision checkpoints load as they
+  are and compute the same detections.
+* :func:`mask_rcnn_mobilenet_v3_large_fpn`: torchvision's ``fasterrcnn_mobilenet_v3_large_320_fpn`` recipe (FPN on
+  the last two stride-32 maps, three anchor levels) plus the standard mask branch; its detector keys equal
+  torchvision's, so a ``fasterrcnn_mobilenet_v3_large*_fpn`` checkpoint fills everything but the mask branch.
+* :func:`mask_rcnn`: any registered hierarchical backbone (ResNet, ConvNeXt, Swin, MiT, MobileNet ...) whose maps at
+  reductions 4, 8, 16, 32 feed the FPN.
+
+Output contract (DESIGN.md "Instance output"): in training ``model(images, targets)`` returns torchvision's five
+losses (``loss_classifier``, ``loss_box_reg``, ``loss_mask``, ``loss_objectness``, ``loss_rpn_box_reg``), each
+multiplied by its ``loss_weights`` entry; in eval ``model(images)`` returns one dict per image with ``boxes (N, 4)``
+xyxy float, ``labels (N,)`` int64, ``scores (N,)`` and ``masks (N, H, W)`` bool at the input image size
+(torchvision's mask probabilities ``> 0.5``), plus ``mask_probs (N, H, W)`` float when built with
+``return_mask_probs=True``.
+
+Options shared by every constructor (keyword arguments, validated when the model is built):
+
+* ``min_size`` (int or tuple of ints; a tuple picks one at random per training batch), ``max_size`` (int): the
+  shorter image side is resized to ``min_size`` unless the longer side would exceed ``max_size`` (torchvision's
+  ``GeneralizedRCNNTransform``); the real input-size knob of Mask R-CNN (predictions come back at the input size).
+* ``image_mean``, ``image_std``: per-channel normalisation applied inside the model. ``None`` (default) means the
+  images are already normalised, as every maskworks dataset delivers them (mean 0, std 1 of ``in_channels``
+  entries). Pass torchvision's ``[0.485, 0.456, 0.406]`` / ``[0.229, 0.224, 0.225]`` to feed 0-1 images to a model
+  with torchvision's COCO weights.
+* ``rpn_pre_nms_top_n_train`` / ``rpn_pre_nms_top_n_test``, ``rpn_post_nms_top_n_train`` /
+  ``rpn_post_nms_top_n_test`` (proposals kept per level before NMS / in total after NMS), ``rpn_nms_thresh``,
+  ``rpn_score_thresh``, ``rpn_batch_size_per_image``, ``box_score_thresh`` (detections below it are dropped),
+  ``box_nms_thresh``, ``box_detections_per_img``, ``box_batch_size_per_image``: torchvision's ``MaskRCNN``
+  arguments, passed through.
+* ``box_resolution`` (default 7) and ``mask_resolution`` (default 14, giving 28x28 mask logits): output size of the
+  box and mask RoI poolers.
+* ``pooler``: ``"roi_align"`` (default, torchvision's ``MultiScaleRoIAlign``) or ``"roi_pool"``
+  (:class:`MultiScaleRoIPool`, Fast R-CNN's quantising RoIPool; the Q14 ablation) for both poolers.
+* ``sampling_ratio`` (default 2; ``<= 0``: adaptive) of RoIAlign; ``aligned`` (default False, torchvision's
+  behaviour): RoIAlign with the half-pixel offset (detectron2's ROIAlignV2), :class:`AlignedMultiScaleRoIAlign`.
+* ``loss_weights``: dict over the five loss names (default 1.0 each; Mask R-CNN's ``L = L_cls + L_box + L_mask`` plus
+  the RPN's two terms); the returned training losses are multiplied by them.
+* ``return_mask_probs``: also return the soft masks in eval.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torchvision.models._utils import IntermediateLayerGetter
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
+from torchvision.models.detection.mask_rcnn import MaskRCNN as TorchvisionMaskRCNN
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
+from torchvision.models.detection.rpn import RPNHead
+from torchvision.ops import MultiScaleRoIAlign, roi_align, roi_pool
+from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
+from torchvision.ops.poolers import LevelMapper, _convert_to_roi_format, _filter_input, _setup_scales
+
+from maskworks.backbones.mobilenet import MobileNetV3
+from maskworks.backbones.resnet import ResNet
+from maskworks.models._utils import build_encoder, check_positive_int
+from maskworks.registry import register_model
+
+__all__ = [
+    "LOSS_NAMES",
+    "AlignedMultiScaleRoIAlign",
+    "EncoderBody",
+    "FPNBackbone",
+    "MaskRCNN",
+    "MultiScaleRoIPool",
+    "mask_rcnn",
+    "mask_rcnn_mobilenet_v3_large_fpn",
+    "mask_rcnn_resnet50_fpn",
+    "mask_rcnn_resnet50_fpn_v2",
+]
+
+LOSS_NAMES: tuple[str, ...] = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
+# the FPN levels the RoI poolers read ("pool", the max-pooled extra level, is for the RPN only), as in torchvision
+_POOLED_LEVELS = ["0", "1", "2", "3"]
+
+# option -> default; every constructor takes these keyword arguments (see the module docstring)
+_DEFAULTS: dict[str, Any] = {
+    "min_size": 800,
+    "max_size": 1333,
+    "image_mean": None,
+    "image_std": None,
+    "rpn_pre_nms_top_n_train": 2000,
+    "rpn_pre_nms_top_n_test": 1000,
+    "rpn_post_nms_top_n_train": 2000,
+    "rpn_post_nms_top_n_test": 1000,
+    "rpn_nms_thresh": 0.7,
+    "rpn_score_thresh": 0.0,
+    "rpn_batch_size_per_image": 256,
+    "box_score_thresh": 0.05,
+    "box_nms_thresh": 0.5,
+    "box_detections_per_img": 100,
+    "box_batch_size_per_image": 512,
+    "box_resolution": 7,
+    "mask_resolution": 14,
+    "pooler": "roi_align",
+    "sampling_ratio": 2,
+    "aligned": False,
+    "loss_weights": None,
+    "return_mask_probs": False,
+}
+_POSITIVE_INTS = (
+    "max_size",
+    "rpn_pre_nms_top_n_train",
+    "rpn_pre_nms_top_n_test",
+    "rpn_post_nms_top_n_train",
+    "rpn_post_nms_top_n_test",
+    "rpn_batch_size_per_image",
+    "box_detections_per_img",
+    "box_batch_size_per_image",
+    "box_resolution",
+    "mask_resolution",
+)
+_UNIT_FLOATS = ("rpn_nms_thresh", "rpn_score_thresh", "box_score_thresh", "box_nms_thresh")  # in [0, 1]
+# passed to torchvision's MaskRCNN under the same name
+_TV_KWARGS = (
+    "min_size",
+    "max_size",
+    "rpn_pre_nms_top_n_train",
+    "rpn_pre_nms_top_n_test",
+    "rpn_post_nms_top_n_train",
+    "rpn_post_nms_top_n_test",
+    "rpn_nms_thresh",
+    "rpn_score_thresh",
+    "rpn_batch_size_per_image",
+    "box_score_thresh",
+    "box_nms_thresh",
+    "box_detections_per_img",
+    "box_batch_size_per_image",
+)
+# torchvision's fasterrcnn_mobilenet_v3_large_320_fpn defaults (the real-time recipe)
+_MOBILENET_DEFAULTS: dict[str, Any] = {
+    "min_size": 320,
+    "max_size": 640,
+    "rpn_pre_nms_top_n_test": 150,
+    "rpn_post_nms_top_n_test": 150,
+    "rpn_score_thresh": 0.05,
+}
+
+
+# --------------------------------------------------------------------------- RoI poolers
+class _MultiScalePooler(MultiScaleRoIAlign):
+    """``MultiScaleRoIAlign``'s level assignment (FPN eq. 1: canonical 224 px box at level 4) and scale inference
+    with another per-level pooling op (:meth:`_pool`). A subclass of ``MultiScaleRoIAlign`` because torchvision's
+    ``MaskRCNN`` accepts only that type."""
+
+    def _pool(self, feature: torch.Tensor, rois: torch.Tensor, scale: float) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(
+        self, x: dict[str, torch.Tensor], boxes: list[torch.Tensor], image_shapes: list[tuple[int, int]]
+    ) -> torch.Tensor:
+        """Pool ``boxes`` (per image, xyxy in input-image coordinates) from the feature maps ``x`` named in
+        ``featmap_names``, each box from the level its size selects: ``(K, C, *output_size)``."""
+        features = _filter_input(x, self.featmap_names)
+        if self.scales is None or self.map_levels is None:
+            self.scales, self.map_levels = _setup_scales(
+                features, image_shapes, self.canonical_scale, self.canonical_level
+            )
+        return _pool_levels(self._pool, features, boxes, self.scales, self.map_levels, self.output_size)
+
+
+def _pool_levels(
+    pool: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor],
+    features: list[torch.Tensor],
+    boxes: list[torch.Tensor],
+    scales: list[float],
+    mapper: LevelMapper,
+    output_size: tuple[int, ...],
+) -> torch.Tensor:
+    """torchvision's ``_multiscale_roi_align`` loop with ``pool(feature, rois, scale)`` as the per-level op."""
+    rois = _convert_to_roi_format(boxes)  # (K, 5): batch index, x1, y1, x2, y2
+    if len(features) == 1:
+        return pool(features[0], rois, scales[0])
+    levels = mapper(boxes)
+    first = features[0]
+    result = first.new_zeros((len(rois), first.shape[1], *output_size))
+    for level, (feature, scale) in enumerate(zip(features, scales)):
+        idx = torch.where(levels == level)[0]
+        result[idx] = pool(feature, rois[idx], scale).to(result.dtype)
+    return result
+
+
+class MultiScaleRoIPool(_MultiScalePooler):
+    """RoIPool (Girshick, "Fast R-CNN", ICCV 2015) over FPN levels: torchvision's compiled ``roi_pool`` with
+    ``MultiScaleRoIAlign``'s level mapping. It rounds boxes to whole feature pixels and max-pools bins with
+    floor / ceil edges (the quantisation RoIAlign removes; Mask R-CNN, Table 2c).
+
+    Args:
+        featmap_names: names of the feature maps to pool from (others are ignored).
+        output_size: ``(h, w)`` or one int of the pooled maps.
+        canonical_scale, canonical_level: box side that maps to ``canonical_level`` (FPN eq. 1: 224 and 4).
+    """
+
+    def __init__(
+        self,
+        featmap_names: list[str],
+        output_size: int | tuple[int, int],
+        *,
+        canonical_scale: int = 224,
+        canonical_level: int = 4,
+    ) -> None:
+        super().__init__(
+            featmap_names, output_size, 0, canonical_scale=canonical_scale, canonical_level=canonical_level
+        )
+
+    def _pool(self, feature: torch.Tensor, rois: torch.Tensor, scale: float) -> torch.Tensor:
+        return roi_pool(feature, rois, self.output_size, spatial_scale=scale)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(featmap_names={self.featmap_names}, output_size={self.output_size})"
+
+
+class AlignedMultiScaleRoIAlign(_MultiScalePooler):
+    """``MultiScaleRoIAlign`` with ``aligned=True``: box corners shifted by half a pixel so that pixel centres
+    sit at ``i + 0.5`` (detectron2's ROIAlignV2); torchvision's ``MultiScaleRoIAlign`` always uses
+    ``aligned=False``. Arguments as ``MultiScaleRoIAlign``."""
+
+    def _pool(self, feature: torch.Tensor, rois: torch.Tensor, scale: float) -> torch.Tensor:
+        return roi_align(
+            feature, rois, self.output_size, spatial_scale=scale, sampling_ratio=self.sampling_ratio, aligned=True
+        )
+
+
+def _make_pooler(pooler: str, output_size: int, sampling_ratio: int, aligned: bool) -> MultiScaleRoIAlign:
+    if pooler == "roi_pool":
+        return MultiScaleRoIPool(list(_POOLED_LEVELS), output_size)
+    if aligned:
+        return AlignedMultiScaleRoIAlign(list(_POOLED_LEVELS), output_size, sampling_ratio)
+    return MultiScaleRoIAlign(list(_POOLED_LEVELS), output_size, sampling_ratio)
+
+
+# --------------------------------------------------------------------------- backbone
+class EncoderBody(nn.Module):
+    """A registered backbone as FPN body: its maps at reductions 4, 8, 16, 32 as an ``OrderedDict`` ``"0".."3"``.
+
+    Args:
+        encoder: a maskworks backbone with ``forward_intermediates`` and ``feature_info``.
+        indices: positions in ``forward_intermediates``' list of the maps to return, finest first.
+    """
+
+    def __init__(self, encoder: nn.Module, indices: Sequence[int]) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.indices = tuple(indices)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        maps = self.encoder.forward_intermediates(x)
+        return OrderedDict((str(i), maps[j]) for i, j in enumerate(self.indices))
+
+
+class FPNBackbone(nn.Module):
+    """``body`` (images -> ``OrderedDict`` of maps) followed by torchvision's ``FeaturePyramidNetwork`` with
+    ``LastLevelMaxPool``; the layout of torchvision's ``BackboneWithFPN`` (``body``, ``fpn``, ``out_channels``).
+
+    Args:
+        body: the feature extractor.
+        in_channels_list: channels of the body's maps, in order.
+        out_channels: channels of every pyramid level.
+        norm_layer: norm of the FPN convs (``None``: conv with bias, v1; ``nn.BatchNorm2d``: v2).
+    """
+
+    def __init__(
+        self,
+        body: nn.Module,
+        in_channels_list: Sequence[int],
+        out_channels: int = 256,
+        norm_layer: Callable[..., nn.Module] | None = None,
+    ) -> None:
+        super().__init__()
+        self.body = body
+        self.fpn = FeaturePyramidNetwork(
+            list(in_channels_list), out_channels, extra_blocks=LastLevelMaxPool(), norm_layer=norm_layer
+        )
+        self.out_channels = out_channels
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.fpn(self.body(x))
+
+
+def _pyramid_indices(encoder: nn.Module, name: str) -> list[int]:
+    """Positions of the last map at each reduction 4, 8, 16, 32 in ``encoder.feature_info``."""
+    info = getattr(encoder, "feature_info", None)
+    if not info:
+        raise ValueError(f"encoder {name!r} has no feature_info; expected a hierarchical backbone")
+    reductions = [i["reduction"] for i in info]
+    indices = []
+    for r in (4, 8, 16, 32):
+        if r not in reductions:
+            raise ValueError(
+                f"encoder must give maps at reductions 4, 8, 16 and 32 for the FPN; {name!r} gives {reductions}"
+            )
+        indices.append(len(reductions) - 1 - reductions[::-1].index(r))
+    return indices
+
+
+def _resnet_body(encoder: ResNet) -> tuple[nn.Module, list[int]]:
+    """torchvision's FPN body of a ResNet: an ``IntermediateLayerGetter`` over its children, returning
+    ``layer1..layer4`` as ``"0".."3"`` (keys ``body.conv1.*``, ``body.layer1.*`` ...: torchvision's)."""
+    stages = [i for i in encoder.feature_info if i["module"].startswith("layer")]
+    body = IntermediateLayerGetter(encoder, return_layers={i["module"]: str(k) for k, i in enumerate(stages)})
+    return body, [i["num_chs"] for i in stages]
+
+
+def _encoder_fpn(encoder: nn.Module, name: str, norm_layer: Callable[..., nn.Module] | None) -> FPNBackbone:
+    if isinstance(encoder, ResNet) and encoder.output_stride == 32:
+        body, channels = _resnet_body(encoder)
+        return FPNBackbone(body, channels, norm_layer=norm_layer)
+    indices = _pyramid_indices(encoder, name)
+    return FPNBackbone(
+        EncoderBody(encoder, indices), [encoder.feature_info[i]["num_chs"] for i in indices], norm_layer=norm_layer
+    )
+
+
+def _mobilenet_fpn(encoder: MobileNetV3) -> FPNBackbone:
+    """torchvision's ``_mobilenet_extractor(fpn=True)`` body: the first block of the last stage (its stride-2
+    block) and the final 1x1 conv, both at reduction 32, from ``features`` (keys ``body.0.*`` .. ``body.16.*``)."""
+    last_tap = int(encoder.feature_info[-2]["module"].split(".")[-1])  # last block before the final stride-2 one
+    first, last = last_tap + 1, len(encoder.features) - 1
+    body = IntermediateLayerGetter(encoder.features, return_layers={str(first): "0", str(last): "1"})
+    channels = [encoder.features[first].out_channels, encoder.features[last].out_channels]
+    return FPNBackbone(body, channels)
+
+
+# --------------------------------------------------------------------------- options
+def _check_options(opts: Mapping[str, Any], defaults: Mapping[str, Any], in_channels: int) -> dict[str, Any]:
+    """Merge ``opts`` over ``defaults`` and validate every value (one-line errors naming the argument)."""
+    unknown = [k for k in opts if k not in _DEFAULTS]
+    if unknown:
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, list(_DEFAULTS), n=1, cutoff=0.6)
+            hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise TypeError(f"Mask R-CNN got unexpected option(s) {', '.join(hints)}; it takes: {', '.join(_DEFAULTS)}")
+    o = {**_DEFAULTS, **defaults, **opts}
+    min_size = o["min_size"]
+    sizes = (min_size,) if isinstance(min_size, int) else tuple(min_size) if isinstance(min_size, Sequence) else ()
+    if not sizes or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sizes):
+        raise ValueError(f"min_size must be a positive int or a tuple of positive ints, got {min_size!r}")
+    o["min_size"] = sizes[0] if isinstance(min_size, int) else sizes
+    for name in _POSITIVE_INTS:
+        check_positive_int(name, o[name])
+    if o["max_size"] < max(sizes):
+        raise ValueError(f"max_size must be >= min_size, got max_size={o['max_size']!r}, min_size={min_size!r}")
+    for name in _UNIT_FLOATS:
+        value = o[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+    for name, fill in (("image_mean", 0.0), ("image_std", 1.0)):
+        value = o[name]
+        if value is None:
+            o[name] = [fill] * in_channels
+            continue
+        values = list(value) if isinstance(value, Sequence) and not isinstance(value, str) else None
+        if (
+            values is None
+            or len(values) != in_channels
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+        ):
+            raise ValueError(f"{name} must be None or {in_channels} numbers (one per input channel), got {value!r}")
+        if name == "image_std" and not all(v > 0 for v in values):
+            raise ValueError(f"image_std must be positive, got {value!r}")
+        o[name] = [float(v) for v in values]
+    if o["pooler"] not in ("roi_align", "roi_pool"):
+        raise ValueError(f"pooler must be 'roi_align' or 'roi_pool', got {o['pooler']!r}")
+    if isinstance(o["sampling_ratio"], bool) or not isinstance(o["sampling_ratio"], int):
+        raise ValueError(f"sampling_ratio must be an int (<= 0: adaptive), got {o['sampling_ratio']!r}")
+    if not isinstance(o["aligned"], bool):
+        raise ValueError(f"aligned must be a bool, got {o['aligned']!r}")
+    if o["aligned"] and o["pooler"] == "roi_pool":
+        raise ValueError("aligned=True applies to pooler='roi_align' only (RoIPool rounds boxes to whole pixels)")
+    if not isinstance(o["return_mask_probs"], bool):
+        raise ValueError(f"return_mask_probs must be a bool, got {o['return_mask_probs']!r}")
+    o["loss_weights"] = _check_loss_weights(o["loss_weights"])
+    return o
+
+
+def _check_loss_weights(loss_weights: Mapping[str, float] | None) -> dict[str, float]:
+    weights = dict.fromkeys(LOSS_NAMES, 1.0)
+    if loss_weights is None:
+        return weights
+    if not isinstance(loss_weights, Mapping):
+        raise ValueError(f"loss_weights must be a dict over {list(LOSS_NAMES)}, got {loss_weights!r}")
+    for key, value in loss_weights.items():
+        if key not in weights:
+            raise ValueError(f"loss_weights has unknown loss {key!r}; the losses are {list(LOSS_NAMES)}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"loss_weights[{key!r}] must be a finite number >= 0, got {value!r}")
+        weights[key] = float(value)
+    return weights
+
+
+def _check_model_args(num_classes: int, in_channels: int) -> None:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"num_classes must be an int >= 2 (it counts the background class 0), got {num_classes!r}")
+    check_positive_int("in_channels", in_channels)
+
+
+# --------------------------------------------------------------------------- model
+class MaskRCNN(TorchvisionMaskRCNN):
+    """torchvision's ``MaskRCNN`` with the maskworks instance contract (see the module docstring).
+
+    Build it with :func:`mask_rcnn`, :func:`mask_rcnn_resnet50_fpn`, :func:`mask_rcnn_resnet50_fpn_v2` or
+    :func:`mask_rcnn_mobilenet_v3_large_fpn`; the submodules and their state-dict keys are torchvision's.
+
+    Args:
+        backbone: module mapping ``(B, C, H, W)`` to an ``OrderedDict`` of FPN maps, with ``out_channels``.
+        num_classes: classes including the background class 0.
+        in_channels: image channels.
+        options: validated options (``_check_options``): transform, RPN, RoI-head and pooler settings.
+        rpn_anchor_generator, rpn_head, box_head, mask_head: torchvision modules (``None``: torchvision's default).
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_classes: int,
+        in_channels: int,
+        options: Mapping[str, Any],
+        rpn_anchor_generator: AnchorGenerator | None = None,
+        rpn_head: nn.Module | None = None,
+        box_head: nn.Module | None = None,
+        mask_head: nn.Module | None = None,
+    ) -> None:
+        pool = (options["pooler"], options["sampling_ratio"], options["aligned"])
+        super().__init__(
+            backbone,
+            num_classes=num_classes,
+            image_mean=options["image_mean"],
+            image_std=options["image_std"],
+            rpn_anchor_generator=rpn_anchor_generator,
+            rpn_head=rpn_head,
+            box_roi_pool=_make_pooler(pool[0], options["box_resolution"], *pool[1:]),
+            box_head=box_head,
+            mask_roi_pool=_make_pooler(pool[0], options["mask_resolution"], *pool[1:]),
+            mask_head=mask_head,
+            **{k: options[k] for k in _TV_KWARGS},
+        )
+        self.num_classes = num_classes
+        self.in_channels = in_channels
+        self.loss_weights: dict[str, float] = dict(options["loss_weights"])
+        self.return_mask_probs = bool(options["return_mask_probs"])
+
+    def _image_list(self, images: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        if isinstance(images, torch.Tensor):
+            if images.ndim != 4:
+                raise ValueError(
+                    f"images must be a list of (C, H, W) tensors or a (B, C, H, W) tensor, got shape "
+                    f"{tuple(images.shape)}"
+                )
+            images = list(images.unbind(0))
+        if not isinstance(images, (list, tuple)) or not images:
+            raise ValueError(f"images must be a non-empty list of (C, H, W) tensors, got {type(images).__name__}")
+        for i, image in enumerate(images):
+            if not isinstance(image, torch.Tensor) or image.ndim != 3 or image.shape[0] != self.in_channels:
+                shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+                raise ValueError(f"images[{i}] must be a ({self.in_channels}, H, W) tensor, got {shape}")
+        return list(images)
+
+    def forward(  # type: ignore[override]
+        self,
+        images: torch.Tensor | Sequence[torch.Tensor],
+        targets: Sequence[dict[str, torch.Tensor]] | None = None,
+    ) -> dict[str, torch.Tensor] | list[dict[str, torch.Tensor]]:
+        """Training: the weighted loss dict. Eval: one dict per image (boxes, labels, scores, bool masks).
+
+        Args:
+            images: a list of ``(in_channels, H, W)`` tensors (sizes may differ) or a ``(B, in_channels, H, W)``
+                tensor, normalised as ``image_mean`` / ``image_std`` say.
+            targets: training only: per image ``boxes (N, 4)`` xyxy float, ``labels (N,)`` int64 in
+                ``1..num_classes-1``, ``masks (N, H, W)`` uint8 / bool; ``N = 0`` is allowed.
+        """
+        image_list = self._image_list(images)
+        out = super().forward(image_list, None if targets is None else list(targets))
+        if self.training:
+            return {k: v * self.loss_weights[k] if self.loss_weights.get(k, 1.0) != 1.0 else v for k, v in out.items()}
+        results = []
+        for det in out:
+            probs = det.pop("masks")[:, 0]  # (N, H, W), pasted at the input size
+            det["masks"] = probs > 0.5
+            if self.return_mask_probs:
+                det["mask_probs"] = probs
+            results.append(det)
+        return results
+
+
+def _v2_heads(out_channels: int, box_resolution: int) -> dict[str, nn.Module]:
+    """torchvision's ``maskrcnn_resnet50_fpn_v2`` heads (Li et al., "Benchmarking Detection Transfer Learning with
+    Vision Transformers", 2021): 2-conv RPN head, 4conv1fc box head and BatchNorm mask head."""
+    anchors = _default_anchors()
+    return {
+        "rpn_anchor_generator": anchors,
+        "rpn_head": RPNHead(out_channels, anchors.num_anchors_per_location()[0], conv_depth=2),
+        "box_head": FastRCNNConvFCHead(
+            (out_channels, box_resolution, box_resolution), [256, 256, 256, 256], [1024], norm_layer=nn.BatchNorm2d
+        ),
+        "mask_head": MaskRCNNHeads(out_channels, [256, 256, 256, 256], 1, norm_layer=nn.BatchNorm2d),
+    }
+
+
+def _default_anchors() -> AnchorGenerator:
+    """One size per FPN level (32..512 px for P2..P6), three aspect ratios: torchvision's ``_default_anchorgen``."""
+    return AnchorGenerator(((32,), (64,), (128,), (256,), (512,)), ((0.5, 1.0, 2.0),) * 5)
+
+
+def _build(
+    encoder: str,
+    num_classes: int,
+    in_channels: int,
+    encoder_weights: bool | str | os.PathLike | None,
+    opts: Mapping[str, Any],
+    v2: bool = False,
+) -> MaskRCNN:
+    _check_model_args(num_classes, in_channels)
+    options = _check_options(opts, {}, in_channels)
+    body = build_encoder(encoder, in_channels, encoder_weights)
+    backbone = _encoder_fpn(body, encoder, nn.BatchNorm2d if v2 else None)
+    # v1: torchvision's default TwoMLPHead (sized from the box pooler), RPNHead and MaskRCNNHeads
+    heads = _v2_heads(backbone.out_channels, options["box_resolution"]) if v2 else {}
+    heads.setdefault("rpn_anchor_generator", _default_anchors())
+    return MaskRCNN(backbone, num_classes, in_channels, options, **heads)
+
+
+@register_model(task="instance")
+def mask_rcnn(
+    encoder: str = "resnet50",
+    num_classes: int = 91,
+    in_channels: int = 3,
+    encoder_weights: bool | str | os.PathLike | None = None,
+    **opts: Any,
+) -> MaskRCNN:
+    """Mask R-CNN with FPN on any registered hierarchical backbone.
+
+    The backbone's last maps at reductions 4, 8, 16 and 32 feed torchvision's ``FeaturePyramidNetwork`` (256
+    channels) with a max-pooled fifth level; anchors, RPN, box and mask heads are torchvision's
+    ``maskrcnn_resnet50_fpn`` defaults. A ResNet keeps torchvision's body layout (``backbone.body.layer1...``), so
+    ``mask_rcnn(encoder="resnet50")`` is :func:`mask_rcnn_resnet50_fpn`; other backbones sit under
+    ``backbone.body.encoder``.
+
+    Args:
+        encoder: a registered backbone with maps at reductions 4, 8, 16, 32 (``resnet18/34/50/101``,
+            ``convnext_*``, ``convnextv2_*``, ``swin_*``, ``swinv2_*``, ``mit_b*``, ``mobilenet_*``); plain ViTs
+            are refused.
+        num_classes: classes including the background class 0 (COCO: 91).
+        in_channels: image channels (1 for grayscale microscopy).
+        encoder_weights: published backbone weights (``"imagenet"`` or a tag), a local checkpoint path, or
+            ``None`` for random initialisation.
+        **opts: the options of the module docstring (``min_size``, ``max_size``, ``image_mean``, ``image_std``,
+            ``rpn_*``, ``box_*``, ``mask_resolution``, ``pooler``, ``sampling_ratio``, ``aligned``,
+            ``loss_weights``, ``return_mask_probs``).
+    """
+    return _build(encoder, num_classes, in_channels, encoder_weights, opts)
+
+
+@register_model(task="instance")
+def mask_rcnn_resnet50_fpn(
+    num_classes: int = 91,
+    in_channels: int = 3,
+    encoder_weights: bool | str | os.PathLike | None = None,
+    **opts: Any,
+) -> MaskRCNN:
+    """Mask R-CNN ResNet-50-FPN: torchvision's ``maskrcnn_resnet50_fpn(weights=None, weights_backbone=None)``
+    (44,454,513 parameters with 91 classes) on maskworks' ``resnet50``; same keys, so its checkpoints load as they
+    are. torchvision's COCO_V1 weights were trained with frozen BatchNorm of ``eps=0`` and 0-1 images: pass
+    torchvision's ``image_mean`` / ``image_std`` to use them. Arguments as :func:`mask_rcnn`."""
+    return _build("resnet50", num_classes, in_channels, encoder_weights, opts)
+
+
+@register_model(task="instance")
+def mask_rcnn_resnet50_fpn_v2(
+    num_classes: int = 91,
+    in_channels: int = 3,
+    encoder_weights: bool | str | os.PathLike | None = None,
+    **opts: Any,
+) -> MaskRCNN:
+    """Mask R-CNN ResNet-50-FPN v2: torchvision's ``maskrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None)``
+    (46,359,409 parameters with 91 classes): BatchNorm in the FPN, a 2-conv RPN head, a 4conv1fc box head and a
+    BatchNorm mask head. Same keys as torchvision's. Arguments as :func:`mask_rcnn`."""
+    return _build("resnet50", num_classes, in_channels, encoder_weights, opts, v2=True)
+
+
+@register_model(task="instance")
+def mask_rcnn_mobilenet_v3_large_fpn(
+    num_classes: int = 91,
+    in_channels: int = 3,
+    encoder_weights: bool | str | os.PathLike | None = None,
+    **opts: Any,
+) -> MaskRCNN:
+    """Real-time Mask R-CNN on MobileNetV3-Large (Q19): torchvision's ``fasterrcnn_mobilenet_v3_large_320_fpn``
+    detector plus the standard mask branch.
+
+    The FPN reads the last two maps of ``features`` (the stride-2 block of the last stage, 160 channels, and the
+    final 1x1 conv, 960 channels; both at reduction 32) plus a max-pooled level; every level has anchors of 32..512
+    px at ratios 0.5, 1, 2. BatchNorm is plain ``nn.BatchNorm2d`` (``eps=1e-5``), as torchvision's detection
+    builder uses. Defaults are the 320 recipe: ``min_size=320``, ``max_size=640``, ``rpn_pre_nms_top_n_test=150``,
+    ``rpn_post_nms_top_n_test=150``, ``rpn_score_thresh=0.05`` (``min_size=800, max_size=1333,
+    rpn_pre_nms_top_n_test=1000, rpn_post_nms_top_n_test=1000`` give ``fasterrcnn_mobilenet_v3_large_fpn``'s).
+    The detector keys equal torchvision's (``backbone.body.0..16``, ``backbone.fpn``, ``rpn``,
+    ``roi_heads.box_*``), so its Faster R-CNN checkpoints fill all but the mask branch. Arguments as
+    :func:`mask_rcnn`.
+    """
+    _check_model_args(num_classes, in_channels)
+    options = _check_options(opts, _MOBILENET_DEFAULTS, in_channels)
+    encoder = build_encoder("mobilenet_v3_large", in_channels, encoder_weights, norm_layer=nn.BatchNorm2d)
+    anchors = AnchorGenerator(((32, 64, 128, 256, 512),) * 3, ((0.5, 1.0, 2.0),) * 3)
+    return MaskRCNN(_mobilenet_fpn(encoder), num_classes, in_channels, options, rpn_anchor_generator=anchors)
