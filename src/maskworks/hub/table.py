@@ -469,6 +469,23 @@ def _rows() -> list[PretrainedWeights]:
                 requires=("encoder", "num_classes"),
             )
         )
+
+    # ---- Whole instance models: torchvision Mask R-CNN on COCO (91 category slots, background included)
+    for model, enum in (
+        ("mask_rcnn_resnet50_fpn", "MaskRCNN_ResNet50_FPN_Weights.COCO_V1"),
+        ("mask_rcnn_resnet50_fpn_v2", "MaskRCNN_ResNet50_FPN_V2_Weights.COCO_V1"),
+    ):
+        rows.append(
+            _tv(
+                model,
+                "coco",
+                enum,
+                default=True,
+                dataset="imagenet-1k > coco instances (80 classes in 91 slots)",
+                model_kwargs={"num_classes": 91},
+                requires=("num_classes",),
+            )
+        )
     return rows
 
 
@@ -494,6 +511,10 @@ NO_PUBLISHED_WEIGHTS: dict[str, str] = {
             "upernet_resnet101",
         )
     },
+    "mask_rcnn": "no whole-model weights are published for arbitrary encoders; start its encoder with "
+    "encoder_weights='imagenet' (or another encoder tag), or use mask_rcnn_resnet50_fpn's COCO weights",
+    "mask_rcnn_mobilenet_v3_large_fpn": "torchvision publishes MobileNetV3-FPN only as Faster R-CNN (no mask head); "
+    + _ENCODER_HINT,
     "unet_vanilla": "no PyTorch / safetensors checkpoint is published for the original U-Net",
     "setr_naive": "published only as mmsegmentation checkpoints, for which there is no converter",
     "setr_pup": "published only as mmsegmentation checkpoints, for which there is no converter",
