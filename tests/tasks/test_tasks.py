@@ -75,6 +75,15 @@ def test_trainer_refuses_a_loss_next_to_a_task(tmp_path):
         Trainer(model, train, None, tmp_path, task=SemanticTask(), loss_fn=CrossEntropyLoss(), batch_size=2)
 
 
+def test_tasks_import_first_in_a_fresh_process():
+    import subprocess
+    import sys
+
+    code = "import maskworks.tasks, maskworks.engine; print(maskworks.tasks.SemanticTask.kind)"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0 and res.stdout.strip() == "semantic", res.stderr[-2000:]
+
+
 def test_registry_declares_tasks_and_build_task():
     assert model_task("unet") == "semantic"
     assert model_task(create_model("unet_vanilla", num_classes=2, features=(8, 16))) == "semantic"

@@ -11,7 +11,6 @@ import torch
 import torch.nn as nn
 
 from maskworks.data import collate_samples
-from maskworks.engine.perf import images_to
 from maskworks.losses import CrossEntropyLoss, split_outputs
 from maskworks.metrics import ConfusionMatrix
 from maskworks.metrics.confusion import check_finite
@@ -101,7 +100,9 @@ class SemanticTask(Task):
         self, batch: dict[str, Any], device: torch.device, channels_last: bool = False, non_blocking: bool = False
     ) -> dict[str, Any]:
         out = dict(batch)
-        out["image"] = images_to(batch["image"], device, channels_last, non_blocking=non_blocking)
+        image = batch["image"]
+        layout = {"memory_format": torch.channels_last} if channels_last and image.ndim == 4 else {}
+        out["image"] = image.to(device, non_blocking=non_blocking, **layout)
         if "mask" in batch:
             out["mask"] = batch["mask"].to(device, non_blocking=non_blocking)
         return out
