@@ -27,6 +27,13 @@ def test_recipe_builds_its_model(path):
     cfg = load_config(path)
     # published weights are not fetched here (no network in tests): the recipe's architecture is what is checked
     spec = {k: v for k, v in cfg["model"].items() if k not in ("encoder_weights", "pretrained")}
+    if builders.model_task(spec["name"]) == "instance":  # a list of images in, one dict of instances per image out
+        spec = {**spec, "min_size": 64, "max_size": 96}  # the architecture, at a test size
+        model = builders.build_model(spec, num_classes=3, in_channels=3).eval()
+        with torch.no_grad():
+            (out,) = model([torch.rand(3, 64, 96)])
+        assert {"boxes", "labels", "scores", "masks"} <= set(out) and out["masks"].shape[-2:] == (64, 96)
+        return
     model = builders.build_model(spec, num_classes=11, in_channels=3).eval()
     with torch.no_grad():
         assert model(torch.randn(1, 3, 64, 96)).shape == (1, 11, 64, 96)

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -204,3 +205,18 @@ def test_instance_ddp_two_processes_train_and_gather_the_evaluation(tmp_path):
     assert report["num_images"] == 5
     assert report["mask_ap"] == pytest.approx(logged["val_mask_ap"], abs=1e-9, nan_ok=True)
     assert report["box_ap"] == pytest.approx(logged["val_box_ap"], abs=1e-9, nan_ok=True)
+
+
+@pytest.mark.slow
+def test_mask_rcnn_resnet50_fpn_learns_synthetic_shapes(tmp_path, capsys):
+    """Learning: R50-FPN from scratch, test-sized (configs/synthetic_mask_rcnn.yaml: 64 px, one or two large shapes,
+    10 epochs of 96 images), reaches mask AP50 >= 0.5 on the synthetic validation set (about 0.7 measured)."""
+    config = Path(__file__).resolve().parents[2] / "configs" / "synthetic_mask_rcnn.yaml"
+    run = tmp_path / "run"
+    args = ["train", "--config", str(config), "--model", "mask_rcnn_resnet50_fpn", "--data", "synthetic"]
+    assert main([*args, "--run-dir", str(run), "--no-progress"]) == 0
+    rows = [json.loads(x) for x in (run / "history.jsonl").read_text().splitlines()]
+    assert len(rows) == 10 and rows[-1]["train_loss"] < 0.5 * rows[0]["train_loss"]
+    assert rows[-1]["val_mask_ap50"] >= 0.5, [round(r["val_mask_ap50"], 3) for r in rows]
+    best = json.loads((run / "best.json").read_text())
+    assert best["meta"]["val_mask_ap"] == max(r["val_mask_ap"] for r in rows)
