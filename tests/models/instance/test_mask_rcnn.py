@@ -18,6 +18,7 @@ from maskworks.models.instance.mask_rcnn import (
     mask_rcnn_mobilenet_v3_large_fpn,
     mask_rcnn_resnet50_fpn,
     mask_rcnn_resnet50_fpn_v2,
+    paste_masks_bool,
 )
 from maskworks.ops.roi import fpn_level
 from maskworks.registry import create_model, model_entry
@@ -102,6 +103,29 @@ def test_parity_with_torchvision(ours, reference):
     assert torch.equal(got["masks"], expected["masks"][:, 0] > 0.5)
     torch.testing.assert_close(got["mask_probs"], expected["masks"][:, 0], atol=1e-5, rtol=0)
     _check_eval_output([got], [(100, 120)], 3)
+    model.return_mask_probs = False  # the default path pastes bool masks directly: the same pixels
+    with torch.no_grad():
+        plain = model([x])[0]
+    assert "mask_probs" not in plain and torch.equal(plain["masks"], expected["masks"][:, 0] > 0.5)
+
+
+def test_bool_paste_equals_torchvision_paste_then_threshold():
+    from torchvision.models.detection.roi_heads import paste_masks_in_image
+
+    g = torch.Generator().manual_seed(0)
+    masks = torch.rand(40, 1, 28, 28, generator=g)
+    xy = torch.rand(40, 2, generator=g) * 130 - 10
+    wh = torch.rand(40, 2, generator=g) * 60
+    wh[:5] = torch.rand(5, 2, generator=g) * 0.8  # sub-pixel boxes
+    # detections are clipped to the image, as torchvision's RoI heads do; grown by the padding, they cross its edges
+    boxes = torch.cat([xy, xy + wh], 1).clamp(min=0)
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(max=120)
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(max=90)
+    got = paste_masks_bool(masks, boxes, (90, 120))
+    expected = paste_masks_in_image(masks, boxes, (90, 120))[:, 0] > 0.5
+    assert got.dtype == torch.bool and got.shape == (40, 90, 120)
+    assert torch.equal(got, expected) and got.any()
+    assert paste_masks_bool(masks[:0], boxes[:0], (9, 7)).shape == (0, 9, 7)
 
 
 def test_parameter_counts_equal_torchvision():

@@ -58,12 +58,16 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
 from torchvision.models.detection.mask_rcnn import MaskRCNN as TorchvisionMaskRCNN
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
+from torchvision.models.detection.roi_heads import expand_boxes, expand_masks
 from torchvision.models.detection.rpn import RPNHead
+from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
 from torchvision.ops import MultiScaleRoIAlign, roi_align, roi_pool
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
 from torchvision.ops.poolers import LevelMapper, _convert_to_roi_format, _filter_input, _setup_scales
@@ -412,6 +416,59 @@ def _check_model_args(num_classes: int, in_channels: int) -> None:
     check_positive_int("in_channels", in_channels)
 
 
+# --------------------------------------------------------------------------- mask pasting
+def paste_masks_bool(
+    masks: torch.Tensor, boxes: torch.Tensor, image_size: tuple[int, int], threshold: float = 0.5
+) -> torch.Tensor:
+    """torchvision's ``paste_masks_in_image`` followed by ``> threshold``, written straight into a bool
+    ``(N, H, W)``: the same pixels, without the float ``(N, H, W)`` image per mask and their stack.
+
+    Each ``(1, M, M)`` mask probability map is padded by one pixel, its box grown by ``(M + 2) / M`` and rounded to
+    whole pixels, resized bilinearly to that box and thresholded inside the part of the box within the image
+    (torchvision's geometry, kept so that the output equals torchvision's model).
+
+    Args:
+        masks: ``(N, 1, M, M)`` probabilities.
+        boxes: ``(N, 4)`` xyxy in the image's pixels.
+        image_size: ``(H, W)``.
+        threshold: the probability above which a pixel is in the mask.
+    """
+    im_h, im_w = image_size
+    out = torch.zeros((masks.shape[0], im_h, im_w), dtype=torch.bool, device=masks.device)
+    if masks.shape[0] == 0:
+        return out
+    padded, scale = expand_masks(masks, padding=1)
+    for i, (x0, y0, x1, y1) in enumerate(expand_boxes(boxes, scale).to(torch.int64).tolist()):
+        w, h = max(x1 - x0 + 1, 1), max(y1 - y0 + 1, 1)
+        left, right, top, bottom = max(x0, 0), min(x1 + 1, im_w), max(y0, 0), min(y1 + 1, im_h)
+        if right <= left or bottom <= top:
+            continue
+        m = F.interpolate(padded[i : i + 1], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+        out[i, top:bottom, left:right] = m[top - y0 : bottom - y0, left - x0 : right - x0] > threshold
+    return out
+
+
+class _Transform(GeneralizedRCNNTransform):
+    """torchvision's transform; in eval, unless ``paste_probs`` is set (or the model is traced), masks are pasted
+    as bool images by :func:`paste_masks_bool`."""
+
+    paste_probs = False
+
+    def postprocess(
+        self,
+        result: list[dict[str, torch.Tensor]],
+        image_shapes: list[tuple[int, int]],
+        original_image_sizes: list[tuple[int, int]],
+    ) -> list[dict[str, torch.Tensor]]:
+        if self.training or self.paste_probs or torchvision._is_tracing():
+            return super().postprocess(result, image_shapes, original_image_sizes)
+        for pred, im_s, o_im_s in zip(result, image_shapes, original_image_sizes):
+            pred["boxes"] = resize_boxes(pred["boxes"], im_s, o_im_s)
+            if "masks" in pred:
+                pred["masks"] = paste_masks_bool(pred["masks"], pred["boxes"], o_im_s)
+        return result
+
+
 # --------------------------------------------------------------------------- model
 class MaskRCNN(TorchvisionMaskRCNN):
     """torchvision's ``MaskRCNN`` with the maskworks instance contract (see the module docstring).
@@ -452,6 +509,16 @@ class MaskRCNN(TorchvisionMaskRCNN):
             mask_head=mask_head,
             **{k: options[k] for k in _TV_KWARGS},
         )
+        t = self.transform
+        self.transform = _Transform(
+            t.min_size,
+            t.max_size,
+            t.image_mean,
+            t.image_std,
+            size_divisible=t.size_divisible,
+            fixed_size=t.fixed_size,
+            _skip_resize=t._skip_resize,
+        )
         self.num_classes = num_classes
         self.in_channels = in_channels
         self.loss_weights: dict[str, float] = dict(options["loss_weights"])
@@ -487,17 +554,17 @@ class MaskRCNN(TorchvisionMaskRCNN):
                 ``1..num_classes-1``, ``masks (N, H, W)`` uint8 / bool; ``N = 0`` is allowed.
         """
         image_list = self._image_list(images)
+        self.transform.paste_probs = self.return_mask_probs
         out = super().forward(image_list, None if targets is None else list(targets))
         if self.training:
             return {k: v * self.loss_weights[k] if self.loss_weights.get(k, 1.0) != 1.0 else v for k, v in out.items()}
-        results = []
         for det in out:
-            probs = det.pop("masks")[:, 0]  # (N, H, W), pasted at the input size
-            det["masks"] = probs > 0.5
-            if self.return_mask_probs:
-                det["mask_probs"] = probs
-            results.append(det)
-        return results
+            if det["masks"].dtype != torch.bool:  # probabilities (N, 1, H, W), pasted at the input size
+                probs = det.pop("masks")[:, 0]
+                det["masks"] = probs > 0.5
+                if self.return_mask_probs:
+                    det["mask_probs"] = probs
+        return out
 
 
 def _v2_heads(out_channels: int, box_resolution: int) -> dict[str, nn.Module]:
