@@ -185,6 +185,35 @@ def test_roi_pool_trains_and_evaluates_on_grayscale():
         logits = model.roi_heads.mask_predictor(torch.zeros(1, 256, 7, 7))
     assert logits.shape == (1, 2, 14, 14)  # mask_resolution 7 -> 14x14 mask logits
     _check_eval_output(out, [(64, 80)] * 2, 2)
+    # under bfloat16 autocast (maskworks train's default on CPUs with AMX) RoIPool pools in float32
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = _train_losses(model)
+    assert all(torch.isfinite(v) for v in losses.values())
+    feature = torch.randn(1, 8, 16, 16).to(torch.bfloat16)
+    rois = [torch.tensor([[1.0, 2.0, 30.0, 40.0]])]
+    pooler = model.roi_heads.box_roi_pool
+    pooled = pooler({"0": feature}, rois, [(64, 64)])
+    expected = pooler({"0": feature.float()}, rois, [(64, 64)])
+    assert pooled.dtype == torch.bfloat16 and torch.equal(pooled.float(), expected)
+
+
+def test_box_arithmetic_stays_float32_under_autocast():
+    """torchvision decodes boxes in the deltas' dtype; in bfloat16 a 256 px box has 1 px resolution and proposals
+    collapse to zero width (NaN box losses): the box heads' outputs are float32 under autocast."""
+    torch.manual_seed(0)
+    model = mask_rcnn("resnet18", num_classes=3, **SMALL)
+    features = {k: torch.randn(1, 256, 8, 8) for k in ("0", "1")}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, deltas = model.rpn.head(list(features.values()))
+        scores, box_deltas = model.roi_heads.box_predictor(torch.randn(4, 1024))
+        losses = _train_losses(model)
+    assert all(t.dtype == torch.float32 for t in [*logits, *deltas, scores, box_deltas])
+    assert all(torch.isfinite(v) for v in losses.values())
+    model.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        (det,) = model([torch.randn(3, 64, 80)])
+    assert det["boxes"].dtype == torch.float32 and det["masks"].dtype == torch.bool
 
 
 def test_aligned_roi_align_evaluates():

@@ -225,7 +225,12 @@ class MultiScaleRoIPool(_MultiScalePooler):
         )
 
     def _pool(self, feature: torch.Tensor, rois: torch.Tensor, scale: float) -> torch.Tensor:
-        return roi_pool(feature, rois, self.output_size, spatial_scale=scale)
+        if feature.dtype in (torch.bfloat16, torch.float16):
+            # torchvision registers no autocast rule for roi_pool and has no CPU kernel for low precision: pool in
+            # float32 and return the input's dtype, as its autocast rule for roi_align does
+            pooled = roi_pool(feature.float(), rois.float(), self.output_size, spatial_scale=scale)
+            return pooled.to(feature.dtype)
+        return roi_pool(feature, rois.to(feature.dtype), self.output_size, spatial_scale=scale)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(featmap_names={self.featmap_names}, output_size={self.output_size})"
@@ -469,6 +474,19 @@ class _Transform(GeneralizedRCNNTransform):
         return result
 
 
+def _to_float(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.float() if value.is_floating_point() else value
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_float(v) for v in value)
+    return value
+
+
+def _float_outputs(module: nn.Module, args: Any, output: Any) -> Any:
+    """Forward hook: a head's floating-point outputs in float32 (a no-op outside autocast)."""
+    return _to_float(output)
+
+
 # --------------------------------------------------------------------------- model
 class MaskRCNN(TorchvisionMaskRCNN):
     """torchvision's ``MaskRCNN`` with the maskworks instance contract (see the module docstring).
@@ -523,6 +541,11 @@ class MaskRCNN(TorchvisionMaskRCNN):
         self.in_channels = in_channels
         self.loss_weights: dict[str, float] = dict(options["loss_weights"])
         self.return_mask_probs = bool(options["return_mask_probs"])
+        # under autocast the box heads' deltas would be bfloat16 / float16, and torchvision's BoxCoder decodes and
+        # encodes boxes in the deltas' dtype: a pixel's resolution at 256 px in bfloat16, zero-width proposals and
+        # NaN box losses. Their outputs are cast to float32 so that all box arithmetic stays in float32.
+        self.rpn.head.register_forward_hook(_float_outputs)
+        self.roi_heads.box_predictor.register_forward_hook(_float_outputs)
 
     def _image_list(self, images: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
         if isinstance(images, torch.Tensor):
