@@ -5,9 +5,18 @@ GroupNorm 1 / 0), so a port that forgets a norm layer, swaps two of them or load
 wrong place gives the same outputs as the reference: a parity check can pass by accident. These helpers give the
 layers non-trivial values from a seeded generator before the reference's state dict is copied, so that every
 parameter and statistic has to land in the right place for the outputs to match.
+
+:func:`kill_in_epoch` serves the resume tests: it SIGKILLs a ``maskworks train`` process once a given epoch began.
 """
 
 from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -16,6 +25,7 @@ __all__ = [
     "BATCH_NORMS",
     "TINY_SEMANTIC",
     "count_parameters",
+    "kill_in_epoch",
     "perturb_parameters",
     "randomize_norms",
     "semantic_models_to_test",
@@ -134,3 +144,33 @@ def semantic_models_to_test() -> list[str]:
     from maskworks.registry import list_models, model_entry
 
     return [n for n in list_models(kind="model") if model_entry(n).task == "semantic" and not _size_variant(n)]
+
+
+def kill_in_epoch(
+    command: Sequence[str],
+    run_dir: str | Path,
+    epoch: int = 2,
+    env: Mapping[str, str] | None = None,
+    timeout: float = 300,
+) -> None:
+    """Start ``command`` (a ``maskworks train ... --run-dir run_dir`` command line) and SIGKILL it as soon as its
+    ``steps.jsonl`` logs a step of ``epoch`` (1-based), as a crash or an out-of-memory kill would.
+
+    Raises:
+        AssertionError: the run ended before it could be killed, or ``epoch`` did not begin within ``timeout`` s.
+    """
+    steps = Path(run_dir) / "steps.jsonl"
+    proc = subprocess.Popen(
+        list(command), env=None if env is None else dict(env), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + timeout
+    try:
+        while True:
+            if steps.exists() and any(json.loads(x)["epoch"] == epoch for x in steps.read_text().splitlines() if x):
+                break
+            assert proc.poll() is None, "training ended before it could be killed"
+            assert time.time() < deadline, f"epoch {epoch} did not begin within {timeout} s"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +16,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from maskworks.cli.main import main
+from maskworks.testing import kill_in_epoch
 
 # a test-sized Mask R-CNN: ResNet-18 FPN at 64 px, few proposals and RoIs
 MODEL = [
@@ -153,20 +152,7 @@ def test_instance_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
     ref = tmp_path / "ref"
     subprocess.run(_cli(*RESUME_ARGS, "--run-dir", str(ref)), check=True, env=_env(), capture_output=True)
     run = tmp_path / "killed"
-    proc = subprocess.Popen(
-        _cli(*RESUME_ARGS, "--run-dir", str(run)), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    steps = run / "steps.jsonl"
-    deadline = time.time() + 300
-    try:
-        while time.time() < deadline:  # kill once epoch 2 has begun
-            if steps.exists() and any(json.loads(x)["epoch"] == 2 for x in steps.read_text().splitlines() if x):
-                break
-            assert proc.poll() is None, "training ended before it could be killed"
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait()
+    kill_in_epoch(_cli(*RESUME_ARGS, "--run-dir", str(run)), run, epoch=2, env=_env())
     state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert state["epoch"] == 1 and state["metric"] == "mask_ap"
     subprocess.run(_cli(*RESUME_ARGS, "--run-dir", str(run), "--resume"), check=True, env=_env(), capture_output=True)

@@ -5,11 +5,9 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -19,6 +17,7 @@ from maskworks import create_model
 from maskworks.data import SyntheticShapes, build_transforms
 from maskworks.engine import Trainer, TrainingDiverged
 from maskworks.engine.distributed import ShardedSampler
+from maskworks.testing import kill_in_epoch
 
 
 def tiny_data(n=32, size=32, split="train"):
@@ -177,20 +176,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
     subprocess.run(_cli(*common, "--run-dir", str(ref)), check=True, env=_env(), capture_output=True)
 
     run = tmp_path / "killed"
-    proc = subprocess.Popen(
-        _cli(*common, "--run-dir", str(run)), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    steps = run / "steps.jsonl"
-    deadline = time.time() + 300
-    try:
-        while time.time() < deadline:  # wait until epoch 2 has begun
-            if steps.exists() and any(json.loads(x)["epoch"] == 2 for x in steps.read_text().splitlines() if x):
-                break
-            assert proc.poll() is None, "training ended before it could be killed"
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait()
+    kill_in_epoch(_cli(*common, "--run-dir", str(run)), run, epoch=2, env=_env())
     state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert state["epoch"] == 1, "the kill should land in epoch 2"
     assert not (run / "final.safetensors").exists()
