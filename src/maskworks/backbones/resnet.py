@@ -5,7 +5,12 @@ State-dict keys equal torchvision's ``resnet*`` keys (``conv1``, ``bn1``, ``laye
 without renaming (see :mod:`maskworks.convert.resnet`). ``output_stride`` 16 / 8 replaces the
 stride of ``layer4`` / ``layer3`` + ``layer4`` by dilation, as torchvision's
 ``replace_stride_with_dilation`` and timm's ``output_stride`` do (the first block of a dilated
-stage keeps the previous dilation in its first 3x3 conv).
+stage keeps the previous dilation in its first 3x3 conv). ``dcn_stages`` replaces the 3x3 ``conv2`` of every block
+of the chosen stages by a modulated deformable convolution (DCNv2, Zhu et al., CVPR 2019;
+:class:`~maskworks.layers.DeformConv2d`) with the same stride, dilation and groups, as mmdet's
+``dcn=dict(type="DCNv2")`` with ``stage_with_dcn``: its keys are ``conv2.weight`` plus ``conv2.conv_offset.weight`` /
+``.bias``, so mmdet DCNv2 ResNet checkpoints load (without their ``backbone.`` prefix), and without the option
+nothing changes.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn as nn
 
+from maskworks.layers.deform_conv import DeformConv2d
 from maskworks.registry import register_model
 
 __all__ = ["ResNet", "BasicBlock", "Bottleneck", "resnet18", "resnet34", "resnet50", "resnet101"]
@@ -22,8 +28,11 @@ __all__ = ["ResNet", "BasicBlock", "Bottleneck", "resnet18", "resnet34", "resnet
 NormLayer = Callable[[int], nn.Module]
 
 
-def _conv3x3(in_ch: int, out_ch: int, stride: int = 1, dilation: int = 1, groups: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(in_ch, out_ch, 3, stride=stride, padding=dilation, dilation=dilation, groups=groups, bias=False)
+def _conv3x3(
+    in_ch: int, out_ch: int, stride: int = 1, dilation: int = 1, groups: int = 1, deform: bool = False
+) -> nn.Conv2d | DeformConv2d:
+    conv = DeformConv2d if deform else nn.Conv2d
+    return conv(in_ch, out_ch, 3, stride=stride, padding=dilation, dilation=dilation, groups=groups, bias=False)
 
 
 def _conv1x1(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv2d:
@@ -31,7 +40,11 @@ def _conv1x1(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv2d:
 
 
 class BasicBlock(nn.Module):
-    """Two 3x3 convolutions with an identity (or projected) shortcut; ResNet-18/34."""
+    """Two 3x3 convolutions with an identity (or projected) shortcut; ResNet-18/34.
+
+    ``deform=True`` makes the second (unstrided) 3x3 conv, ``conv2``, a DCNv2 :class:`~maskworks.layers.DeformConv2d`
+    (mmdet has no DCN BasicBlock; this follows the Bottleneck's choice of ``conv2``).
+    """
 
     expansion = 1
 
@@ -46,6 +59,7 @@ class BasicBlock(nn.Module):
         first_dilation: int = 1,
         dilation: int = 1,
         norm_layer: NormLayer = nn.BatchNorm2d,
+        deform: bool = False,
     ) -> None:
         super().__init__()
         if groups != 1 or base_width != 64:
@@ -55,7 +69,7 @@ class BasicBlock(nn.Module):
         self.conv1 = _conv3x3(inplanes, planes, stride, dilation=first_dilation)
         self.bn1 = norm_layer(planes)
         self.relu = nn.ReLU(inplace=True)
-        self.conv2 = _conv3x3(planes, planes, dilation=dilation)
+        self.conv2 = _conv3x3(planes, planes, dilation=dilation, deform=deform)
         self.bn2 = norm_layer(planes)
         self.downsample = downsample
 
@@ -70,7 +84,10 @@ class BasicBlock(nn.Module):
 
 
 class Bottleneck(nn.Module):
-    """1x1 reduce -> 3x3 (strided, ResNet v1.5) -> 1x1 expand, with a shortcut; ResNet-50/101."""
+    """1x1 reduce -> 3x3 (strided, ResNet v1.5) -> 1x1 expand, with a shortcut; ResNet-50/101.
+
+    ``deform=True`` makes the 3x3 ``conv2`` a DCNv2 :class:`~maskworks.layers.DeformConv2d`, as mmdet's DCN ResNet.
+    """
 
     expansion = 4
 
@@ -85,12 +102,13 @@ class Bottleneck(nn.Module):
         first_dilation: int = 1,
         dilation: int = 1,
         norm_layer: NormLayer = nn.BatchNorm2d,
+        deform: bool = False,
     ) -> None:
         super().__init__()
         width = int(planes * (base_width / 64.0)) * groups
         self.conv1 = _conv1x1(inplanes, width)
         self.bn1 = norm_layer(width)
-        self.conv2 = _conv3x3(width, width, stride, dilation=first_dilation, groups=groups)
+        self.conv2 = _conv3x3(width, width, stride, dilation=first_dilation, groups=groups, deform=deform)
         self.bn2 = norm_layer(width)
         self.conv3 = _conv1x1(width, planes * self.expansion)
         self.bn3 = norm_layer(planes * self.expansion)
@@ -121,6 +139,9 @@ class ResNet(nn.Module):
         groups: groups of the 3x3 convolutions in bottleneck blocks (ResNeXt).
         width_per_group: bottleneck width per group (64 for ResNet, 4 for ResNeXt-32x4d).
         zero_init_residual: zero the last norm of every block, so each starts as identity.
+        dcn_stages: stages whose blocks get a DCNv2 ``conv2``, numbered as in the papers: 2..5 are
+            ``layer1``..``layer4`` (mmdet's ``stage_with_dcn=(False, True, True, True)`` is ``(3, 4, 5)``). The
+            offset predictors start at zero (modulation 0.5), as in mmdet.
     """
 
     def __init__(
@@ -133,6 +154,7 @@ class ResNet(nn.Module):
         groups: int = 1,
         width_per_group: int = 64,
         zero_init_residual: bool = False,
+        dcn_stages: Sequence[int] = (),
     ) -> None:
         super().__init__()
         if len(layers) != 4:
@@ -141,6 +163,12 @@ class ResNet(nn.Module):
             raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride!r}")
         if not isinstance(in_channels, int) or in_channels < 1:
             raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
+        dcn_stages = tuple(dcn_stages)
+        if not all(isinstance(s, int) and not isinstance(s, bool) and 2 <= s <= 5 for s in dcn_stages):
+            raise ValueError(
+                f"dcn_stages must hold stage numbers among 2, 3, 4, 5 (layer1..layer4), got {dcn_stages!r}"
+            )
+        self.dcn_stages = tuple(sorted(set(dcn_stages)))
         self.in_channels = in_channels
         self.output_stride = output_stride
         self._norm_layer = norm_layer
@@ -160,14 +188,21 @@ class ResNet(nn.Module):
             stride = 1 if i == 0 else 2
             dilate = stride > 1 and reduction >= output_stride
             name = f"layer{i + 1}"
-            self.add_module(name, self._make_layer(block, planes, num_blocks, stride, dilate))
+            deform = i + 2 in self.dcn_stages
+            self.add_module(name, self._make_layer(block, planes, num_blocks, stride, dilate, deform))
             reduction = reduction if dilate else reduction * stride
             self.feature_info.append({"num_chs": planes * block.expansion, "reduction": reduction, "module": name})
 
         self._init_weights(zero_init_residual)
 
     def _make_layer(
-        self, block: type[BasicBlock] | type[Bottleneck], planes: int, num_blocks: int, stride: int, dilate: bool
+        self,
+        block: type[BasicBlock] | type[Bottleneck],
+        planes: int,
+        num_blocks: int,
+        stride: int,
+        dilate: bool,
+        deform: bool = False,
     ) -> nn.Sequential:
         previous_dilation = self._dilation
         if dilate:
@@ -179,7 +214,7 @@ class ResNet(nn.Module):
                 _conv1x1(self._inplanes, planes * block.expansion, stride),
                 self._norm_layer(planes * block.expansion),
             )
-        kw = {"groups": self._groups, "base_width": self._base_width, "norm_layer": self._norm_layer}
+        kw = {"groups": self._groups, "base_width": self._base_width, "norm_layer": self._norm_layer, "deform": deform}
         blocks = [
             block(
                 self._inplanes,
@@ -199,13 +234,16 @@ class ResNet(nn.Module):
         return nn.Sequential(*blocks)
 
     def _init_weights(self, zero_init_residual: bool) -> None:
-        # torchvision's initialisation
+        # torchvision's initialisation; DCN offset predictors zero afterwards, as mmdet's ResNet does
         for m in self.modules():
-            if isinstance(m, nn.Conv2d):
+            if isinstance(m, (nn.Conv2d, DeformConv2d)):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+        for m in self.modules():
+            if isinstance(m, DeformConv2d):
+                m.init_offset()
         if zero_init_residual:
             for m in self.modules():
                 if isinstance(m, (BasicBlock, Bottleneck)):

@@ -10,6 +10,7 @@ from maskworks.layers.atrous import (
     receptive_field_mask,
 )
 from maskworks.layers.conv import ConvBNReLU, ConvNormAct, create_act
+from maskworks.layers.deform_conv import DeformConv2d
 from maskworks.layers.efficient_attention import (
     LinearAttention,
     PerformerAttention,
@@ -65,6 +66,7 @@ __all__ = [
     "resample_patch_embed",
     "ConvBNReLU",
     "ConvNormAct",
+    "DeformConv2d",
     "FeaturePyramid",
     "GlobalResponseNorm",
     "LayerNorm2d",
