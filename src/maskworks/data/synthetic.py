@@ -132,6 +132,10 @@ class SyntheticShapes(SegmentationDataset):
         return_instances: include ``instances`` in the samples.
         cache: keep every generated scene in memory (about ``H * W * 4`` bytes each), so later epochs skip the
             generation; scenes are the same either way.
+        dense: crowded scenes (Q16): every shape after the first is centred next to an earlier one (its centre
+            0.5-1.0 of the two radii away), so that instances touch and occlude each other. Instances are numbered
+            in paint order, back to front: where shapes overlap, the later one is visible, and each shape keeps
+            at least 70 % of its area visible.
     """
 
     in_channels = 3
@@ -153,6 +157,7 @@ class SyntheticShapes(SegmentationDataset):
         background_grain: float = 0.08,
         return_instances: bool = True,
         cache: bool = False,
+        dense: bool = False,
     ) -> None:
         super().__init__(transform)
         if split not in SPLITS:
@@ -177,6 +182,7 @@ class SyntheticShapes(SegmentationDataset):
         self.max_shapes, self.min_shapes = max_shapes, min_shapes
         self.radius_range = (float(radius_range[0]), float(radius_range[1]))
         self.noise_std, self.background_grain, self.return_instances = noise_std, background_grain, return_instances
+        self.dense = bool(dense)
         h, w = size
         self._cache: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] | None = {} if cache else None
         self._ys = (np.arange(h, dtype=np.float32) + 0.5)[:, None]  # (H, 1) pixel centres
@@ -185,11 +191,20 @@ class SyntheticShapes(SegmentationDataset):
     def __len__(self) -> int:
         return self.num_samples
 
-    def _rasterise(self, rng: np.random.Generator, shape: str) -> np.ndarray:
-        """A random placement of ``shape``: boolean ``(H, W)`` mask."""
+    def _rasterise(
+        self, rng: np.random.Generator, shape: str, near: list[tuple[float, float, float]] | None = None
+    ) -> tuple[np.ndarray, tuple[float, float, float]]:
+        """A random placement of ``shape``: boolean ``(H, W)`` mask and its ``(cx, cy, r)``; with ``near`` (earlier
+        shapes' ``(cx, cy, r)``), centred next to one of them."""
         h, w = self.image_size
         r = rng.uniform(*self.radius_range) * min(h, w)
-        cx, cy = rng.uniform(0.25 * r, w - 0.25 * r), rng.uniform(0.25 * r, h - 0.25 * r)
+        if near:
+            ncx, ncy, nr = near[int(rng.integers(len(near)))]
+            dist, angle = rng.uniform(0.5, 1.0) * (nr + r), rng.uniform(0, 2 * math.pi)
+            cx = float(np.clip(ncx + dist * math.cos(angle), 0.25 * r, w - 0.25 * r))
+            cy = float(np.clip(ncy + dist * math.sin(angle), 0.25 * r, h - 0.25 * r))
+        else:
+            cx, cy = rng.uniform(0.25 * r, w - 0.25 * r), rng.uniform(0.25 * r, h - 0.25 * r)
         theta = rng.uniform(0, 2 * math.pi)
         reach = 1.5 * r  # every shape lies within 1.5 radii of its centre
         y0, y1 = max(0, int(cy - reach)), min(h, int(cy + reach) + 1)
@@ -199,7 +214,7 @@ class SyntheticShapes(SegmentationDataset):
         u, v = dx * c + dy * s, dy * c - dx * s  # rotated coordinates in radius units, (h', w')
         inside = np.zeros((h, w), dtype=bool)
         inside[y0:y1, x0:x1] = _RASTERISERS[shape](u, v, rng)
-        return inside
+        return inside, (cx, cy, r)
 
     def _color(self, rng: np.random.Generator, under: np.ndarray) -> np.ndarray:
         """A random colour that stands out from the mean colour of the pixels it will cover."""
@@ -224,10 +239,11 @@ class SyntheticShapes(SegmentationDataset):
         id_map = np.zeros(self.image_size, dtype=np.int64)
         full_area, visible, labels = [0], [0], []  # per instance id (index 0 = background)
         min_area = 0.25 * math.pi * (self.radius_range[0] * min(self.image_size)) ** 2
+        placed: list[tuple[float, float, float]] = []  # (cx, cy, r) of the shapes drawn so far
         for _ in range(int(rng.integers(self.min_shapes, self.max_shapes + 1))):
             cls = int(rng.integers(1, self.num_classes))
             for _ in range(_PLACEMENT_TRIES):
-                inside = self._rasterise(rng, SHAPES[cls - 1])
+                inside, where = self._rasterise(rng, SHAPES[cls - 1], placed if self.dense else None)
                 area = int(inside.sum())
                 covered = np.bincount(id_map[inside], minlength=len(visible))
                 if area >= min_area and all(
@@ -241,6 +257,7 @@ class SyntheticShapes(SegmentationDataset):
             visible = [v - c for v, c in zip(visible, covered)] + [area]
             full_area.append(area)
             labels.append(cls)
+            placed.append(where)
         grain = np.where(id_map > 0, self.noise_std * 255.0, self.background_grain * 255.0).astype(np.float32)
         canvas += rng.standard_normal(canvas.shape, dtype=np.float32) * grain[..., None]
         image = np.clip(canvas + 0.5, 0, 255).astype(np.uint8)

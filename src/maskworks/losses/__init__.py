@@ -8,6 +8,7 @@ from maskworks.losses import functional
 from maskworks.losses.boundary import BoundaryLoss, BoundaryWeightedCrossEntropyLoss, ClDiceLoss, HausdorffDTLoss
 from maskworks.losses.compound import LOSS_NAMES, CompoundLoss, DeepSupervisionLoss, build_loss, parse_loss_spec
 from maskworks.losses.cross_entropy import CrossEntropyLoss, cross_entropy, split_outputs
+from maskworks.losses.discriminative import DiscriminativeLoss, discriminative_loss
 from maskworks.losses.focal import FocalLoss
 from maskworks.losses.lovasz import LovaszHingeLoss, LovaszSoftmaxLoss
 from maskworks.losses.noisy import (
@@ -32,6 +33,7 @@ __all__ = [
     "CrossEntropyLoss",
     "DeepSupervisionLoss",
     "DiceLoss",
+    "DiscriminativeLoss",
     "FocalLoss",
     "FocalTverskyLoss",
     "GeneralizedCrossEntropyLoss",
@@ -49,6 +51,7 @@ __all__ = [
     "class_pixel_counts",
     "class_weights",
     "cross_entropy",
+    "discriminative_loss",
     "functional",
     "parse_loss_spec",
     "split_outputs",
