@@ -3,6 +3,8 @@ poolers, encoders, options."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torchvision.models.detection as tvd
@@ -346,3 +348,24 @@ def test_unknown_option_and_bad_images():
     model = mask_rcnn("resnet18", num_classes=3, **SMALL).eval()
     with pytest.raises(ValueError, match="images must be a list of"):
         model(torch.randn(3, 64, 64))
+
+
+@pytest.mark.parametrize("method", ["hard", "soft_linear", "soft_gaussian"])
+def test_soft_nms_option_decays_overlapping_detections(method):
+    """Two same-class proposals overlapping at IoU 0.6 (no box regression): hard NMS keeps one, Soft-NMS keeps both
+    with the second score decayed by its formula; a third, far box is untouched."""
+    model = mask_rcnn("resnet18", num_classes=3, box_nms=method, soft_nms_sigma=0.5, **SMALL).eval()
+    proposals = [torch.tensor([[0.0, 0.0, 40.0, 40.0], [0.0, 10.0, 40.0, 50.0], [50.0, 50.0, 60.0, 60.0]])]
+    probs = torch.tensor([[0.1, 0.9, 0.0], [0.2, 0.8, 0.0], [0.3, 0.0, 0.7]])
+    logits = probs.clamp(min=1e-9).log()
+    boxes, scores, labels = model.roi_heads.postprocess_detections(logits, torch.zeros(3, 12), proposals, [(64, 64)])
+    iou = 30 * 40 / (40 * 50)  # 0.6
+    expected = {
+        "hard": [0.9, 0.7],
+        "soft_linear": [0.9, 0.7, 0.8 * (1 - iou)],
+        "soft_gaussian": [0.9, 0.7, 0.8 * math.exp(-(iou**2) / 0.5)],
+    }[method]
+    torch.testing.assert_close(scores[0], torch.tensor(expected), atol=1e-5, rtol=0)
+    assert len(boxes[0]) == len(expected) and set(labels[0].tolist()) == {1, 2}
+    with pytest.raises(ValueError, match="box_nms must be"):
+        mask_rcnn("resnet18", num_classes=3, box_nms="soft")

@@ -45,6 +45,9 @@ Options shared by every constructor (keyword arguments, validated when the model
 * ``loss_weights``: dict over the five loss names (default 1.0 each; Mask R-CNN's ``L = L_cls + L_box + L_mask`` plus
   the RPN's two terms); the returned training losses are multiplied by them.
 * ``return_mask_probs``: also return the soft masks in eval.
+* ``box_nms``: the per-class NMS of the final detections, ``"hard"`` (default, torchvision's), ``"soft_linear"`` or
+  ``"soft_gaussian"`` (Soft-NMS with ``soft_nms_sigma``, default 0.5): overlapping objects of dense scenes keep
+  decayed scores instead of being removed.
 """
 
 from __future__ import annotations
@@ -65,16 +68,17 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
 from torchvision.models.detection.mask_rcnn import MaskRCNN as TorchvisionMaskRCNN
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
-from torchvision.models.detection.roi_heads import expand_boxes, expand_masks
+from torchvision.models.detection.roi_heads import RoIHeads, expand_boxes, expand_masks
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
-from torchvision.ops import MultiScaleRoIAlign, roi_align, roi_pool
+from torchvision.ops import MultiScaleRoIAlign, clip_boxes_to_image, remove_small_boxes, roi_align, roi_pool
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
 from torchvision.ops.poolers import LevelMapper, _convert_to_roi_format, _filter_input, _setup_scales
 
 from maskworks.backbones.mobilenet import MobileNetV3
 from maskworks.backbones.resnet import ResNet
 from maskworks.models._utils import build_encoder, check_positive_int
+from maskworks.ops.nms import soft_nms
 from maskworks.registry import register_model
 
 __all__ = [
@@ -109,6 +113,8 @@ _DEFAULTS: dict[str, Any] = {
     "rpn_batch_size_per_image": 256,
     "box_score_thresh": 0.05,
     "box_nms_thresh": 0.5,
+    "box_nms": "hard",
+    "soft_nms_sigma": 0.5,
     "box_detections_per_img": 100,
     "box_batch_size_per_image": 512,
     "box_resolution": 7,
@@ -394,6 +400,11 @@ def _check_options(opts: Mapping[str, Any], defaults: Mapping[str, Any], in_chan
         raise ValueError(f"aligned must be a bool, got {o['aligned']!r}")
     if o["aligned"] and o["pooler"] == "roi_pool":
         raise ValueError("aligned=True applies to pooler='roi_align' only (RoIPool rounds boxes to whole pixels)")
+    if o["box_nms"] not in ("hard", "soft_linear", "soft_gaussian"):
+        raise ValueError(f"box_nms must be 'hard', 'soft_linear' or 'soft_gaussian', got {o['box_nms']!r}")
+    sigma = o["soft_nms_sigma"]
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not sigma > 0:
+        raise ValueError(f"soft_nms_sigma must be a number > 0, got {sigma!r}")
     if not isinstance(o["return_mask_probs"], bool):
         raise ValueError(f"return_mask_probs must be a bool, got {o['return_mask_probs']!r}")
     o["loss_weights"] = _check_loss_weights(o["loss_weights"])
@@ -474,6 +485,49 @@ class _Transform(GeneralizedRCNNTransform):
         return result
 
 
+class _RoIHeads(RoIHeads):
+    """torchvision's ``RoIHeads`` whose per-class NMS of the final detections can be Soft-NMS (Bodla et al.,
+    ICCV 2017; :func:`maskworks.ops.soft_nms`): ``nms_method`` ``"hard"`` (torchvision's own path), ``"soft_linear"``
+    (scores times ``1 - IoU`` above ``nms_thresh``) or ``"soft_gaussian"`` (times ``exp(-IoU^2 / soft_nms_sigma)``);
+    Soft-NMS drops boxes whose decayed score falls below ``score_thresh``. Dense scenes keep overlapping objects
+    that hard NMS would remove (Q16)."""
+
+    nms_method = "hard"
+    soft_nms_sigma = 0.5
+
+    def postprocess_detections(
+        self,
+        class_logits: torch.Tensor,
+        box_regression: torch.Tensor,
+        proposals: list[torch.Tensor],
+        image_shapes: list[tuple[int, int]],
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        if self.nms_method == "hard":
+            return super().postprocess_detections(class_logits, box_regression, proposals, image_shapes)
+        num_classes = class_logits.shape[-1]
+        per_image = [len(p) for p in proposals]
+        boxes_all = self.box_coder.decode(box_regression, proposals).split(per_image, 0)
+        scores_all = F.softmax(class_logits, -1).split(per_image, 0)
+        out_boxes, out_scores, out_labels = [], [], []
+        for boxes, scores, image_shape in zip(boxes_all, scores_all, image_shapes):
+            boxes = clip_boxes_to_image(boxes, image_shape)[:, 1:].reshape(-1, 4)  # background column dropped
+            labels = torch.arange(1, num_classes, device=scores.device).expand(len(scores), -1).reshape(-1)
+            scores = scores[:, 1:].reshape(-1)
+            keep = torch.where(scores > self.score_thresh)[0]
+            boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+            keep = remove_small_boxes(boxes, min_size=1e-2)
+            boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+            method = self.nms_method.removeprefix("soft_")
+            keep, decayed = soft_nms(
+                boxes, scores, labels, method, self.soft_nms_sigma, self.nms_thresh, max(self.score_thresh, 1e-3)
+            )
+            keep, decayed = keep[: self.detections_per_img], decayed[: self.detections_per_img]
+            out_boxes.append(boxes[keep])
+            out_scores.append(decayed.to(scores.dtype))
+            out_labels.append(labels[keep])
+        return out_boxes, out_scores, out_labels
+
+
 def _to_float(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return value.float() if value.is_floating_point() else value
@@ -527,6 +581,9 @@ class MaskRCNN(TorchvisionMaskRCNN):
             mask_head=mask_head,
             **{k: options[k] for k in _TV_KWARGS},
         )
+        self.roi_heads.__class__ = _RoIHeads  # adds the Soft-NMS choice; same modules, state and defaults
+        self.roi_heads.nms_method = options["box_nms"]
+        self.roi_heads.soft_nms_sigma = float(options["soft_nms_sigma"])
         t = self.transform
         self.transform = _Transform(
             t.min_size,
