@@ -511,10 +511,17 @@ NO_PUBLISHED_WEIGHTS: dict[str, str] = {
             "upernet_resnet101",
         )
     },
+    "embedding_unet": "no whole-model weights are published for this bottom-up head; " + _ENCODER_HINT,
     "mask_rcnn": "no whole-model weights are published for arbitrary encoders; start its encoder with "
     "encoder_weights='imagenet' (or another encoder tag), or use mask_rcnn_resnet50_fpn's COCO weights",
     "mask_rcnn_mobilenet_v3_large_fpn": "torchvision publishes MobileNetV3-FPN only as Faster R-CNN (no mask head); "
     + _ENCODER_HINT,
+    "solov2": "published only as mmdetection / official SOLO checkpoints, for which there is no converter; "
+    + _ENCODER_HINT,
+    "solov2_resnet50_fpn": "published only as mmdetection / official SOLO checkpoints, for which there is no converter",
+    "yolact": "no whole-model weights are published for arbitrary encoders; " + _ENCODER_HINT,
+    "yolact_resnet50_fpn": "published only as mmdetection / official YOLACT checkpoints, for which there is no "
+    "converter; " + _ENCODER_HINT,
     "unet_vanilla": "no PyTorch / safetensors checkpoint is published for the original U-Net",
     "setr_naive": "published only as mmsegmentation checkpoints, for which there is no converter",
     "setr_pup": "published only as mmsegmentation checkpoints, for which there is no converter",

@@ -5,6 +5,7 @@ The generic constructor ``mask_rcnn(encoder=...)`` lives in (and is reached thro
 :mod:`maskworks.models.instance.mask_rcnn`, or by name with ``create_model("mask_rcnn", encoder=...)``; it is not
 re-exported here so that the attribute ``mask_rcnn`` of this package stays the submodule."""
 
+from maskworks.models.instance.embedding import EmbeddingInstanceUNet, embedding_unet
 from maskworks.models.instance.mask_rcnn import (
     AlignedMultiScaleRoIAlign,
     MaskRCNN,
@@ -13,12 +14,20 @@ from maskworks.models.instance.mask_rcnn import (
     mask_rcnn_resnet50_fpn,
     mask_rcnn_resnet50_fpn_v2,
 )
+from maskworks.models.instance.solo import SOLOv2, solov2_resnet50_fpn
+from maskworks.models.instance.yolact import YOLACT, yolact_resnet50_fpn
 
 __all__ = [
     "AlignedMultiScaleRoIAlign",
+    "EmbeddingInstanceUNet",
     "MaskRCNN",
     "MultiScaleRoIPool",
+    "SOLOv2",
+    "YOLACT",
+    "embedding_unet",
     "mask_rcnn_mobilenet_v3_large_fpn",
     "mask_rcnn_resnet50_fpn",
     "mask_rcnn_resnet50_fpn_v2",
+    "solov2_resnet50_fpn",
+    "yolact_resnet50_fpn",
 ]
