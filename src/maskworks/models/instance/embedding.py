@@ -24,22 +24,13 @@ import torch.nn.functional as F
 from maskworks.data.io import masks_to_boxes
 from maskworks.losses.discriminative import DiscriminativeLoss
 from maskworks.models._utils import check_positive_int
+from maskworks.models.instance._common import check_image_list, pad_batch
 from maskworks.ops.grouping import cluster_embeddings
 from maskworks.registry import register_model
 
 __all__ = ["EmbeddingInstanceUNet", "embedding_unet"]
 
 _IGNORE = 255
-
-
-def _pad_batch(images: Sequence[torch.Tensor], multiple: int = 32) -> torch.Tensor:
-    h = max(i.shape[-2] for i in images)
-    w = max(i.shape[-1] for i in images)
-    h, w = -(-h // multiple) * multiple, -(-w // multiple) * multiple
-    batch = images[0].new_zeros(len(images), images[0].shape[0], h, w)
-    for k, image in enumerate(images):
-        batch[k, :, : image.shape[-2], : image.shape[-1]] = image
-    return batch
 
 
 class EmbeddingInstanceUNet(nn.Module):
@@ -104,19 +95,7 @@ class EmbeddingInstanceUNet(nn.Module):
         self.coord_scale = float(coord_scale)
 
     def _images(self, images: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        if isinstance(images, torch.Tensor):
-            if images.ndim != 4:
-                raise ValueError(
-                    f"images must be a list of (C, H, W) tensors or (B, C, H, W), got {tuple(images.shape)}"
-                )
-            images = list(images.unbind(0))
-        if not isinstance(images, (list, tuple)) or not images:
-            raise ValueError(f"images must be a non-empty list of (C, H, W) tensors, got {type(images).__name__}")
-        for i, image in enumerate(images):
-            if not isinstance(image, torch.Tensor) or image.ndim != 3 or image.shape[0] != self.in_channels:
-                shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
-                raise ValueError(f"images[{i}] must be a ({self.in_channels}, H, W) tensor, got {shape}")
-        return list(images)
+        return check_image_list(images, self.in_channels)
 
     def _targets(self, images: list[torch.Tensor], targets: Sequence[dict], size: tuple[int, int]):
         classes = torch.full((len(images), *size), _IGNORE, dtype=torch.int64, device=images[0].device)
@@ -140,7 +119,7 @@ class EmbeddingInstanceUNet(nn.Module):
     ) -> dict[str, torch.Tensor] | list[dict[str, torch.Tensor]]:
         """Training (``targets`` given): ``{"loss_semantic", "loss_embedding"}``. Eval: one instance dict per image."""
         image_list = self._images(images)
-        batch = _pad_batch(image_list)
+        batch = pad_batch(image_list)
         out = self.net(batch)
         logits, embeddings = out[:, : self.num_classes], out[:, self.num_classes :]
         if self.coord_scale > 0:

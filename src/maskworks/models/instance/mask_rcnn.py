@@ -53,7 +53,6 @@ Options shared by every constructor (keyword arguments, validated when the model
 from __future__ import annotations
 
 import difflib
-import math
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
@@ -78,6 +77,7 @@ from torchvision.ops.poolers import LevelMapper, _convert_to_roi_format, _filter
 from maskworks.backbones.mobilenet import MobileNetV3
 from maskworks.backbones.resnet import ResNet
 from maskworks.models._utils import build_encoder, check_positive_int
+from maskworks.models.instance._common import check_image_list, check_loss_weights, check_normalisation
 from maskworks.ops.nms import soft_nms
 from maskworks.registry import register_model
 
@@ -377,21 +377,7 @@ def _check_options(opts: Mapping[str, Any], defaults: Mapping[str, Any], in_chan
         value = o[name]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
             raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
-    for name, fill in (("image_mean", 0.0), ("image_std", 1.0)):
-        value = o[name]
-        if value is None:
-            o[name] = [fill] * in_channels
-            continue
-        values = list(value) if isinstance(value, Sequence) and not isinstance(value, str) else None
-        if (
-            values is None
-            or len(values) != in_channels
-            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
-        ):
-            raise ValueError(f"{name} must be None or {in_channels} numbers (one per input channel), got {value!r}")
-        if name == "image_std" and not all(v > 0 for v in values):
-            raise ValueError(f"image_std must be positive, got {value!r}")
-        o[name] = [float(v) for v in values]
+    check_normalisation(o, in_channels)
     if o["pooler"] not in ("roi_align", "roi_pool"):
         raise ValueError(f"pooler must be 'roi_align' or 'roi_pool', got {o['pooler']!r}")
     if isinstance(o["sampling_ratio"], bool) or not isinstance(o["sampling_ratio"], int):
@@ -412,18 +398,7 @@ def _check_options(opts: Mapping[str, Any], defaults: Mapping[str, Any], in_chan
 
 
 def _check_loss_weights(loss_weights: Mapping[str, float] | None) -> dict[str, float]:
-    weights = dict.fromkeys(LOSS_NAMES, 1.0)
-    if loss_weights is None:
-        return weights
-    if not isinstance(loss_weights, Mapping):
-        raise ValueError(f"loss_weights must be a dict over {list(LOSS_NAMES)}, got {loss_weights!r}")
-    for key, value in loss_weights.items():
-        if key not in weights:
-            raise ValueError(f"loss_weights has unknown loss {key!r}; the losses are {list(LOSS_NAMES)}")
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-            raise ValueError(f"loss_weights[{key!r}] must be a finite number >= 0, got {value!r}")
-        weights[key] = float(value)
-    return weights
+    return check_loss_weights(loss_weights, dict.fromkeys(LOSS_NAMES, 1.0))
 
 
 def _check_model_args(num_classes: int, in_channels: int) -> None:
@@ -605,20 +580,7 @@ class MaskRCNN(TorchvisionMaskRCNN):
         self.roi_heads.box_predictor.register_forward_hook(_float_outputs)
 
     def _image_list(self, images: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        if isinstance(images, torch.Tensor):
-            if images.ndim != 4:
-                raise ValueError(
-                    f"images must be a list of (C, H, W) tensors or a (B, C, H, W) tensor, got shape "
-                    f"{tuple(images.shape)}"
-                )
-            images = list(images.unbind(0))
-        if not isinstance(images, (list, tuple)) or not images:
-            raise ValueError(f"images must be a non-empty list of (C, H, W) tensors, got {type(images).__name__}")
-        for i, image in enumerate(images):
-            if not isinstance(image, torch.Tensor) or image.ndim != 3 or image.shape[0] != self.in_channels:
-                shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
-                raise ValueError(f"images[{i}] must be a ({self.in_channels}, H, W) tensor, got {shape}")
-        return list(images)
+        return check_image_list(images, self.in_channels)
 
     def forward(  # type: ignore[override]
         self,

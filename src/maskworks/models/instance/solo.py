@@ -75,6 +75,7 @@ from maskworks.backbones.resnet import ResNet
 from maskworks.losses.focal import focal_loss
 from maskworks.losses.overlap import dice_loss
 from maskworks.models._utils import build_encoder, check_positive_int
+from maskworks.models.instance._common import check_image_list, check_loss_weights
 from maskworks.models.instance.mask_rcnn import EncoderBody, FPNBackbone, _pyramid_indices, _resnet_body
 from maskworks.ops.nms import matrix_nms
 from maskworks.registry import register_model
@@ -530,20 +531,7 @@ class SOLOv2(nn.Module):
 
     # ------------------------------------------------------------------ inputs
     def _image_list(self, images: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        if isinstance(images, torch.Tensor):
-            if images.ndim != 4:
-                raise ValueError(
-                    f"images must be a list of (C, H, W) tensors or a (B, C, H, W) tensor, got shape "
-                    f"{tuple(images.shape)}"
-                )
-            images = list(images.unbind(0))
-        if not isinstance(images, (list, tuple)) or not images:
-            raise ValueError(f"images must be a non-empty list of (C, H, W) tensors, got {type(images).__name__}")
-        for i, image in enumerate(images):
-            if not isinstance(image, torch.Tensor) or image.ndim != 3 or image.shape[0] != self.in_channels:
-                shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
-                raise ValueError(f"images[{i}] must be a ({self.in_channels}, H, W) tensor, got {shape}")
-        return list(images)
+        return check_image_list(images, self.in_channels)
 
     @staticmethod
     def _batch(images: list[torch.Tensor]) -> torch.Tensor:
@@ -677,18 +665,7 @@ def _is_number(v: Any) -> bool:
 
 
 def _check_loss_weights(loss_weights: Mapping[str, float] | None) -> dict[str, float]:
-    weights = dict(_DEFAULT_LOSS_WEIGHTS)
-    if loss_weights is None:
-        return weights
-    if not isinstance(loss_weights, Mapping):
-        raise ValueError(f"loss_weights must be a dict over {list(LOSS_NAMES)}, got {loss_weights!r}")
-    for key, value in loss_weights.items():
-        if key not in weights:
-            raise ValueError(f"loss_weights has unknown loss {key!r}; the losses are {list(LOSS_NAMES)}")
-        if not _is_number(value) or value < 0:
-            raise ValueError(f"loss_weights[{key!r}] must be a finite number >= 0, got {value!r}")
-        weights[key] = float(value)
-    return weights
+    return check_loss_weights(loss_weights, _DEFAULT_LOSS_WEIGHTS)
 
 
 def _check_options(opts: Mapping[str, Any]) -> dict[str, Any]:

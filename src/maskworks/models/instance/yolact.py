@@ -73,6 +73,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from maskworks.models._utils import build_encoder, check_positive_int
+from maskworks.models.instance._common import check_image_list, check_loss_weights, check_normalisation
 from maskworks.ops.boxes import box_iou
 from maskworks.ops.nms import fast_nms
 from maskworks.registry import register_model
@@ -453,20 +454,7 @@ class YOLACT(nn.Module):
 
     # ------------------------------------------------------------------ inputs
     def _image_list(self, images: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        if isinstance(images, torch.Tensor):
-            if images.ndim != 4:
-                raise ValueError(
-                    f"images must be a list of (C, H, W) tensors or a (B, C, H, W) tensor, got shape "
-                    f"{tuple(images.shape)}"
-                )
-            images = list(images.unbind(0))
-        if not isinstance(images, (list, tuple)) or not images:
-            raise ValueError(f"images must be a non-empty list of (C, H, W) tensors, got {type(images).__name__}")
-        for i, image in enumerate(images):
-            if not isinstance(image, torch.Tensor) or image.ndim != 3 or image.shape[0] != self.in_channels:
-                shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
-                raise ValueError(f"images[{i}] must be a ({self.in_channels}, H, W) tensor, got {shape}")
-        return list(images)
+        return check_image_list(images, self.in_channels)
 
     def _batch(self, images: list[torch.Tensor]) -> torch.Tensor:
         """Normalise and zero-pad (bottom / right) to one size, a multiple of 32: ``(B, C, Hp, Wp)``."""
@@ -696,21 +684,7 @@ def _check_options(opts: Mapping[str, Any], in_channels: int) -> dict[str, Any]:
     padding = o["crop_padding"]
     if isinstance(padding, bool) or not isinstance(padding, (int, float)) or not 0 <= padding < math.inf:
         raise ValueError(f"crop_padding must be a number >= 0 (prototype cells), got {padding!r}")
-    for name, fill in (("image_mean", 0.0), ("image_std", 1.0)):
-        value = o[name]
-        if value is None:
-            o[name] = [fill] * in_channels
-            continue
-        values = list(value) if isinstance(value, Sequence) and not isinstance(value, str) else None
-        if (
-            values is None
-            or len(values) != in_channels
-            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
-        ):
-            raise ValueError(f"{name} must be None or {in_channels} numbers (one per input channel), got {value!r}")
-        if name == "image_std" and not all(v > 0 for v in values):
-            raise ValueError(f"image_std must be positive, got {value!r}")
-        o[name] = [float(v) for v in values]
+    check_normalisation(o, in_channels)
     if not isinstance(o["return_mask_probs"], bool):
         raise ValueError(f"return_mask_probs must be a bool, got {o['return_mask_probs']!r}")
     o["loss_weights"] = _check_loss_weights(o["loss_weights"])
@@ -722,18 +696,7 @@ def _positive_number(v: object) -> bool:
 
 
 def _check_loss_weights(loss_weights: Mapping[str, float] | None) -> dict[str, float]:
-    weights = dict(_LOSS_WEIGHTS)
-    if loss_weights is None:
-        return weights
-    if not isinstance(loss_weights, Mapping):
-        raise ValueError(f"loss_weights must be a dict over {list(LOSS_NAMES)}, got {loss_weights!r}")
-    for key, value in loss_weights.items():
-        if key not in weights:
-            raise ValueError(f"loss_weights has unknown loss {key!r}; the losses are {list(LOSS_NAMES)}")
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-            raise ValueError(f"loss_weights[{key!r}] must be a finite number >= 0, got {value!r}")
-        weights[key] = float(value)
-    return weights
+    return check_loss_weights(loss_weights, _LOSS_WEIGHTS)
 
 
 def _pyramid_indices(encoder: nn.Module, name: str) -> list[int]:
