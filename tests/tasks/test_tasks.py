@@ -229,3 +229,10 @@ def test_draw_instances_colours_each_instance():
     assert np.array_equal(pic[38, 2], [128, 128, 128])  # background untouched
     with pytest.raises(ValueError, match="instance masks are"):
         draw_instances(np.zeros((10, 10, 3), np.uint8), {"masks": masks})
+
+
+def test_task_is_an_abstract_interface():
+    from maskworks.tasks import Task
+
+    with pytest.raises(TypeError, match="abstract"):
+        Task()

@@ -16,6 +16,7 @@ belongs to the trainer.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -40,7 +41,7 @@ class Evaluator(Protocol):
     def __len__(self) -> int: ...
 
 
-class Task:
+class Task(ABC):
     """Base class of the tasks (see the module docstring).
 
     Attributes:
@@ -56,47 +57,48 @@ class Task:
     channels_last: bool = True
 
     # ------------------------------------------------------------------ batches
+    @abstractmethod
     def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         """DataLoader ``collate_fn``: a list of dataset samples -> one batch."""
-        raise NotImplementedError
 
+    @abstractmethod
     def to_device(
         self, batch: dict[str, Any], device: torch.device, channels_last: bool = False, non_blocking: bool = False
     ) -> dict[str, Any]:
         """The batch with its tensors on ``device`` (images in ``channels_last`` layout when asked)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def num_images(self, batch: dict[str, Any]) -> int:
         """Number of images in a batch (for images-per-second)."""
-        raise NotImplementedError
 
     def to(self, device: torch.device) -> Task:
         """Move whatever the task holds (loss modules) to ``device``; returns ``self``."""
         return self
 
     # ------------------------------------------------------------------ model calls
+    @abstractmethod
     def training_step(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """One training forward pass: ``{"loss": total}`` plus named parts (logged as ``train_<name>``)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def forward(self, model: nn.Module, batch: dict[str, Any]) -> Any:
         """One inference forward pass on a batch (the model is in eval mode)."""
-        raise NotImplementedError
 
     # ------------------------------------------------------------------ evaluation
+    @abstractmethod
     def evaluator(self) -> Evaluator:
         """A fresh streaming evaluator of :meth:`forward`'s outputs."""
-        raise NotImplementedError
 
+    @abstractmethod
     def history_row(self, metrics: dict[str, Any]) -> dict[str, float]:
         """The validation numbers of one epoch's log row (``val_*`` keys)."""
-        raise NotImplementedError
 
     # ------------------------------------------------------------------ results
+    @abstractmethod
     def postprocess(self, outputs: Any, batch: dict[str, Any]) -> list[Any]:
         """Per-image results in the DESIGN.md output contract of the task."""
-        raise NotImplementedError
 
+    @abstractmethod
     def write(
         self,
         results: Sequence[Any],
@@ -106,7 +108,6 @@ class Task:
         meta: dict[str, Any] | None = None,
     ) -> list[Path]:
         """Write per-image results under ``out_dir`` (``names`` are relative output stems); returns the paths."""
-        raise NotImplementedError
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

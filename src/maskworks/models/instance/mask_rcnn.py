@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import difflib
 import os
+from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -165,13 +166,14 @@ _MOBILENET_DEFAULTS: dict[str, Any] = {
 
 
 # --------------------------------------------------------------------------- RoI poolers
-class _MultiScalePooler(MultiScaleRoIAlign):
+class _MultiScalePooler(MultiScaleRoIAlign, ABC):
     """``MultiScaleRoIAlign``'s level assignment (FPN eq. 1: canonical 224 px box at level 4) and scale inference
     with another per-level pooling op (:meth:`_pool`). A subclass of ``MultiScaleRoIAlign`` because torchvision's
     ``MaskRCNN`` accepts only that type."""
 
+    @abstractmethod
     def _pool(self, feature: torch.Tensor, rois: torch.Tensor, scale: float) -> torch.Tensor:
-        raise NotImplementedError
+        """Pool ``rois`` (K, 5) from one level's ``feature`` at ``scale``: ``(K, C, *output_size)``."""
 
     def forward(
         self, x: dict[str, torch.Tensor], boxes: list[torch.Tensor], image_shapes: list[tuple[int, int]]
