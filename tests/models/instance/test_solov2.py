@@ -280,7 +280,7 @@ def test_options_are_validated():
         solov2(encoder="resnet18", num_classes=1)
     model = solov2(encoder="resnet18", num_classes=3, **TINY).train()
     image, target = _image_and_target()
-    with pytest.raises(ValueError, match=r"labels must lie in 1\.\.2"):
+    with pytest.raises(ValueError, match=r"labels must be in 1\.\.2"):
         model([image], [{**target, "labels": torch.tensor([0, 1])}])
     with pytest.raises(ValueError, match="targets are required"):
         model([image])

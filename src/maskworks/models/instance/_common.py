@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["check_image_list", "check_loss_weights", "check_normalisation", "pad_batch"]
+__all__ = ["check_image_list", "check_loss_weights", "check_normalisation", "check_targets", "pad_batch"]
 
 
 def check_image_list(images: torch.Tensor | Sequence[torch.Tensor], in_channels: int) -> list[torch.Tensor]:
@@ -71,3 +71,25 @@ def check_loss_weights(loss_weights: Mapping[str, float] | None, defaults: Mappi
             raise ValueError(f"loss_weights[{key!r}] must be a finite number >= 0, got {value!r}")
         weights[key] = float(value)
     return weights
+
+
+def check_targets(targets: Any, images: Sequence[torch.Tensor], num_classes: int) -> None:
+    """Training targets: one dict per image with ``boxes (N, 4)``, ``labels (N,)`` in ``1..num_classes-1`` and
+    ``masks (N, H, W)`` at the image's size."""
+    if not isinstance(targets, (list, tuple)) or len(targets) != len(images):
+        raise ValueError(f"targets must be a list of {len(images)} dicts (one per image), got {targets!r:.80}")
+    for i, (t, image) in enumerate(zip(targets, images)):
+        missing = [k for k in ("boxes", "labels", "masks") if k not in t]
+        if missing:
+            raise ValueError(f"targets[{i}] lacks {missing}; expected boxes (N, 4), labels (N,), masks (N, H, W)")
+        n = t["labels"].shape[0]
+        if t["boxes"].shape != (n, 4) or t["masks"].shape != (n, *image.shape[-2:]):
+            raise ValueError(
+                f"targets[{i}]: boxes {tuple(t['boxes'].shape)} and masks {tuple(t['masks'].shape)} must be "
+                f"({n}, 4) and ({n}, {image.shape[-2]}, {image.shape[-1]}) for {n} labels and the image's size"
+            )
+        if n and not bool(((t["labels"] >= 1) & (t["labels"] < num_classes)).all()):
+            raise ValueError(
+                f"targets[{i}]: labels must be in 1..{num_classes - 1} (0 is the background), got "
+                f"{t['labels'].tolist()}"
+            )

@@ -75,7 +75,7 @@ from maskworks.backbones.resnet import ResNet
 from maskworks.losses.focal import focal_loss
 from maskworks.losses.overlap import dice_loss
 from maskworks.models._utils import build_encoder, check_positive_int
-from maskworks.models.instance._common import check_image_list, check_loss_weights
+from maskworks.models.instance._common import check_image_list, check_loss_weights, check_targets
 from maskworks.models.instance.mask_rcnn import EncoderBody, FPNBackbone, _pyramid_indices, _resnet_body
 from maskworks.ops.nms import matrix_nms
 from maskworks.registry import register_model
@@ -545,23 +545,7 @@ class SOLOv2(nn.Module):
         return batch
 
     def _check_targets(self, targets: Sequence[Mapping[str, torch.Tensor]], images: list[torch.Tensor]) -> None:
-        if not isinstance(targets, (list, tuple)) or len(targets) != len(images):
-            raise ValueError(f"targets must be a list of {len(images)} dicts (one per image), got {targets!r:.80}")
-        for i, (t, image) in enumerate(zip(targets, images)):
-            missing = [k for k in ("boxes", "labels", "masks") if k not in t]
-            if missing:
-                raise ValueError(f"targets[{i}] lacks {missing}; expected boxes (N, 4), labels (N,), masks (N, H, W)")
-            n = t["labels"].shape[0]
-            if t["boxes"].shape != (n, 4) or t["masks"].shape != (n, *image.shape[-2:]):
-                raise ValueError(
-                    f"targets[{i}]: boxes {tuple(t['boxes'].shape)} and masks {tuple(t['masks'].shape)} must be "
-                    f"({n}, 4) and ({n}, {image.shape[-2]}, {image.shape[-1]}) for {n} labels and this image"
-                )
-            if n and (int(t["labels"].min()) < 1 or int(t["labels"].max()) >= self.num_classes):
-                raise ValueError(
-                    f"targets[{i}] labels must lie in 1..{self.num_classes - 1} (0 is the background), got "
-                    f"{t['labels'].tolist()}"
-                )
+        check_targets(targets, images, self.num_classes)
 
     # ------------------------------------------------------------------ forward
     def forward(

@@ -73,7 +73,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from maskworks.models._utils import build_encoder, check_positive_int
-from maskworks.models.instance._common import check_image_list, check_loss_weights, check_normalisation
+from maskworks.models.instance._common import check_image_list, check_loss_weights, check_normalisation, check_targets
 from maskworks.ops.boxes import box_iou
 from maskworks.ops.nms import fast_nms
 from maskworks.registry import register_model
@@ -466,23 +466,7 @@ class YOLACT(nn.Module):
         return batch
 
     def _check_targets(self, targets: Sequence[Mapping[str, torch.Tensor]], images: list[torch.Tensor]) -> None:
-        if len(targets) != len(images):
-            raise ValueError(f"got {len(targets)} targets for {len(images)} images")
-        for i, (t, im) in enumerate(zip(targets, images)):
-            missing = [key for key in ("boxes", "labels", "masks") if key not in t]
-            if missing:
-                raise ValueError(f"targets[{i}] lacks {missing}; expected boxes (N, 4), labels (N,), masks (N, H, W)")
-            n = t["labels"].shape[0]
-            if t["boxes"].shape != (n, 4) or t["masks"].shape != (n, *im.shape[-2:]):
-                raise ValueError(
-                    f"targets[{i}]: boxes {tuple(t['boxes'].shape)} and masks {tuple(t['masks'].shape)} must be "
-                    f"({n}, 4) and ({n}, {im.shape[-2]}, {im.shape[-1]}) for {n} labels and the image's size"
-                )
-            if n and not bool(((t["labels"] >= 1) & (t["labels"] < self.num_classes)).all()):
-                raise ValueError(
-                    f"targets[{i}]: labels must be in 1..{self.num_classes - 1} (0 is the background), got "
-                    f"{t['labels'].tolist()}"
-                )
+        check_targets(targets, images, self.num_classes)
 
     # ------------------------------------------------------------------ forward
     def forward(
