@@ -701,8 +701,10 @@ class Trainer:
         loss_value = all_reduce_sum(loss.detach().float().clone()) / self.dist.world_size
         if not torch.isfinite(loss_value):
             bar.close()
+            bad = [name for name, v in losses.items() if name != "loss" and not torch.isfinite(v.detach()).all()]
+            which = f" ({', '.join(bad)} non-finite)" if bad and len(bad) < len(losses) - 1 else ""
             raise TrainingDiverged(
-                f"loss became {loss_value.item()} at epoch {epoch + 1}, step {step + 1}; stopped. The last good "
+                f"loss became {loss_value.item()}{which} at epoch {epoch + 1}, step {step + 1}; stopped. The last good "
                 f"checkpoint is {self.checkpoint_path if self.checkpoint_path.exists() else 'not written yet'}. "
                 "Lower the learning rate, enable grad_clip, or check the data for bad values."
             )

@@ -30,7 +30,9 @@ and each GT box also takes its best anchor (mmdetection's ``MaxIoUAssigner``). B
 
 Inference (``model(images)`` in eval): softmax scores, the ``pre_nms_top_n`` best anchors of each level, decoded
 boxes clipped to the image, (anchor, class) pairs above ``score_thresh``, class-wise Fast NMS
-(:func:`maskworks.ops.fast_nms`, ``top_k`` per class), the best ``max_detections``; masks ``sigmoid(P C^T)``
+(:func:`maskworks.ops.fast_nms`, ``top_k`` per class; ``box_nms="soft_linear"`` / ``"soft_gaussian"`` runs Soft-NMS,
+:func:`maskworks.ops.soft_nms`, on the ``top_k`` of each class instead, for scenes of overlapping objects), the best
+``max_detections``; masks ``sigmoid(P C^T)``
 cropped by the predicted box in prototype coordinates, upsampled bilinearly to the padded input size, cropped to
 the image and thresholded at ``mask_thresh``. Output per image: ``boxes (N, 4)`` xyxy float, ``labels (N,)``
 int64 in ``1..num_classes-1``, ``scores (N,)``, ``masks (N, H, W)`` bool at the input size (plus
@@ -43,6 +45,10 @@ stride of a level is ``550 / feature_size`` so that each level's anchor centres 
 stride of a level is ``padded_size / feature_size`` per axis (8, 16, 32 exactly for P3..P5; for P6 / P7 the
 stride-2 convs round odd sizes up, and the centres still tile the padded image evenly). Anchor sizes stay in
 pixels (24..384 px), so they suit objects of the sizes YOLACT's 550 px inputs show.
+
+Training recipe: the protonet ends in a ReLU (the paper's, mmdetection's). Adam-type optimisers at 1e-3 from random
+heads drive every prototype below zero within a few dozen steps, after which the mask loss cannot fall; AdamW at
+1e-4 to 2e-4 (or SGD at 1e-3, the paper's) keeps them alive.
 
 Deviations from mmdetection, each on purpose:
 
@@ -75,7 +81,7 @@ import torch.nn.functional as F
 from maskworks.models._utils import build_encoder, check_positive_int
 from maskworks.models.instance._common import check_image_list, check_loss_weights, check_normalisation, check_targets
 from maskworks.ops.boxes import box_iou
-from maskworks.ops.nms import fast_nms
+from maskworks.ops.nms import fast_nms, soft_nms
 from maskworks.registry import register_model
 
 __all__ = [
@@ -117,6 +123,8 @@ _DEFAULTS: dict[str, Any] = {
     "loss_weights": None,
     "score_thresh": 0.05,
     "nms_iou": 0.5,
+    "box_nms": "fast",
+    "soft_nms_sigma": 0.5,
     "pre_nms_top_n": 1000,
     "top_k": 200,
     "max_detections": 100,
@@ -321,9 +329,14 @@ class YOLACTFPN(nn.Module):
             laterals[i - 1] = laterals[i - 1] + up
         outs = [conv(x) for conv, x in zip(self.fpn_convs[: self.num_levels], laterals)]
         x = features[-1]  # add_extra_convs="on_input": the first extra level reads C5
-        for conv in self.fpn_convs[self.num_levels :]:
-            x = conv(x)
-            outs.append(x)
+        # The extra levels are tiny (1/64, 1/128): they run in float32 even under autocast. CPU bf16 convolution on
+        # 1 x 1 maps now and then returns a non-finite weight gradient (about 1 call in 300 on torch 2.14 / oneDNN),
+        # which ended bf16 training runs with NaN weights; float32 costs nothing measurable here.
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x = x.float()
+            for conv in self.fpn_convs[self.num_levels :]:
+                x = conv(x)
+                outs.append(x)
         return outs
 
 
@@ -599,8 +612,18 @@ class YOLACT(nn.Module):
         anchor_idx, cls_idx = torch.nonzero(scores_all > o["score_thresh"], as_tuple=True)
         cand_boxes, cand_scores = boxes_all[anchor_idx], scores_all[anchor_idx, cls_idx]
         cand_labels = cls_idx + 1
-        keep = fast_nms(cand_boxes, cand_scores, cand_labels, o["nms_iou"], o["top_k"])[: o["max_detections"]]
-        det_boxes, det_scores, det_labels = cand_boxes[keep], cand_scores[keep], cand_labels[keep]
+        if o["box_nms"] == "fast":
+            keep = fast_nms(cand_boxes, cand_scores, cand_labels, o["nms_iou"], o["top_k"])[: o["max_detections"]]
+            det_scores = cand_scores[keep]
+        else:  # Soft-NMS over the top_k candidates of each class
+            pre = _top_k_per_class(cand_scores, cand_labels, o["top_k"])
+            method = "linear" if o["box_nms"] == "soft_linear" else "gaussian"
+            kept, decayed = soft_nms(
+                cand_boxes[pre], cand_scores[pre], cand_labels[pre], method, o["soft_nms_sigma"], o["nms_iou"],
+                max(o["score_thresh"], 1e-3),
+            )  # fmt: skip
+            keep, det_scores = pre[kept][: o["max_detections"]], decayed[: o["max_detections"]].to(cand_scores.dtype)
+        det_boxes, det_labels = cand_boxes[keep], cand_labels[keep]
         probs = self._paste_masks(prototypes, coeffs_all[anchor_idx[keep]], det_boxes, image_size, padded)
         out = {
             "boxes": det_boxes.float(),
@@ -631,6 +654,19 @@ class YOLACT(nn.Module):
         masks = crop_masks(masks, boxes / stride, self.options["crop_padding"])
         masks = F.interpolate(masks[None], size=tuple(padded), mode="bilinear", align_corners=False)[0]
         return masks[:, :h, :w]
+
+
+def _top_k_per_class(scores: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` highest scores of every class (all of a class with fewer), by decreasing score."""
+    order = scores.argsort(descending=True, stable=True)
+    ranked_labels = labels[order]
+    # rank of each candidate within its class: position minus the first position of its class in `order`
+    _, class_order = ranked_labels.sort(stable=True)
+    sorted_labels = ranked_labels[class_order]
+    first = torch.searchsorted(sorted_labels, sorted_labels, right=False)
+    rank = torch.empty_like(order)
+    rank[class_order] = torch.arange(len(order), device=order.device) - first
+    return order[rank < k]
 
 
 # --------------------------------------------------------------------------- options
@@ -665,6 +701,10 @@ def _check_options(opts: Mapping[str, Any], in_channels: int) -> dict[str, Any]:
         raise ValueError(f"anchor_sizes needs one size per pyramid level, P3 and up (>= 3), got {o['anchor_sizes']!r}")
     if not _positive_number(o["anchor_scale"]):
         raise ValueError(f"anchor_scale must be a positive number, got {o['anchor_scale']!r}")
+    if o["box_nms"] not in ("fast", "soft_linear", "soft_gaussian"):
+        raise ValueError(f"box_nms must be 'fast', 'soft_linear' or 'soft_gaussian', got {o['box_nms']!r}")
+    if not _positive_number(o["soft_nms_sigma"]):
+        raise ValueError(f"soft_nms_sigma must be a number > 0, got {o['soft_nms_sigma']!r}")
     padding = o["crop_padding"]
     if isinstance(padding, bool) or not isinstance(padding, (int, float)) or not 0 <= padding < math.inf:
         raise ValueError(f"crop_padding must be a number >= 0 (prototype cells), got {padding!r}")
@@ -738,7 +778,9 @@ def yolact(
             ``aspect_ratios`` ((0.5, 1, 2)), ``pos_iou_thresh`` (0.5), ``neg_iou_thresh`` (0.4),
             ``neg_pos_ratio`` (3), ``max_masks_to_train`` (100 per image), ``crop_padding`` (1 prototype cell),
             ``loss_weights`` (dict over :data:`LOSS_NAMES`; default 1, 1.5, 6.125, 1), ``score_thresh`` (0.05),
-            ``nms_iou`` (0.5), ``pre_nms_top_n`` (1000 per level), ``top_k`` (200 per class before NMS),
+            ``nms_iou`` (0.5), ``box_nms`` (``"fast"``; ``"soft_linear"`` / ``"soft_gaussian"``: Soft-NMS over the
+            ``top_k`` candidates of each class, ``nms_iou`` as the linear method's threshold), ``soft_nms_sigma``
+            (0.5, the Gaussian's width), ``pre_nms_top_n`` (1000 per level), ``top_k`` (200 per class before NMS),
             ``max_detections`` (100), ``mask_thresh`` (0.5), ``image_mean`` / ``image_std`` (``None``: images
             come normalised), ``return_mask_probs`` (False).
     """
