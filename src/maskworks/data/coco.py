@@ -61,6 +61,7 @@ from maskworks.data.io import (
     read_image,
 )
 from maskworks.data.palette import default_palette
+from maskworks.ops.polygons import simplify_polygon
 
 __all__ = [
     "CocoInstances",
@@ -637,37 +638,6 @@ def write_coco_results(results: Sequence[Mapping[str, Any]], path: str | Path) -
 
 
 # --------------------------------------------------------------------------------------------------- polygons
-def _simplify(points: np.ndarray, tolerance: float) -> np.ndarray:
-    """Douglas-Peucker on an open polyline ``(M, 2)``: the kept points, end points included."""
-    keep = np.zeros(len(points), dtype=bool)
-    keep[0] = keep[-1] = True
-    stack = [(0, len(points) - 1)]
-    while stack:
-        a, b = stack.pop()
-        if b <= a + 1:
-            continue
-        seg = points[b] - points[a]
-        rel = points[a + 1 : b] - points[a]
-        norm = math.hypot(*seg)
-        dist = np.abs(seg[0] * rel[:, 1] - seg[1] * rel[:, 0]) / norm if norm > 0 else np.hypot(rel[:, 0], rel[:, 1])
-        j = int(np.argmax(dist))
-        if dist[j] > tolerance:
-            m = a + 1 + j
-            keep[m] = True
-            stack += [(a, m), (m, b)]
-    return points[keep]
-
-
-def _simplify_ring(ring: np.ndarray, tolerance: float) -> np.ndarray:
-    """Douglas-Peucker on a closed ring (no repeated end point): split at the point farthest from the first."""
-    far = int(np.argmax(np.hypot(*(ring - ring[0]).T)))
-    if far == 0:
-        return ring[:1]
-    first = _simplify(ring[: far + 1], tolerance)
-    second = _simplify(np.concatenate([ring[far:], ring[:1]]), tolerance)
-    return np.concatenate([first, second[1:-1]])
-
-
 def mask_to_polygons(mask: Any, tolerance: float = 0.25) -> list[list[float]]:
     """COCO polygons ``[[x1, y1, x2, y2, ...], ...]`` of the outer boundaries of a binary mask.
 
@@ -681,10 +651,10 @@ def mask_to_polygons(mask: Any, tolerance: float = 0.25) -> list[list[float]]:
 
     Args:
         mask: bool ``(H, W)`` (array or tensor; non-zero = set).
-        tolerance: Douglas-Peucker simplification tolerance in pixels; 0 keeps every boundary vertex. The default
-            0.25 drops collinear vertices (about 2-3x fewer points) and still rasterises back to the same pixels;
-            0.5 and more simplify further but start to move boundary pixels. A ring that would fall below 3 points
-            (a single pixel) is kept unsimplified.
+        tolerance: Douglas-Peucker simplification tolerance in pixels (:func:`maskworks.ops.simplify_polygon`); 0
+            keeps every boundary vertex. The default 0.25 drops collinear vertices (about 2-3x fewer points) and still
+            rasterises back to the same pixels; 0.5 and more simplify further but start to move boundary pixels. A
+            ring that would fall below 3 points (a single pixel) is kept unsimplified.
 
     Returns:
         Flat polygons of at least 3 points each (none for an empty mask), in the order contourpy finds them.
@@ -707,7 +677,7 @@ def mask_to_polygons(mask: Any, tolerance: float = 0.25) -> list[list[float]]:
         if len(ring) > 1 and np.array_equal(ring[0], ring[-1]):
             ring = ring[:-1]
         if tolerance > 0 and len(ring) > 3:
-            simple = _simplify_ring(ring, tolerance)
+            simple = simplify_polygon(ring, tolerance)
             ring = simple if len(simple) >= 3 else ring  # tiny objects (a single pixel's diamond) stay as they are
         if len(ring) >= 3:
             polygons.append([float(v) for v in ring.reshape(-1)])
