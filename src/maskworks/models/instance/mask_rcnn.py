@@ -16,11 +16,11 @@ Everything after the feature extractor is torchvision's own code: ``GeneralizedR
   reductions 4, 8, 16, 32 feed the FPN.
 
 Output contract (DESIGN.md "Instance output"): in training ``model(images, targets)`` returns torchvision's five
-losses (``loss_classifier``, ``loss_box_reg``, ``loss_mask``, ``loss_objectness``, ``loss_rpn_box_reg``), each
-multiplied by its ``loss_weights`` entry; in eval ``model(images)`` returns one dict per image with ``boxes (N, 4)``
-xyxy float, ``labels (N,)`` int64, ``scores (N,)`` and ``masks (N, H, W)`` bool at the input image size
-(torchvision's mask probabilities ``> 0.5``), plus ``mask_probs (N, H, W)`` float when built with
-``return_mask_probs=True``.
+losses (``loss_classifier``, ``loss_box_reg``, ``loss_mask``, ``loss_objectness``, ``loss_rpn_box_reg``; plus
+``loss_mask_point`` with ``mask_head="pointrend"``), each multiplied by its ``loss_weights`` entry; in eval
+``model(images)`` returns one dict per image with ``boxes (N, 4)`` xyxy float, ``labels (N,)`` int64, ``scores (N,)``
+and ``masks (N, H, W)`` bool at the input image size (torchvision's mask probabilities ``> 0.5``), plus
+``mask_probs (N, H, W)`` float when built with ``return_mask_probs=True``.
 
 Options shared by every constructor (keyword arguments, validated when the model is built):
 
@@ -43,15 +43,29 @@ Options shared by every constructor (keyword arguments, validated when the model
 * ``sampling_ratio`` (default 2; ``<= 0``: adaptive) of RoIAlign; ``aligned`` (default False, torchvision's
   behaviour): RoIAlign with the half-pixel offset (detectron2's ROIAlignV2), :class:`AlignedMultiScaleRoIAlign`.
 * ``loss_weights``: dict over the five loss names (default 1.0 each; Mask R-CNN's ``L = L_cls + L_box + L_mask`` plus
-  the RPN's two terms); the returned training losses are multiplied by them.
+  the RPN's two terms; and ``loss_mask_point`` with ``mask_head="pointrend"``); the returned training losses are
+  multiplied by them.
 * ``return_mask_probs``: also return the soft masks in eval.
 * ``box_nms``: the per-class NMS of the final detections, ``"hard"`` (default, torchvision's), ``"soft_linear"`` or
   ``"soft_gaussian"`` (Soft-NMS with ``soft_nms_sigma``, default 0.5): overlapping objects of dense scenes keep
   decayed scores instead of being removed.
+* ``mask_head``: ``"standard"`` (default, torchvision's mask branch) or ``"pointrend"`` (Kirillov et al.,
+  "PointRend: Image Segmentation as Rendering", CVPR 2020; :class:`PointHead` under ``roi_heads.point_head``): the
+  standard 28x28 mask head stays as the coarse head (``loss_mask``), and a point head (an MLP over P2 features and
+  the coarse logits at real-valued points) adds ``loss_mask_point`` in training and refines the masks by adaptive
+  subdivision in eval. Its settings, detectron2's ``MODEL.POINT_HEAD`` defaults: ``point_head_num_fc`` (3) layers
+  of ``point_head_fc_dim`` (256) channels; ``point_head_train_num_points`` (196) points per RoI in training, the
+  ``point_head_importance_sample_ratio`` (0.75) share of them the most uncertain of
+  ``point_head_oversample_ratio`` (3) times as many uniform points; in eval ``point_head_subdivision_steps`` (3)
+  steps, each upsampling the mask logits x2 and re-predicting its ``point_head_subdivision_num_points`` (784) most
+  uncertain cells (from 28x28 the masks come out at ``28 * 2**steps``: 224x224, the resolution detectron2 reaches
+  with 5 steps from its 7x7 coarse head; ``0`` steps give the standard masks).
+  Other values of these settings need ``mask_head="pointrend"``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import os
 from abc import ABC, abstractmethod
@@ -73,22 +87,29 @@ from torchvision.models.detection.rpn import RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
 from torchvision.ops import MultiScaleRoIAlign, clip_boxes_to_image, remove_small_boxes, roi_align, roi_pool
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
-from torchvision.ops.poolers import LevelMapper, _convert_to_roi_format, _filter_input, _setup_scales
+from torchvision.ops.poolers import LevelMapper, _convert_to_roi_format, _filter_input, _infer_scale, _setup_scales
 
 from maskworks.backbones.mobilenet import MobileNetV3
 from maskworks.backbones.resnet import ResNet
 from maskworks.models._utils import build_encoder, check_positive_int
 from maskworks.models.instance._common import check_image_list, check_loss_weights, check_normalisation
 from maskworks.ops.nms import soft_nms
+from maskworks.ops.points import (
+    get_uncertain_point_coords_on_grid,
+    get_uncertain_point_coords_with_randomness,
+    point_sample,
+)
 from maskworks.registry import register_model
 
 __all__ = [
     "LOSS_NAMES",
+    "POINTREND_LOSS_NAMES",
     "AlignedMultiScaleRoIAlign",
     "EncoderBody",
     "FPNBackbone",
     "MaskRCNN",
     "MultiScaleRoIPool",
+    "PointHead",
     "mask_rcnn",
     "mask_rcnn_mobilenet_v3_large_fpn",
     "mask_rcnn_resnet50_fpn",
@@ -96,6 +117,8 @@ __all__ = [
 ]
 
 LOSS_NAMES: tuple[str, ...] = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
+# the losses mask_head="pointrend" adds to LOSS_NAMES
+POINTREND_LOSS_NAMES: tuple[str, ...] = ("loss_mask_point",)
 # the FPN levels the RoI poolers read ("pool", the max-pooled extra level, is for the RPN only), as in torchvision
 _POOLED_LEVELS = ["0", "1", "2", "3"]
 
@@ -125,7 +148,17 @@ _DEFAULTS: dict[str, Any] = {
     "aligned": False,
     "loss_weights": None,
     "return_mask_probs": False,
+    "mask_head": "standard",
+    "point_head_num_fc": 3,
+    "point_head_fc_dim": 256,
+    "point_head_train_num_points": 14 * 14,
+    "point_head_oversample_ratio": 3,
+    "point_head_importance_sample_ratio": 0.75,
+    "point_head_subdivision_steps": 3,
+    "point_head_subdivision_num_points": 28 * 28,
 }
+# the settings of mask_head="pointrend" (PointHead's arguments without the prefix)
+_POINT_HEAD_OPTIONS = tuple(k for k in _DEFAULTS if k.startswith("point_head_"))
 _POSITIVE_INTS = (
     "max_size",
     "rpn_pre_nms_top_n_train",
@@ -137,6 +170,10 @@ _POSITIVE_INTS = (
     "box_batch_size_per_image",
     "box_resolution",
     "mask_resolution",
+    "point_head_num_fc",
+    "point_head_fc_dim",
+    "point_head_train_num_points",
+    "point_head_subdivision_num_points",
 )
 _UNIT_FLOATS = ("rpn_nms_thresh", "rpn_score_thresh", "box_score_thresh", "box_nms_thresh")  # in [0, 1]
 # passed to torchvision's MaskRCNN under the same name
@@ -395,12 +432,32 @@ def _check_options(opts: Mapping[str, Any], defaults: Mapping[str, Any], in_chan
         raise ValueError(f"soft_nms_sigma must be a number > 0, got {sigma!r}")
     if not isinstance(o["return_mask_probs"], bool):
         raise ValueError(f"return_mask_probs must be a bool, got {o['return_mask_probs']!r}")
-    o["loss_weights"] = _check_loss_weights(o["loss_weights"])
+    _check_point_head_options(o)
+    o["loss_weights"] = _check_loss_weights(o["loss_weights"], o["mask_head"])
     return o
 
 
-def _check_loss_weights(loss_weights: Mapping[str, float] | None) -> dict[str, float]:
-    return check_loss_weights(loss_weights, dict.fromkeys(LOSS_NAMES, 1.0))
+def _check_point_head_options(o: Mapping[str, Any]) -> None:
+    if o["mask_head"] not in ("standard", "pointrend"):
+        raise ValueError(f"mask_head must be 'standard' or 'pointrend', got {o['mask_head']!r}")
+    steps = o["point_head_subdivision_steps"]
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"point_head_subdivision_steps must be an int >= 0, got {steps!r}")
+    ratio = o["point_head_oversample_ratio"]
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 1 <= ratio < float("inf"):
+        raise ValueError(f"point_head_oversample_ratio must be a number >= 1, got {ratio!r}")
+    share = o["point_head_importance_sample_ratio"]
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 <= share <= 1.0:
+        raise ValueError(f"point_head_importance_sample_ratio must be a number in [0, 1], got {share!r}")
+    if o["mask_head"] == "standard":
+        changed = [k for k in _POINT_HEAD_OPTIONS if o[k] != _DEFAULTS[k]]
+        if changed:
+            raise ValueError(f"{changed[0]} applies to mask_head='pointrend' only, got mask_head='standard'")
+
+
+def _check_loss_weights(loss_weights: Mapping[str, float] | None, mask_head: str = "standard") -> dict[str, float]:
+    names = LOSS_NAMES + (POINTREND_LOSS_NAMES if mask_head == "pointrend" else ())
+    return check_loss_weights(loss_weights, dict.fromkeys(names, 1.0))
 
 
 def _check_model_args(num_classes: int, in_channels: int) -> None:
@@ -462,15 +519,265 @@ class _Transform(GeneralizedRCNNTransform):
         return result
 
 
+# --------------------------------------------------------------------------- PointRend
+def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast off on ``device`` (where autocast exists there): the point head computes in float32."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _box_points_to_image(boxes: torch.Tensor, point_coords: torch.Tensor) -> torch.Tensor:
+    """Points ``(R, P, 2)`` in ``[0, 1]`` of the boxes ``(R, 4)`` (xyxy, 0 and 1 on the box edges) as image
+    coordinates (``x1 + x * (x2 - x1)``, ``y1 + y * (y2 - y1)``), in the continuous frame where pixel ``i`` covers
+    ``[i, i + 1)``."""
+    corner, size = boxes[:, None, :2], boxes[:, None, 2:] - boxes[:, None, :2]
+    return corner + point_coords * size
+
+
+class PointHead(nn.Module):
+    """PointRend's point head (Kirillov et al., CVPR 2020; detectron2's ``StandardPointHead``) on a Mask R-CNN
+    whose standard mask head gives the coarse ``(R, num_classes, M, M)`` logits.
+
+    Every point of a box, in ``[0, 1]`` box coordinates, is described by the fine-grained feature of the finest
+    pyramid level (``in_feature``, P2) and the ``num_classes`` coarse logits, both interpolated bilinearly there
+    (:func:`~maskworks.ops.points.point_sample`, ``align_corners=False``). An MLP of 1x1 ``Conv1d`` layers
+    (``num_fc`` layers of ``fc_dim`` channels with ReLU, the coarse logits concatenated again to every layer's
+    input) predicts class-specific logits at each point.
+
+    * Training (:meth:`loss`): ``train_num_points`` points per positive RoI, the ``importance_sample_ratio`` share
+      of them the most uncertain (``-abs`` of the ground-truth class's coarse logit) of ``oversample_ratio`` times
+      as many uniform points, the rest uniform; the target is the ground-truth mask interpolated at the point;
+      binary cross-entropy with logits averaged over points (``loss_mask_point``). The point loss also trains the
+      coarse head and the backbone through the sampled features.
+    * Inference (:meth:`subdivide`): from the coarse logits of the predicted class, ``subdivision_steps`` times
+      upsample x2 (bilinear, ``align_corners=False``), re-predict the ``subdivision_num_points`` most uncertain
+      cells and write them back: masks of ``M * 2**subdivision_steps`` cells per side (a step whose successor
+      re-predicts every cell anyway is skipped, as in detectron2).
+
+    Both run in float32 under autocast.
+
+    Args:
+        in_channels: channels of the fine-grained features (the FPN's 256).
+        num_classes: mask classes (the mask predictor's output channels, background included).
+        fc_dim, num_fc: width and depth of the MLP (detectron2: 256, 3).
+        in_feature: the feature map (key of the FPN's output) the fine-grained features come from.
+        train_num_points, oversample_ratio, importance_sample_ratio: training points (196, 3, 0.75).
+        subdivision_steps, subdivision_num_points: inference refinement (3, 784).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        fc_dim: int = 256,
+        num_fc: int = 3,
+        *,
+        in_feature: str = "0",
+        train_num_points: int = 14 * 14,
+        oversample_ratio: float = 3,
+        importance_sample_ratio: float = 0.75,
+        subdivision_steps: int = 3,
+        subdivision_num_points: int = 28 * 28,
+    ) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.in_feature = in_feature
+        self.train_num_points = train_num_points
+        self.oversample_ratio = oversample_ratio
+        self.importance_sample_ratio = importance_sample_ratio
+        self.subdivision_steps = subdivision_steps
+        self.subdivision_num_points = subdivision_num_points
+        dim = in_channels + num_classes
+        self.fcs: list[nn.Conv1d] = []
+        for k in range(num_fc):
+            fc = nn.Conv1d(dim, fc_dim, kernel_size=1)
+            nn.init.kaiming_normal_(fc.weight, mode="fan_out", nonlinearity="relu")  # Caffe2's MSRA fill
+            nn.init.zeros_(fc.bias)
+            self.add_module(f"fc{k + 1}", fc)  # detectron2's names: fc1 .. fc{num_fc}, predictor
+            self.fcs.append(fc)
+            dim = fc_dim + num_classes
+        self.predictor = nn.Conv1d(dim, num_classes, kernel_size=1)
+        nn.init.normal_(self.predictor.weight, std=0.001)
+        nn.init.zeros_(self.predictor.bias)
+
+    def forward(self, fine_grained: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
+        """Point logits ``(R, num_classes, P)`` from fine-grained features ``(R, in_channels, P)`` and coarse
+        logits ``(R, num_classes, P)`` at the same points."""
+        x = torch.cat([fine_grained, coarse], dim=1)
+        for fc in self.fcs:
+            x = torch.cat([F.relu(fc(x)), coarse], dim=1)
+        return self.predictor(x)
+
+    def point_features(
+        self,
+        features: Mapping[str, torch.Tensor],
+        boxes: Sequence[torch.Tensor],
+        point_coords: torch.Tensor,
+        image_shapes: Sequence[tuple[int, int]],
+    ) -> torch.Tensor:
+        """Fine-grained features ``(R, C, P)`` (float32) of ``features[in_feature]`` at the points
+        ``(R, P, 2)`` of the boxes (per image ``(R_i, 4)`` xyxy in the batch's image coordinates; ``R = sum R_i``).
+        The map's stride is inferred from the image sizes as torchvision's RoI poolers do."""
+        feature = features[self.in_feature]
+        channels, (h, w) = feature.shape[1], feature.shape[-2:]
+        scale = _infer_scale(feature, [max(s[0] for s in image_shapes), max(s[1] for s in image_shapes)])
+        size = torch.tensor([w, h], dtype=torch.float32, device=feature.device)
+        out, start = [], 0
+        for i, image_boxes in enumerate(boxes):
+            n = len(image_boxes)
+            coords = _box_points_to_image(image_boxes.float(), point_coords[start : start + n]) * scale / size
+            start += n
+            sampled = point_sample(feature[i : i + 1].float(), coords.reshape(1, -1, 2))  # (1, C, n * P)
+            out.append(sampled.reshape(channels, n, point_coords.shape[1]).transpose(0, 1))
+        return torch.cat(out)
+
+    @staticmethod
+    def point_targets(
+        gt_masks: Sequence[torch.Tensor],
+        gt_index: Sequence[torch.Tensor],
+        boxes: Sequence[torch.Tensor],
+        point_coords: torch.Tensor,
+    ) -> torch.Tensor:
+        """Ground-truth mask values ``(R, P)`` in ``[0, 1]`` (bilinear between pixels) at the points ``(R, P, 2)``
+        of the boxes; per image the masks ``(G_i, H, W)``, the index ``(R_i,)`` of each box's mask and the boxes
+        ``(R_i, 4)`` in the masks' pixel coordinates."""
+        out, start = [], 0
+        for masks, index, image_boxes in zip(gt_masks, gt_index, boxes):
+            n = len(image_boxes)
+            coords = point_coords[start : start + n]
+            start += n
+            if n == 0:
+                out.append(coords.new_zeros(0, coords.shape[1]))
+                continue
+            size = torch.tensor([masks.shape[-1], masks.shape[-2]], dtype=torch.float32, device=masks.device)
+            coords = _box_points_to_image(image_boxes.float(), coords) / size
+            values = point_sample(masks[None].float(), coords.reshape(1, -1, 2))[0]  # (G, n * P): every mask
+            out.append(values.reshape(len(masks), n, coords.shape[1])[index, torch.arange(n, device=index.device)])
+        return torch.cat(out)
+
+    def loss(
+        self,
+        features: Mapping[str, torch.Tensor],
+        mask_logits: torch.Tensor,
+        boxes: Sequence[torch.Tensor],
+        gt_masks: Sequence[torch.Tensor],
+        gt_index: Sequence[torch.Tensor],
+        gt_labels: torch.Tensor,
+        image_shapes: Sequence[tuple[int, int]],
+    ) -> torch.Tensor:
+        """``loss_mask_point`` of the positive RoIs: their boxes (per image), coarse logits
+        ``(R, num_classes, M, M)``, matched ground-truth masks (per image ``(G_i, H, W)`` and the index of each
+        box's mask) and classes ``(R,)``."""
+        with _no_autocast(mask_logits.device):
+            coarse = mask_logits.float()
+            rows = torch.arange(len(coarse), device=coarse.device)
+            with torch.no_grad():
+                point_coords = get_uncertain_point_coords_with_randomness(
+                    coarse,
+                    lambda logits: -logits[rows, gt_labels][:, None].abs(),
+                    self.train_num_points,
+                    self.oversample_ratio,
+                    self.importance_sample_ratio,
+                )
+                targets = self.point_targets(gt_masks, gt_index, boxes, point_coords)
+            fine = self.point_features(features, boxes, point_coords, image_shapes)
+            point_logits = self(fine, point_sample(coarse, point_coords))[rows, gt_labels]  # (R, P)
+            if point_logits.numel() == 0:
+                return point_logits.sum() * 0
+            return F.binary_cross_entropy_with_logits(point_logits, targets)
+
+    def subdivide(
+        self,
+        features: Mapping[str, torch.Tensor],
+        mask_logits: torch.Tensor,
+        boxes: Sequence[torch.Tensor],
+        labels: torch.Tensor,
+        image_shapes: Sequence[tuple[int, int]],
+    ) -> torch.Tensor:
+        """Refined logits ``(R, 1, S, S)`` (float32, ``S = M * 2**subdivision_steps``) of the class ``labels (R,)``
+        of each box (per image ``(R_i, 4)``) from the coarse ``(R, num_classes, M, M)``: adaptive subdivision."""
+        with _no_autocast(mask_logits.device):
+            coarse = mask_logits.float()
+            rows = torch.arange(len(coarse), device=coarse.device)
+            refined = coarse[rows, labels][:, None]
+            if len(coarse) == 0:
+                return refined
+            steps = self.subdivision_steps
+            for step in range(steps):
+                refined = F.interpolate(refined, scale_factor=2, mode="bilinear", align_corners=False)
+                num_masks, _, h, w = refined.shape
+                if self.subdivision_num_points >= 4 * h * w and step < steps - 1:
+                    continue  # the next step re-predicts every cell of its grid
+                point_indices, point_coords = get_uncertain_point_coords_on_grid(
+                    -refined.abs(), self.subdivision_num_points
+                )
+                fine = self.point_features(features, boxes, point_coords, image_shapes)
+                point_logits = self(fine, point_sample(coarse, point_coords))[rows, labels]  # (R, P)
+                refined = refined.reshape(num_masks, h * w).scatter_(1, point_indices, point_logits)
+                refined = refined.reshape(num_masks, 1, h, w)
+            return refined
+
+
 class _RoIHeads(RoIHeads):
     """torchvision's ``RoIHeads`` whose per-class NMS of the final detections can be Soft-NMS (Bodla et al.,
     ICCV 2017; :func:`maskworks.ops.soft_nms`): ``nms_method`` ``"hard"`` (torchvision's own path), ``"soft_linear"``
     (scores times ``1 - IoU`` above ``nms_thresh``) or ``"soft_gaussian"`` (times ``exp(-IoU^2 / soft_nms_sigma)``);
     Soft-NMS drops boxes whose decayed score falls below ``score_thresh``. Dense scenes keep overlapping objects
-    that hard NMS would remove (Q16)."""
+    that hard NMS would remove (Q16).
+
+    With a ``point_head`` (:class:`PointHead`, ``mask_head="pointrend"``; ``None`` otherwise) torchvision's forward
+    still runs unchanged; its coarse mask logits and training samples are recorded on the way, and afterwards the
+    point head adds ``loss_mask_point`` (training) or replaces the masks by its refined ones (eval)."""
 
     nms_method = "hard"
     soft_nms_sigma = 0.5
+
+    def select_training_samples(
+        self, proposals: list[torch.Tensor], targets: list[dict[str, torch.Tensor]] | None
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        sampled = super().select_training_samples(proposals, targets)
+        if self.point_head is not None:
+            self._point_samples = sampled  # proposals, matched GT indices, labels (0: background): read by forward
+        return sampled
+
+    def forward(  # type: ignore[override]
+        self,
+        features: dict[str, torch.Tensor],
+        proposals: list[torch.Tensor],
+        image_shapes: list[tuple[int, int]],
+        targets: list[dict[str, torch.Tensor]] | None = None,
+    ) -> tuple[list[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+        if self.point_head is None or not self.has_mask():
+            return super().forward(features, proposals, image_shapes, targets)
+        captured: list[torch.Tensor] = []
+        hook = self.mask_predictor.register_forward_hook(lambda module, args, output: captured.append(output))
+        try:
+            result, losses = super().forward(features, proposals, image_shapes, targets)
+            sampled = self.__dict__.get("_point_samples")
+        finally:
+            hook.remove()
+            self.__dict__.pop("_point_samples", None)
+        (mask_logits,) = captured  # (R, num_classes, M, M): positive proposals (training) or detections (eval)
+        if self.training:
+            sampled_proposals, matched_idxs, labels, _ = sampled
+            positive = [torch.where(image_labels > 0)[0] for image_labels in labels]
+            losses["loss_mask_point"] = self.point_head.loss(
+                features,
+                mask_logits,
+                [p[k] for p, k in zip(sampled_proposals, positive)],
+                [t["masks"] for t in targets or []],
+                [m[k] for m, k in zip(matched_idxs, positive)],
+                torch.cat([image_labels[k] for image_labels, k in zip(labels, positive)]),
+                image_shapes,
+            )
+            return result, losses
+        boxes = [r["boxes"] for r in result]
+        labels = torch.cat([r["labels"] for r in result])
+        refined = self.point_head.subdivide(features, mask_logits, boxes, labels, image_shapes)
+        for r, probs in zip(result, refined.sigmoid().split([len(b) for b in boxes])):
+            r["masks"] = probs
+        return result, losses
 
     def postprocess_detections(
         self,
@@ -561,6 +868,11 @@ class MaskRCNN(TorchvisionMaskRCNN):
         self.roi_heads.__class__ = _RoIHeads  # adds the Soft-NMS choice; same modules, state and defaults
         self.roi_heads.nms_method = options["box_nms"]
         self.roi_heads.soft_nms_sigma = float(options["soft_nms_sigma"])
+        # PointRend adds roi_heads.point_head (after every torchvision module: their keys and initial values stay)
+        self.roi_heads.point_head = None
+        if options["mask_head"] == "pointrend":
+            point = {k.removeprefix("point_head_"): options[k] for k in _POINT_HEAD_OPTIONS}
+            self.roi_heads.point_head = PointHead(backbone.out_channels, num_classes, **point)
         t = self.transform
         self.transform = _Transform(
             t.min_size,
@@ -673,8 +985,9 @@ def mask_rcnn(
         encoder_weights: published backbone weights (``"imagenet"`` or a tag), a local checkpoint path, or
             ``None`` for random initialisation.
         **opts: the options of the module docstring (``min_size``, ``max_size``, ``image_mean``, ``image_std``,
-            ``rpn_*``, ``box_*``, ``mask_resolution``, ``pooler``, ``sampling_ratio``, ``aligned``,
-            ``loss_weights``, ``return_mask_probs``).
+            ``rpn_*``, ``box_*``, ``soft_nms_sigma``, ``mask_resolution``, ``pooler``, ``sampling_ratio``,
+            ``aligned``, ``loss_weights``, ``return_mask_probs``, ``mask_head`` (``"standard"`` or
+            ``"pointrend"``) and its ``point_head_*`` settings).
     """
     return _build(encoder, num_classes, in_channels, encoder_weights, opts)
 
