@@ -88,6 +88,8 @@ def test_train_eval_predict_instance_model(tmp_path, capsys):
     assert code == 0
     assert Image.open(pred / "a_instances.png").size == (80, 48)
     results = json.loads((pred / "coco_results.json").read_text())
+    ids = np.asarray(Image.open(pred / "a_ids.png"))
+    assert ids.shape == (48, 80) and ids.max() <= sum(r["image_id"] == 0 for r in results)
     assert isinstance(results, list)
     for r in results:
         assert {"image_id", "category_id", "bbox", "score", "segmentation", "file_name", "polygons"} <= set(r)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from maskworks.ops import center_targets, cluster_embeddings, group_by_centers, resolve_overlaps
+from maskworks.ops import center_targets, cluster_embeddings, group_by_centers, occlusion_order, resolve_overlaps
 
 
 def _same_partition(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -75,3 +75,40 @@ def test_center_targets_and_group_by_centers_recover_touching_instances():
     assert not group_by_centers(heat * 0, offsets, ids > 0).any()
     with pytest.raises(ValueError, match="odd int"):
         group_by_centers(heat, offsets, ids > 0, nms_kernel=4)
+
+
+def _disk(size: int, cy: float, cx: float, r: float) -> torch.Tensor:
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    return (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+
+
+def test_occlusion_order_recovers_a_layering():
+    """Three full disks, each lying on the one before: every overlap covers more of the upper disk than of the lower
+    one, so the pairwise rule (the instance mostly covered lies in front) recovers the layering although the
+    scores say otherwise, and resolve_overlaps then gives the painted scene."""
+    layers = [_disk(40, 20, 20, 15), _disk(40, 14, 24, 7), _disk(40, 12, 26, 3)]  # big, medium on it, small on top
+    masks = torch.stack(layers)
+    scores = torch.tensor([0.9, 0.5, 0.7])  # score order would bury the medium disk under the big one
+    key = occlusion_order(masks, scores)
+    assert key.argsort().tolist() == [0, 1, 2]
+    painted = torch.zeros(40, 40, dtype=torch.int64)
+    for i, m in enumerate(layers):
+        painted[m] = i + 1
+    assert torch.equal(resolve_overlaps(masks, key), painted)
+    assert not torch.equal(resolve_overlaps(masks, scores), painted)
+
+
+def test_occlusion_order_prefers_mask_confidence_and_breaks_ties_by_score():
+    a = torch.zeros(1, 10, 10, dtype=torch.bool)
+    a[0, :, :6] = True
+    b = torch.zeros(1, 10, 10, dtype=torch.bool)
+    b[0, :, 4:] = True  # same area, same overlap fraction: undecided by geometry
+    masks = torch.cat([a, b])
+    assert occlusion_order(masks, torch.tensor([0.2, 0.8])).argmax() == 1  # the score decides
+    probs = torch.stack([a[0].float() * 0.9, b[0].float() * 0.55])
+    assert occlusion_order(masks, torch.tensor([0.2, 0.8]), probs).argmax() == 0  # a is surer in the overlap
+    assert occlusion_order(torch.zeros(0, 5, 5, dtype=torch.bool)).shape == (0,)
+    with pytest.raises(ValueError, match="scores"):
+        occlusion_order(masks, torch.tensor([1.0]))
+    with pytest.raises(ValueError, match="mask_probs"):
+        occlusion_order(masks, None, torch.zeros(2, 3, 3))

@@ -202,6 +202,11 @@ def test_instance_postprocess_and_write(tmp_path):
     image = np.zeros((24, 32, 3), np.uint8)
     written = task.write([res], tmp_path, ["img"], images=[image], meta={"category_ids": [None, 17, 42]}, polygons=True)
     assert (tmp_path / "img_instances.png").exists() and tmp_path / "coco_results.json" in written
+    from PIL import Image
+
+    ids = np.asarray(Image.open(tmp_path / "img_ids.png"))
+    assert ids.dtype == np.uint16 and ids.shape == (24, 32)
+    assert np.array_equal(ids == 1, masks[1].numpy()) and np.array_equal(ids == 2, masks[0].numpy())
     rows = json.loads((tmp_path / "coco_results.json").read_text())
     assert [r["category_id"] for r in rows] == [42, 17] and [r["category_name"] for r in rows] == ["dog", "cat"]
     assert rows[0]["bbox"] == [15.0, 12.0, 15.0, 8.0]
@@ -236,3 +241,22 @@ def test_task_is_an_abstract_interface():
 
     with pytest.raises(TypeError, match="abstract"):
         Task()
+
+
+def test_id_map_paste_orders():
+    """A small object lying on a large one: the score order buries it under the more confident large mask; the
+    occlusion order puts it in front (its whole area is overlap); mask probabilities, when given, decide first."""
+    task = InstanceTask()
+    big = torch.zeros(20, 20, dtype=torch.bool)
+    big[2:18, 2:18] = True
+    small = torch.zeros(20, 20, dtype=torch.bool)
+    small[6:10, 6:10] = True
+    result = {"masks": torch.stack([big, small]), "scores": torch.tensor([0.9, 0.6])}
+    by_score = task.id_map(result, "score")
+    assert (by_score == 2).sum() == 0 and (by_score == 1).sum() == 256
+    by_occlusion = task.id_map(result)
+    assert torch.equal(by_occlusion == 2, small) and torch.equal(by_occlusion == 1, big & ~small)
+    probs = torch.stack([big.float() * 0.95, small.float() * 0.6])
+    assert (task.id_map({**result, "mask_probs": probs}) == 2).sum() == 0
+    with pytest.raises(ValueError, match="paste_order"):
+        task.id_map(result, "depth")

@@ -649,7 +649,8 @@ def predict(args) -> int:
 
 def _predict_task(args, kind: str, files: list[Path], names: list[Path], out: Path, model, meta: dict, dev) -> int:
     """``maskworks predict`` for instance checkpoints: per image ``<name>_instances.png`` (each instance in its own
-    colour with class and score) and one ``coco_results.json`` (RLE masks; COCO polygons with ``--polygons``)."""
+    colour with class and score), ``<name>_ids.png`` (16-bit instance ids, overlaps layered by ``--paste-order``)
+    and one ``coco_results.json`` (RLE masks; COCO polygons with ``--polygons``)."""
     from PIL import Image
     from tqdm.auto import tqdm
 
@@ -689,9 +690,15 @@ def _predict_task(args, kind: str, files: list[Path], names: list[Path], out: Pa
                 counts.append(len(result["labels"]))
                 target = out / name
                 target.parent.mkdir(parents=True, exist_ok=True)
+                task.write_ids(result, target.with_name(f"{target.name}_ids.png"), args.paste_order)
                 if not args.no_overlay:
                     task.write_overlay(
-                        result, _rgb3(arr), target.with_name(f"{target.name}_instances.png"), meta, args.alpha
+                        result,
+                        _rgb3(arr),
+                        target.with_name(f"{target.name}_instances.png"),
+                        meta,
+                        args.alpha,
+                        args.paste_order,
                     )
                 rows.extend(task.result_rows(result, i, str(f), meta, polygons=args.polygons))
     finally:
@@ -699,7 +706,8 @@ def _predict_task(args, kind: str, files: list[Path], names: list[Path], out: Pa
     atomic_write_bytes(out / "coco_results.json", json.dumps(rows).encode())
     print(
         f"wrote {sum(counts)} instance(s) (score >= {args.score_threshold}) in {len(files)} image(s) to {out}: "
-        f"coco_results.json{'' if args.no_overlay else ' and <name>_instances.png overlays'}"
+        f"coco_results.json, <name>_ids.png id maps ({args.paste_order} order)"
+        f"{'' if args.no_overlay else ' and <name>_instances.png overlays'}"
     )
     return 0
 

@@ -145,8 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
         "<name>_overlay.png and, with --uncertainty, <name>_uncertainty.png (normalised predictive entropy) for "
         "every input image. --tile runs a Gaussian-blended sliding window; --tta averages the probabilities of "
         "flipped/rotated/rescaled inputs (inside every tile when tiling); --crf refines with a dense CRF. "
-        "Instance models: writes <name>_instances.png (each instance in its own colour, with class and score) and "
-        "coco_results.json (COCO results with RLE masks, category ids of the training data; polygons with "
+        "Instance models: writes <name>_instances.png (each instance in its own colour, with class and score), "
+        "<name>_ids.png (16-bit instance ids: pixel value i = the image's i-th row of coco_results.json; where "
+        "masks overlap, --paste-order picks the owner) and coco_results.json (COCO results with RLE masks, category ids of the training data; polygons with "
         "--polygons).",
     )
     p.add_argument("inputs", nargs="+", help="image files and/or folders of images")
@@ -172,6 +173,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--polygons", action="store_true", help="instance models: also write COCO polygons into coco_results.json"
+    )
+    p.add_argument(
+        "--paste-order",
+        choices=("occlusion", "score"),
+        default="occlusion",
+        help="instance models: which of overlapping masks lies in front in <name>_ids.png and the overlays: "
+        "'occlusion' decides each overlapping pair from the overlap (the more confident mask there, else the "
+        "instance mostly covered by the other), 'score' puts the higher score in front (default: occlusion)",
     )
     _add_inference_args(p)
     p.add_argument(

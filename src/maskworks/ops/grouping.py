@@ -8,6 +8,8 @@
   decoding keeps the heat map's local maxima (max-pool NMS) above a threshold and gives each foreground pixel the
   id of the centre nearest to where its offset points.
 * :func:`resolve_overlaps`: one id map from overlapping masks, the front instance winning each pixel.
+* :func:`occlusion_order`: which of overlapping predicted masks lies in front (the paste order of
+  :func:`resolve_overlaps`), decided pair by pair from the overlap itself rather than by detection score.
 
 Id maps are ``int64``: 0 = background, instances ``1..N``.
 """
@@ -17,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["center_targets", "cluster_embeddings", "group_by_centers", "resolve_overlaps"]
+__all__ = ["center_targets", "cluster_embeddings", "group_by_centers", "occlusion_order", "resolve_overlaps"]
 
 
 def resolve_overlaps(masks: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
@@ -43,6 +45,64 @@ def resolve_overlaps(masks: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     for i in torch.sort(order, stable=True).indices.tolist():
         ids[m[i]] = i + 1
     return ids
+
+
+@torch.no_grad()
+def occlusion_order(
+    masks: torch.Tensor,
+    scores: torch.Tensor | None = None,
+    mask_probs: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """A front-to-back key for overlapping instance masks (higher = in front), for :func:`resolve_overlaps`.
+
+    Painting by detection score lets a confident large object cover a smaller one lying on top of it. Here every
+    overlapping pair ``(i, j)`` is decided from its overlap ``O = m_i & m_j``:
+
+    * with ``mask_probs``: the instance whose mask is more confident inside ``O`` (higher mean probability) is in
+      front; an occluded object's visible-mask probability is low where something covers it;
+    * without (or on a tie): the instance of which ``O`` is the larger fraction is in front. An object mostly
+      covered by another's mask can only have been seen if it lies on top; behind, it would be hidden.
+    * a remaining tie goes to the higher score.
+
+    The pairwise decisions become one order by counting them: key = wins - losses over the instance's overlapping
+    pairs (a Copeland ranking; it reproduces any consistent layering and settles cycles by majority), with the score
+    breaking ties.
+
+    Args:
+        masks: ``(N, H, W)`` bool (or probabilities thresholded at 0.5).
+        scores: ``(N,)`` detection scores (tie-breaks; default all equal).
+        mask_probs: ``(N, H, W)`` mask probabilities, optional.
+
+    Returns:
+        ``(N,)`` float64 key: pass it as ``order`` to :func:`resolve_overlaps`.
+    """
+    if masks.ndim != 3:
+        raise ValueError(f"masks must be (N, H, W), got shape {tuple(masks.shape)}")
+    n = masks.shape[0]
+    if scores is None:
+        scores = torch.zeros(n, device=masks.device)
+    if scores.shape != (n,):
+        raise ValueError(f"scores must be ({n},), one per mask, got shape {tuple(scores.shape)}")
+    if mask_probs is not None and mask_probs.shape != masks.shape:
+        raise ValueError(f"mask_probs must have the masks' shape {tuple(masks.shape)}, got {tuple(mask_probs.shape)}")
+    m = (masks if masks.dtype == torch.bool else masks > 0.5).flatten(1).float()  # (N, HW)
+    inter = m @ m.T  # (N, N) overlap areas
+    area = m.sum(1).clamp(min=1)
+    overlapping = (inter > 0) & ~torch.eye(n, dtype=torch.bool, device=m.device)
+    # front[i, j] > 0: i in front of j; < 0: behind; 0: undecided so far
+    fraction = inter / area[:, None]  # fraction[i, j] = |O| / |m_i|
+    front = torch.sign(fraction - fraction.T)
+    if mask_probs is not None:
+        p = mask_probs.flatten(1).float()
+        conf = (p * m) @ m.T / inter.clamp(min=1)  # conf[i, j]: mean probability of i inside O_ij
+        by_conf = torch.sign(conf - conf.T)
+        front = torch.where(by_conf != 0, by_conf, front)
+    s = scores.float()
+    front = torch.where(front != 0, front, torch.sign(s[:, None] - s[None, :]))
+    wins = (front * overlapping).sum(1)
+    # score as a tie-break strictly smaller than one win
+    span = (s.max() - s.min()).clamp(min=1e-12) if n else s.new_ones(())
+    return wins.double() + 0.5 * ((s - s.min()) / span).double() if n else wins.double()
 
 
 def _batched(x: torch.Tensor, dims: int, name: str) -> tuple[torch.Tensor, bool]:

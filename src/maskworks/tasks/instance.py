@@ -25,7 +25,9 @@ import torch.nn as nn
 
 from maskworks.tasks.base import Task
 
-__all__ = ["InstanceTask", "InstanceEvaluator"]
+__all__ = ["PASTE_ORDERS", "InstanceTask", "InstanceEvaluator"]
+
+PASTE_ORDERS = ("occlusion", "score")  # how overlapping instances are layered in id maps and overlays
 
 _TARGET_KEYS = ("boxes", "labels", "masks", "iscrowd")
 
@@ -216,25 +218,67 @@ class InstanceTask(Task):
 
     # ------------------------------------------------------------------ results
     def postprocess(self, outputs: Sequence[dict[str, Any]], batch: dict[str, Any] | None = None) -> list[dict]:
-        """Per-image dicts on the CPU (``boxes``, ``labels``, ``scores``, ``masks`` bool), detections below
-        ``score_threshold`` dropped, highest score first."""
+        """Per-image dicts on the CPU (``boxes``, ``labels``, ``scores``, ``masks`` bool, and ``mask_probs`` float
+        when the model gives probabilities), detections below ``score_threshold`` dropped, highest score first."""
         results = []
         for out in outputs:
-            masks = out["masks"]
+            masks, probs = out["masks"], out.get("mask_probs")
             if masks.ndim == 4:
-                masks = masks[:, 0] > 0.5
+                probs = masks[:, 0] if masks.is_floating_point() else probs
+                masks = masks[:, 0] > 0.5 if masks.is_floating_point() else masks[:, 0]
             scores = out["scores"].float().cpu()
             keep = torch.nonzero(scores >= self.score_threshold).flatten()
             keep = keep[scores[keep].argsort(descending=True, stable=True)]
-            results.append(
-                {
-                    "boxes": out["boxes"].float().cpu()[keep],
-                    "labels": out["labels"].cpu()[keep],
-                    "scores": scores[keep],
-                    "masks": masks.bool().cpu()[keep],
-                }
-            )
+            result = {
+                "boxes": out["boxes"].float().cpu()[keep],
+                "labels": out["labels"].cpu()[keep],
+                "scores": scores[keep],
+                "masks": masks.bool().cpu()[keep],
+            }
+            if probs is not None:
+                result["mask_probs"] = probs.float().cpu()[keep]
+            results.append(result)
         return results
+
+    @staticmethod
+    def paste_key(result: dict[str, Any], paste_order: str = "occlusion") -> torch.Tensor:
+        """The front-to-back key of a result's instances (higher = in front): ``"occlusion"``
+        (:func:`maskworks.ops.occlusion_order`: each overlapping pair decided by its overlap, mask probabilities
+        first when the result has them) or ``"score"`` (the detection score)."""
+        from maskworks.ops import occlusion_order
+
+        if paste_order not in PASTE_ORDERS:
+            raise ValueError(f"paste_order must be one of {', '.join(PASTE_ORDERS)}, got {paste_order!r}")
+        masks, scores = torch.as_tensor(result["masks"]).bool(), torch.as_tensor(result["scores"]).float()
+        if paste_order == "score":
+            return scores.double()
+        probs = result.get("mask_probs")
+        return occlusion_order(masks, scores, None if probs is None else torch.as_tensor(probs))
+
+    def id_map(self, result: dict[str, Any], paste_order: str = "occlusion") -> torch.Tensor:
+        """``(H, W)`` int64 instance ids, one owner per pixel: ``i + 1`` for the result's ``i``-th instance (its row
+        in ``coco_results.json``), 0 for background; where masks overlap, the front one (:meth:`paste_key`) wins."""
+        from maskworks.ops import resolve_overlaps
+
+        return resolve_overlaps(torch.as_tensor(result["masks"]).bool(), self.paste_key(result, paste_order))
+
+    def write_ids(self, result: dict[str, Any], path: str | Path, paste_order: str = "occlusion") -> Path:
+        """:meth:`id_map` as a 16-bit gray PNG (values = instance ids; up to 65,535 instances)."""
+        import io
+
+        from PIL import Image
+
+        from maskworks.checkpoint import atomic_write_bytes
+
+        ids = self.id_map(result, paste_order)
+        if ids.numel() and int(ids.max()) > 65535:
+            raise ValueError(f"{path}: {int(ids.max())} instances do not fit a 16-bit id PNG (at most 65,535)")
+        buf = io.BytesIO()
+        Image.fromarray(ids.numpy().astype(np.uint16)).save(buf, format="PNG")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, buf.getvalue())
+        return path
 
     def result_rows(
         self,
@@ -287,12 +331,15 @@ class InstanceTask(Task):
         path: str | Path,
         meta: dict[str, Any] | None = None,
         alpha: float = 0.5,
+        paste_order: str = "occlusion",
     ) -> Path:
-        """``image`` (uint8 RGB or gray) with each instance in its own colour, outlined, with class and score."""
+        """``image`` (uint8 RGB or gray) with each instance in its own colour, outlined, with class and score,
+        painted back to front in ``paste_order`` (:meth:`paste_key`)."""
         from maskworks.viz import draw_instances, save_rgb_png
 
         class_names = (meta or {}).get("class_names") or self.class_names
-        return save_rgb_png(draw_instances(image, result, class_names=class_names, alpha=alpha), path)
+        order = self.paste_key(result, paste_order)
+        return save_rgb_png(draw_instances(image, result, class_names=class_names, alpha=alpha, order=order), path)
 
     def write(
         self,
@@ -304,21 +351,24 @@ class InstanceTask(Task):
         overlay: bool = True,
         alpha: float = 0.5,
         polygons: bool = False,
+        paste_order: str = "occlusion",
     ) -> list[Path]:
-        """Per image ``<name>_instances.png`` (:meth:`write_overlay`, when ``images`` are given) and
-        ``coco_results.json`` in ``out_dir`` with every image's :meth:`result_rows` (``image_id`` = the image's
-        index in ``names``)."""
+        """Per image ``<name>_ids.png`` (:meth:`write_ids`) and ``<name>_instances.png`` (:meth:`write_overlay`,
+        when ``images`` are given), and ``coco_results.json`` in ``out_dir`` with every image's :meth:`result_rows`
+        (``image_id`` = the image's index in ``names``)."""
         from maskworks.checkpoint import atomic_write_bytes
 
         out_dir = Path(out_dir)
         written: list[Path] = []
         rows: list[dict[str, Any]] = []
         for i, (res, name) in enumerate(zip(results, names)):
+            target = out_dir / name
+            written.append(self.write_ids(res, target.with_name(f"{target.name}_ids.png"), paste_order))
             if overlay and images is not None:
-                target = out_dir / name
-                target.parent.mkdir(parents=True, exist_ok=True)
                 written.append(
-                    self.write_overlay(res, images[i], target.with_name(f"{target.name}_instances.png"), meta, alpha)
+                    self.write_overlay(
+                        res, images[i], target.with_name(f"{target.name}_instances.png"), meta, alpha, paste_order
+                    )
                 )
             rows.extend(self.result_rows(res, i, str(name), meta, polygons))
         out_dir.mkdir(parents=True, exist_ok=True)

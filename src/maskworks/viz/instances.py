@@ -38,6 +38,7 @@ def draw_instances(
     alpha: float = 0.5,
     draw_boxes: bool = True,
     draw_text: bool = True,
+    order: Any = None,
 ) -> np.ndarray:
     """An instance result drawn over an image.
 
@@ -48,9 +49,11 @@ def draw_instances(
         alpha: opacity of the mask fill (outlines are opaque).
         draw_boxes: draw each instance's box.
         draw_text: caption each instance with ``class score``.
+        order: ``(N,)`` front-to-back key (higher = painted later, on top), e.g.
+            :func:`maskworks.ops.occlusion_order`; default: the scores.
 
     Returns:
-        uint8 ``(H, W, 3)`` picture; instances are painted lowest score first, so the best lie on top.
+        uint8 ``(H, W, 3)`` picture; instances are painted lowest ``order`` (score) first, so the front (best) lie on top.
 
     Raises:
         ValueError: masks whose size differs from the image, or ``alpha`` outside ``[0, 1]``.
@@ -74,7 +77,10 @@ def draw_instances(
     boxes = _np(result["boxes"]).astype(float) if "boxes" in result else None
     colors = instance_colors(n)
     out = img.astype(np.float32)
-    order = np.argsort(scores, kind="stable")  # lowest first: the best on top
+    key = scores if order is None else _np(order).astype(float)
+    if key.shape != (n,):
+        raise ValueError(f"order must have one value per instance ({n}), got shape {key.shape}")
+    order = np.argsort(key, kind="stable")  # lowest first: the front on top
     for i in order:
         m = masks[i]
         out[m] = (1 - alpha) * out[m] + alpha * colors[i]
