@@ -254,9 +254,10 @@ def test_id_map_paste_orders():
     result = {"masks": torch.stack([big, small]), "scores": torch.tensor([0.9, 0.6])}
     by_score = task.id_map(result, "score")
     assert (by_score == 2).sum() == 0 and (by_score == 1).sum() == 256
-    by_occlusion = task.id_map(result)
+    assert torch.equal(task.id_map(result), by_score)  # the default
+    by_occlusion = task.id_map(result, "occlusion")
     assert torch.equal(by_occlusion == 2, small) and torch.equal(by_occlusion == 1, big & ~small)
     probs = torch.stack([big.float() * 0.95, small.float() * 0.6])
-    assert (task.id_map({**result, "mask_probs": probs}) == 2).sum() == 0
+    assert (task.id_map({**result, "mask_probs": probs}, "occlusion") == 2).sum() == 0
     with pytest.raises(ValueError, match="paste_order"):
         task.id_map(result, "depth")

@@ -241,7 +241,7 @@ class InstanceTask(Task):
         return results
 
     @staticmethod
-    def paste_key(result: dict[str, Any], paste_order: str = "occlusion") -> torch.Tensor:
+    def paste_key(result: dict[str, Any], paste_order: str = "score") -> torch.Tensor:
         """The front-to-back key of a result's instances (higher = in front): ``"occlusion"``
         (:func:`maskworks.ops.occlusion_order`: each overlapping pair decided by its overlap, mask probabilities
         first when the result has them) or ``"score"`` (the detection score)."""
@@ -255,14 +255,14 @@ class InstanceTask(Task):
         probs = result.get("mask_probs")
         return occlusion_order(masks, scores, None if probs is None else torch.as_tensor(probs))
 
-    def id_map(self, result: dict[str, Any], paste_order: str = "occlusion") -> torch.Tensor:
+    def id_map(self, result: dict[str, Any], paste_order: str = "score") -> torch.Tensor:
         """``(H, W)`` int64 instance ids, one owner per pixel: ``i + 1`` for the result's ``i``-th instance (its row
         in ``coco_results.json``), 0 for background; where masks overlap, the front one (:meth:`paste_key`) wins."""
         from maskworks.ops import resolve_overlaps
 
         return resolve_overlaps(torch.as_tensor(result["masks"]).bool(), self.paste_key(result, paste_order))
 
-    def write_ids(self, result: dict[str, Any], path: str | Path, paste_order: str = "occlusion") -> Path:
+    def write_ids(self, result: dict[str, Any], path: str | Path, paste_order: str = "score") -> Path:
         """:meth:`id_map` as a 16-bit gray PNG (values = instance ids; up to 65,535 instances)."""
         import io
 
@@ -331,7 +331,7 @@ class InstanceTask(Task):
         path: str | Path,
         meta: dict[str, Any] | None = None,
         alpha: float = 0.5,
-        paste_order: str = "occlusion",
+        paste_order: str = "score",
     ) -> Path:
         """``image`` (uint8 RGB or gray) with each instance in its own colour, outlined, with class and score,
         painted back to front in ``paste_order`` (:meth:`paste_key`)."""
@@ -351,7 +351,7 @@ class InstanceTask(Task):
         overlay: bool = True,
         alpha: float = 0.5,
         polygons: bool = False,
-        paste_order: str = "occlusion",
+        paste_order: str = "score",
     ) -> list[Path]:
         """Per image ``<name>_ids.png`` (:meth:`write_ids`) and ``<name>_instances.png`` (:meth:`write_overlay`,
         when ``images`` are given), and ``coco_results.json`` in ``out_dir`` with every image's :meth:`result_rows`
