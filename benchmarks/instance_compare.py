@@ -39,6 +39,7 @@ from pathlib import Path
 from statistics import median
 
 import torch
+from instance_budget import COMMON  # benchmarks/ (the script's folder) is on sys.path
 from torchvision.transforms import v2
 
 from maskworks import create_model
@@ -49,17 +50,9 @@ from maskworks.metrics.coco import MaskAP
 from maskworks.ops import mask_iou, occlusion_order, resolve_overlaps
 from maskworks.tasks import InstanceTask
 
-# Mask R-CNN proposal / RoI counts per data set (benchmarks/instance_budget.py, configs/synthetic_mask_rcnn.yaml)
+# Mask R-CNN proposal / RoI counts per data set: instance_budget.py's, plus the dense scenes' (more, smaller objects)
 RCNN = {
-    "synthetic": {
-        "rpn_pre_nms_top_n_train": 256,
-        "rpn_post_nms_top_n_train": 128,
-        "rpn_pre_nms_top_n_test": 256,
-        "rpn_post_nms_top_n_test": 64,
-        "rpn_batch_size_per_image": 32,
-        "box_batch_size_per_image": 16,
-        "box_detections_per_img": 20,
-    },
+    **COMMON,
     "dense": {
         "rpn_pre_nms_top_n_train": 512,
         "rpn_post_nms_top_n_train": 256,
@@ -68,15 +61,6 @@ RCNN = {
         "rpn_batch_size_per_image": 64,
         "box_batch_size_per_image": 64,
         "box_detections_per_img": 50,
-    },
-    "isbi2012_instances": {
-        "rpn_pre_nms_top_n_train": 1000,
-        "rpn_post_nms_top_n_train": 500,
-        "rpn_pre_nms_top_n_test": 1000,
-        "rpn_post_nms_top_n_test": 500,
-        "rpn_batch_size_per_image": 256,
-        "box_batch_size_per_image": 128,
-        "box_detections_per_img": 200,
     },
 }
 
