@@ -17,10 +17,11 @@ Everything after the feature extractor is torchvision's own code: ``GeneralizedR
 
 Output contract (DESIGN.md "Instance output"): in training ``model(images, targets)`` returns torchvision's five
 losses (``loss_classifier``, ``loss_box_reg``, ``loss_mask``, ``loss_objectness``, ``loss_rpn_box_reg``; plus
-``loss_mask_point`` with ``mask_head="pointrend"``), each multiplied by its ``loss_weights`` entry; in eval
-``model(images)`` returns one dict per image with ``boxes (N, 4)`` xyxy float, ``labels (N,)`` int64, ``scores (N,)``
-and ``masks (N, H, W)`` bool at the input image size (torchvision's mask probabilities ``> 0.5``), plus
-``mask_probs (N, H, W)`` float when built with ``return_mask_probs=True``.
+``loss_mask_point`` with ``mask_head="pointrend"``, ``loss_contour`` with ``mask_head="contour"``), each multiplied
+by its ``loss_weights`` entry; in eval ``model(images)`` returns one dict per image with ``boxes (N, 4)`` xyxy float,
+``labels (N,)`` int64, ``scores (N,)`` and ``masks (N, H, W)`` bool at the input image size (torchvision's mask
+probabilities ``> 0.5``; with ``mask_head="contour"`` the rasterised contours), plus ``mask_probs (N, H, W)`` float
+when built with ``return_mask_probs=True``.
 
 Options shared by every constructor (keyword arguments, validated when the model is built):
 
@@ -43,8 +44,8 @@ Options shared by every constructor (keyword arguments, validated when the model
 * ``sampling_ratio`` (default 2; ``<= 0``: adaptive) of RoIAlign; ``aligned`` (default False, torchvision's
   behaviour): RoIAlign with the half-pixel offset (detectron2's ROIAlignV2), :class:`AlignedMultiScaleRoIAlign`.
 * ``loss_weights``: dict over the five loss names (default 1.0 each; Mask R-CNN's ``L = L_cls + L_box + L_mask`` plus
-  the RPN's two terms; and ``loss_mask_point`` with ``mask_head="pointrend"``); the returned training losses are
-  multiplied by them.
+  the RPN's two terms; and ``loss_mask_point`` with ``mask_head="pointrend"``, ``loss_contour`` with
+  ``mask_head="contour"``); the returned training losses are multiplied by them.
 * ``return_mask_probs``: also return the soft masks in eval.
 * ``box_nms``: the per-class NMS of the final detections, ``"hard"`` (default, torchvision's), ``"soft_linear"`` or
   ``"soft_gaussian"`` (Soft-NMS with ``soft_nms_sigma``, default 0.5): overlapping objects of dense scenes keep
@@ -61,6 +62,21 @@ Options shared by every constructor (keyword arguments, validated when the model
   uncertain cells (from 28x28 the masks come out at ``28 * 2**steps``: 224x224, the resolution detectron2 reaches
   with 5 steps from its 7x7 coarse head; ``0`` steps give the standard masks).
   Other values of these settings need ``mask_head="pointrend"``.
+  ``"contour"`` (Deep Snake-style contours, Peng et al., "Deep Snake for Real-Time Instance Segmentation", CVPR
+  2020; :class:`~maskworks.models.instance.ContourHead` under ``roi_heads.contour_head``): the standard mask branch
+  stays and trains as before (``loss_mask``), and a contour head on the finest FPN level (``"0"``: P2, stride 4 of the
+  padded batch; its stride is inferred from the map and image sizes as the RoI poolers do) evolves an ellipse
+  inscribed in each box into the object's outline. Training: from the ground-truth boxes of each image (each object
+  once, not once per positive proposal; at most ``contour_max_instances`` (64) objects per image, a random subset
+  of the others, and none whose mask is empty after torchvision's resize), against the objects' outer contours
+  (:func:`~maskworks.ops.mask_to_contour` of the resized ground-truth masks), it adds ``loss_contour``: the mean
+  over the ``contour_iterations`` (3) steps of :func:`~maskworks.models.instance.contour_loss`. Eval: the head runs on
+  the final detections (the standard mask branch is skipped, its masks would be discarded); each final contour is
+  scaled to the input image as torchvision scales the boxes (``input / resized`` per axis) and rasterised there
+  (:func:`~maskworks.ops.contour_to_mask`): these are the output ``masks`` (and, with ``return_mask_probs``, their 0 /
+  1 ``mask_probs``). Its settings: ``contour_num_points`` (128, at least 16) vertices, ``contour_hidden`` (128)
+  channels of the circular convolutions, ``contour_iterations`` (3), ``contour_max_instances`` (64, training only).
+  Other values of these settings need ``mask_head="contour"``. The contour head computes in float32 under autocast.
 """
 
 from __future__ import annotations
@@ -93,15 +109,18 @@ from maskworks.backbones.mobilenet import MobileNetV3
 from maskworks.backbones.resnet import ResNet
 from maskworks.models._utils import build_encoder, check_positive_int
 from maskworks.models.instance._common import check_image_list, check_loss_weights, check_normalisation
+from maskworks.models.instance.contour import ContourHead, contour_loss
 from maskworks.ops.nms import soft_nms
 from maskworks.ops.points import (
     get_uncertain_point_coords_on_grid,
     get_uncertain_point_coords_with_randomness,
     point_sample,
 )
+from maskworks.ops.polygons import contour_to_mask, mask_to_contour
 from maskworks.registry import register_model
 
 __all__ = [
+    "CONTOUR_LOSS_NAMES",
     "LOSS_NAMES",
     "POINTREND_LOSS_NAMES",
     "AlignedMultiScaleRoIAlign",
@@ -119,6 +138,9 @@ __all__ = [
 LOSS_NAMES: tuple[str, ...] = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
 # the losses mask_head="pointrend" adds to LOSS_NAMES
 POINTREND_LOSS_NAMES: tuple[str, ...] = ("loss_mask_point",)
+# the losses mask_head="contour" adds to LOSS_NAMES
+CONTOUR_LOSS_NAMES: tuple[str, ...] = ("loss_contour",)
+_MASK_HEADS = ("standard", "pointrend", "contour")
 # the FPN levels the RoI poolers read ("pool", the max-pooled extra level, is for the RPN only), as in torchvision
 _POOLED_LEVELS = ["0", "1", "2", "3"]
 
@@ -156,9 +178,15 @@ _DEFAULTS: dict[str, Any] = {
     "point_head_importance_sample_ratio": 0.75,
     "point_head_subdivision_steps": 3,
     "point_head_subdivision_num_points": 28 * 28,
+    "contour_num_points": 128,
+    "contour_hidden": 128,
+    "contour_iterations": 3,
+    "contour_max_instances": 64,
 }
 # the settings of mask_head="pointrend" (PointHead's arguments without the prefix)
 _POINT_HEAD_OPTIONS = tuple(k for k in _DEFAULTS if k.startswith("point_head_"))
+# the settings of mask_head="contour"
+_CONTOUR_OPTIONS = tuple(k for k in _DEFAULTS if k.startswith("contour_"))
 _POSITIVE_INTS = (
     "max_size",
     "rpn_pre_nms_top_n_train",
@@ -174,6 +202,9 @@ _POSITIVE_INTS = (
     "point_head_fc_dim",
     "point_head_train_num_points",
     "point_head_subdivision_num_points",
+    "contour_hidden",
+    "contour_iterations",
+    "contour_max_instances",
 )
 _UNIT_FLOATS = ("rpn_nms_thresh", "rpn_score_thresh", "box_score_thresh", "box_nms_thresh")  # in [0, 1]
 # passed to torchvision's MaskRCNN under the same name
@@ -432,14 +463,15 @@ def _check_options(opts: Mapping[str, Any], defaults: Mapping[str, Any], in_chan
         raise ValueError(f"soft_nms_sigma must be a number > 0, got {sigma!r}")
     if not isinstance(o["return_mask_probs"], bool):
         raise ValueError(f"return_mask_probs must be a bool, got {o['return_mask_probs']!r}")
+    if o["mask_head"] not in _MASK_HEADS:
+        raise ValueError(f"mask_head must be 'standard' or 'pointrend' or 'contour', got {o['mask_head']!r}")
     _check_point_head_options(o)
+    _check_contour_options(o)
     o["loss_weights"] = _check_loss_weights(o["loss_weights"], o["mask_head"])
     return o
 
 
 def _check_point_head_options(o: Mapping[str, Any]) -> None:
-    if o["mask_head"] not in ("standard", "pointrend"):
-        raise ValueError(f"mask_head must be 'standard' or 'pointrend', got {o['mask_head']!r}")
     steps = o["point_head_subdivision_steps"]
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"point_head_subdivision_steps must be an int >= 0, got {steps!r}")
@@ -449,14 +481,26 @@ def _check_point_head_options(o: Mapping[str, Any]) -> None:
     share = o["point_head_importance_sample_ratio"]
     if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 <= share <= 1.0:
         raise ValueError(f"point_head_importance_sample_ratio must be a number in [0, 1], got {share!r}")
-    if o["mask_head"] == "standard":
+    if o["mask_head"] != "pointrend":
         changed = [k for k in _POINT_HEAD_OPTIONS if o[k] != _DEFAULTS[k]]
         if changed:
-            raise ValueError(f"{changed[0]} applies to mask_head='pointrend' only, got mask_head='standard'")
+            raise ValueError(f"{changed[0]} applies to mask_head='pointrend' only, got mask_head={o['mask_head']!r}")
+
+
+def _check_contour_options(o: Mapping[str, Any]) -> None:
+    points = o["contour_num_points"]
+    if isinstance(points, bool) or not isinstance(points, int) or points < 16:
+        # ContourHead's circular convolutions (kernel 9, dilations up to 4) reach 16 vertices along the contour
+        raise ValueError(f"contour_num_points must be an int >= 16, got {points!r}")
+    if o["mask_head"] != "contour":
+        changed = [k for k in _CONTOUR_OPTIONS if o[k] != _DEFAULTS[k]]
+        if changed:
+            raise ValueError(f"{changed[0]} applies to mask_head='contour' only, got mask_head={o['mask_head']!r}")
 
 
 def _check_loss_weights(loss_weights: Mapping[str, float] | None, mask_head: str = "standard") -> dict[str, float]:
-    names = LOSS_NAMES + (POINTREND_LOSS_NAMES if mask_head == "pointrend" else ())
+    extra = {"pointrend": POINTREND_LOSS_NAMES, "contour": CONTOUR_LOSS_NAMES}.get(mask_head, ())
+    names = LOSS_NAMES + extra
     return check_loss_weights(loss_weights, dict.fromkeys(names, 1.0))
 
 
@@ -498,9 +542,44 @@ def paste_masks_bool(
     return out
 
 
+def _mask_contours(masks: torch.Tensor, num_points: int) -> torch.Tensor:
+    """:func:`~maskworks.ops.mask_to_contour` of each non-empty mask ``(G, H, W)``: float32 ``(G, num_points, 2)`` on
+    the CPU. Each mask is cropped to its set pixels first (the boundary is the same, shifted by the crop's corner;
+    this keeps the cost independent of the image size)."""
+    out = []
+    for mask in masks.detach().cpu() != 0:
+        rows, cols = torch.where(mask.any(1))[0], torch.where(mask.any(0))[0]
+        y0, y1, x0, x1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+        out.append(mask_to_contour(mask[y0:y1, x0:x1], num_points) + torch.tensor([float(x0), float(y0)]))
+    return torch.stack(out) if out else torch.zeros(0, num_points, 2)
+
+
+def _rasterise_contours(
+    contours: torch.Tensor, image_size: tuple[int, int], original_size: tuple[int, int]
+) -> torch.Tensor:
+    """Bool masks ``(N, H, W)`` at ``original_size`` ``(H, W)`` of contours ``(N, P, 2)`` given in the resized image
+    of ``image_size``: the vertices are scaled by ``original / resized`` per axis, the float32 ratios torchvision's
+    ``resize_boxes`` scales the boxes with, and each ring is rasterised at the original size
+    (:func:`~maskworks.ops.contour_to_mask`). A contour with a non-finite vertex gives an empty mask."""
+    h, w = original_size
+    out = torch.zeros((contours.shape[0], h, w), dtype=torch.bool, device=contours.device)
+    if contours.shape[0] == 0:
+        return out
+    ratio = torch.tensor([w, h], dtype=torch.float32, device=contours.device) / torch.tensor(
+        [image_size[1], image_size[0]], dtype=torch.float32, device=contours.device
+    )
+    scaled = (contours.float() * ratio).cpu()
+    for i, ring in enumerate(scaled):
+        if torch.isfinite(ring).all():
+            out[i] = contour_to_mask(ring, h, w).to(out.device)
+    return out
+
+
 class _Transform(GeneralizedRCNNTransform):
     """torchvision's transform; in eval, unless ``paste_probs`` is set (or the model is traced), masks are pasted
-    as bool images by :func:`paste_masks_bool`."""
+    as bool images by :func:`paste_masks_bool`. Detections with ``contours`` (``mask_head="contour"``: ``(N, P, 2)``
+    in the resized image) get the masks :func:`_rasterise_contours` draws at the input size instead (as 0 / 1 float
+    ``(N, 1, H, W)`` with ``paste_probs``); the ``contours`` entry is consumed."""
 
     paste_probs = False
 
@@ -510,11 +589,15 @@ class _Transform(GeneralizedRCNNTransform):
         image_shapes: list[tuple[int, int]],
         original_image_sizes: list[tuple[int, int]],
     ) -> list[dict[str, torch.Tensor]]:
-        if self.training or self.paste_probs or torchvision._is_tracing():
+        contours = any("contours" in pred for pred in result)
+        if not contours and (self.training or self.paste_probs or torchvision._is_tracing()):
             return super().postprocess(result, image_shapes, original_image_sizes)
         for pred, im_s, o_im_s in zip(result, image_shapes, original_image_sizes):
             pred["boxes"] = resize_boxes(pred["boxes"], im_s, o_im_s)
-            if "masks" in pred:
+            if "contours" in pred:
+                masks = _rasterise_contours(pred.pop("contours"), im_s, o_im_s)
+                pred["masks"] = masks[:, None].float() if self.paste_probs else masks
+            elif "masks" in pred:
                 pred["masks"] = paste_masks_bool(pred["masks"], pred["boxes"], o_im_s)
         return result
 
@@ -728,10 +811,22 @@ class _RoIHeads(RoIHeads):
 
     With a ``point_head`` (:class:`PointHead`, ``mask_head="pointrend"``; ``None`` otherwise) torchvision's forward
     still runs unchanged; its coarse mask logits and training samples are recorded on the way, and afterwards the
-    point head adds ``loss_mask_point`` (training) or replaces the masks by its refined ones (eval)."""
+    point head adds ``loss_mask_point`` (training) or replaces the masks by its refined ones (eval).
+
+    With a ``contour_head`` (:class:`~maskworks.models.instance.ContourHead`, ``mask_head="contour"``; ``None``
+    otherwise) torchvision's forward runs unchanged in training and the contour head adds ``loss_contour`` from the
+    ground-truth boxes and masks of each image (at most ``contour_max_instances`` objects per image); in eval the
+    standard mask branch is skipped and each detection gets the head's final contour as ``contours`` ``(N, P, 2)`` in
+    the resized image, which the model's transform rasterises into the output masks at the input size."""
 
     nms_method = "hard"
     soft_nms_sigma = 0.5
+    contour_max_instances = 64
+    contour_in_feature = "0"  # the FPN level the contour head reads (P2)
+
+    def has_mask(self) -> bool:
+        # False during an eval forward with the contour head: the standard masks would be discarded
+        return not self.__dict__.get("_skip_mask_branch", False) and super().has_mask()
 
     def select_training_samples(
         self, proposals: list[torch.Tensor], targets: list[dict[str, torch.Tensor]] | None
@@ -748,6 +843,8 @@ class _RoIHeads(RoIHeads):
         image_shapes: list[tuple[int, int]],
         targets: list[dict[str, torch.Tensor]] | None = None,
     ) -> tuple[list[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+        if self.contour_head is not None and self.has_mask():
+            return self._contour_forward(features, proposals, image_shapes, targets)
         if self.point_head is None or not self.has_mask():
             return super().forward(features, proposals, image_shapes, targets)
         captured: list[torch.Tensor] = []
@@ -778,6 +875,65 @@ class _RoIHeads(RoIHeads):
         for r, probs in zip(result, refined.sigmoid().split([len(b) for b in boxes])):
             r["masks"] = probs
         return result, losses
+
+    def _contour_forward(
+        self,
+        features: dict[str, torch.Tensor],
+        proposals: list[torch.Tensor],
+        image_shapes: list[tuple[int, int]],
+        targets: list[dict[str, torch.Tensor]] | None,
+    ) -> tuple[list[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+        """``mask_head="contour"``: torchvision's forward, plus ``loss_contour`` (training) or ``contours`` per
+        detection (eval, with the standard mask branch skipped)."""
+        if self.training:
+            result, losses = super().forward(features, proposals, image_shapes, targets)
+            losses["loss_contour"] = self._contour_loss(features, targets or [], image_shapes)
+            return result, losses
+        self._skip_mask_branch = True
+        try:
+            result, losses = super().forward(features, proposals, image_shapes, targets)
+        finally:
+            self._skip_mask_branch = False
+        boxes = [r["boxes"] for r in result]
+        contours = self._contours(features, boxes, image_shapes)[-1]
+        for r, image_contours in zip(result, contours.split([len(b) for b in boxes])):
+            r["contours"] = image_contours
+        return result, losses
+
+    def _contours(
+        self, features: dict[str, torch.Tensor], boxes: list[torch.Tensor], image_shapes: list[tuple[int, int]]
+    ) -> list[torch.Tensor]:
+        """The contour head's ``(R, P, 2)`` contours of every step (float32, in the resized images' pixels) from the
+        boxes (per image ``(R_i, 4)`` in those pixels); the map's stride is inferred as the RoI poolers do."""
+        feature = features[self.contour_in_feature]
+        scale = _infer_scale(feature, [max(s[0] for s in image_shapes), max(s[1] for s in image_shapes)])
+        with _no_autocast(feature.device):
+            return self.contour_head(feature.float(), [b.detach().float() for b in boxes], stride=1.0 / scale)
+
+    def _contour_loss(
+        self,
+        features: dict[str, torch.Tensor],
+        targets: list[dict[str, torch.Tensor]],
+        image_shapes: list[tuple[int, int]],
+    ) -> torch.Tensor:
+        """``loss_contour``: the mean over the head's steps of :func:`contour_loss` between the contours evolved from
+        the ground-truth boxes and the outer contours of the (resized) ground-truth masks. Objects with an empty mask
+        are left out; images with more than ``contour_max_instances`` objects use a random subset of them."""
+        head = self.contour_head
+        boxes, contours = [], []
+        for t in targets:
+            masks = t["masks"]
+            keep = torch.where(masks.flatten(1).any(1))[0]  # a mask can vanish in torchvision's resize
+            if len(keep) > self.contour_max_instances:
+                keep = keep[torch.randperm(len(keep), device=keep.device)[: self.contour_max_instances]]
+            boxes.append(t["boxes"][keep])
+            contours.append(_mask_contours(masks[keep], head.num_points).to(t["boxes"].device))
+        if not any(len(b) for b in boxes):  # a zero still connected to the head (no unused parameters)
+            return torch.stack([p.sum() for p in head.parameters()]).sum() * 0.0
+        outputs = self._contours(features, boxes, image_shapes)
+        target = torch.cat(contours)
+        with _no_autocast(target.device):
+            return torch.stack([contour_loss(out, target) for out in outputs]).mean()
 
     def postprocess_detections(
         self,
@@ -873,6 +1029,16 @@ class MaskRCNN(TorchvisionMaskRCNN):
         if options["mask_head"] == "pointrend":
             point = {k.removeprefix("point_head_"): options[k] for k in _POINT_HEAD_OPTIONS}
             self.roi_heads.point_head = PointHead(backbone.out_channels, num_classes, **point)
+        # the contour head adds roi_heads.contour_head, likewise after every other module
+        self.roi_heads.contour_head = None
+        self.roi_heads.contour_max_instances = int(options["contour_max_instances"])
+        if options["mask_head"] == "contour":
+            self.roi_heads.contour_head = ContourHead(
+                backbone.out_channels,
+                num_points=options["contour_num_points"],
+                hidden=options["contour_hidden"],
+                num_iterations=options["contour_iterations"],
+            )
         t = self.transform
         self.transform = _Transform(
             t.min_size,
@@ -986,8 +1152,8 @@ def mask_rcnn(
             ``None`` for random initialisation.
         **opts: the options of the module docstring (``min_size``, ``max_size``, ``image_mean``, ``image_std``,
             ``rpn_*``, ``box_*``, ``soft_nms_sigma``, ``mask_resolution``, ``pooler``, ``sampling_ratio``,
-            ``aligned``, ``loss_weights``, ``return_mask_probs``, ``mask_head`` (``"standard"`` or
-            ``"pointrend"``) and its ``point_head_*`` settings).
+            ``aligned``, ``loss_weights``, ``return_mask_probs``, ``mask_head`` (``"standard"``, ``"pointrend"`` with
+            its ``point_head_*`` settings, or ``"contour"`` with its ``contour_*`` settings)).
     """
     return _build(encoder, num_classes, in_channels, encoder_weights, opts)
 
