@@ -23,15 +23,59 @@ import torch.nn as nn
 
 __all__ = [
     "BATCH_NORMS",
+    "TINY_MASK_RCNN",
     "TINY_SEMANTIC",
     "count_parameters",
     "kill_in_epoch",
     "perturb_parameters",
     "randomize_norms",
+    "rectangle_instances",
     "semantic_models_to_test",
 ]
 
 BATCH_NORMS: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+# Mask R-CNN options for test-sized runs: 64-96 px inputs, few proposals and RoIs, 14x14 masks (the mask head costs
+# ~0.5 GMAC per RoI at full size)
+TINY_MASK_RCNN: dict[str, int] = {
+    "min_size": 64,
+    "max_size": 96,
+    "mask_resolution": 7,
+    "rpn_pre_nms_top_n_train": 200,
+    "rpn_post_nms_top_n_train": 100,
+    "rpn_pre_nms_top_n_test": 100,
+    "rpn_post_nms_top_n_test": 50,
+    "box_batch_size_per_image": 16,
+    "box_detections_per_img": 8,
+}
+
+
+def rectangle_instances(
+    num_classes: int = 3,
+    size: tuple[int, int] = (64, 80),
+    instances: int = 2,
+    channels: int = 3,
+    box_size: tuple[int, int] = (24, 30),
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A test image (standard normal noise) with ``instances`` filled rectangles of ``box_size = (width, height)``
+    at staggered positions (the ``i``-th at ``x = 4 + 20 i``, ``y = 6 + 12 i``), and its instance target: ``boxes``
+    xyxy float32, random ``labels`` in ``1..num_classes-1``, ``masks (N, H, W)`` uint8."""
+    h, w = size
+    bw, bh = box_size
+    image = torch.randn(channels, h, w)
+    boxes, masks = [], []
+    for i in range(instances):
+        x1, y1 = 4 + 20 * i, 6 + 12 * i
+        m = torch.zeros(h, w, dtype=torch.uint8)
+        m[y1 : y1 + bh, x1 : x1 + bw] = 1
+        boxes.append([float(x1), float(y1), float(x1 + bw), float(y1 + bh)])
+        masks.append(m)
+    target = {
+        "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+        "labels": torch.randint(1, num_classes, (instances,), dtype=torch.int64),
+        "masks": torch.stack(masks) if masks else torch.zeros(0, h, w, dtype=torch.uint8),
+    }
+    return image, target
 
 
 @torch.no_grad()

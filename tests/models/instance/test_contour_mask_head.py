@@ -17,19 +17,9 @@ from maskworks.models.instance.mask_rcnn import (
     mask_rcnn,
 )
 from maskworks.ops import contour_to_mask, mask_to_contour
+from maskworks.testing import TINY_MASK_RCNN
 
-# tiny models: 64-96 px images, few RoIs, small contour heads (as test_pointrend.py)
-SMALL = {
-    "min_size": 64,
-    "max_size": 96,
-    "mask_resolution": 7,
-    "rpn_pre_nms_top_n_train": 200,
-    "rpn_post_nms_top_n_train": 100,
-    "rpn_pre_nms_top_n_test": 100,
-    "rpn_post_nms_top_n_test": 50,
-    "box_batch_size_per_image": 16,
-    "box_detections_per_img": 8,
-}
+SMALL = TINY_MASK_RCNN  # tiny models: 64-96 px images, few RoIs, small contour heads
 CONTOUR = {"mask_head": "contour", "contour_num_points": 32, "contour_hidden": 32}
 POINTS = 32
 

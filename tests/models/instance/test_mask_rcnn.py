@@ -24,39 +24,13 @@ from maskworks.models.instance.mask_rcnn import (
 )
 from maskworks.ops.roi import fpn_level
 from maskworks.registry import create_model, model_entry
-from maskworks.testing import count_parameters, randomize_norms
+from maskworks.testing import TINY_MASK_RCNN, count_parameters, randomize_norms
+from maskworks.testing import rectangle_instances as _targets
 
 TV_MEAN, TV_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
-# small images and few RoIs keep every test fast on 2 CPU cores (the mask head costs ~0.5 GMAC per RoI)
-FEW_ROIS = {
-    "rpn_pre_nms_top_n_train": 200,
-    "rpn_post_nms_top_n_train": 100,
-    "rpn_pre_nms_top_n_test": 100,
-    "rpn_post_nms_top_n_test": 50,
-    "box_batch_size_per_image": 16,
-    "box_detections_per_img": 8,
-}
-SMALL = {"min_size": 64, "max_size": 96, "mask_resolution": 7, **FEW_ROIS}
-
-
-def _targets(num_classes: int = 3, size: tuple[int, int] = (64, 80), instances: int = 2, channels: int = 3):
-    """One image with ``instances`` filled rectangles (boxes, labels, masks) in random order."""
-    h, w = size
-    image = torch.randn(channels, h, w)
-    boxes, masks = [], []
-    for i in range(instances):
-        x1, y1 = 4 + 20 * i, 6 + 12 * i
-        x2, y2 = x1 + 24, y1 + 30
-        m = torch.zeros(h, w, dtype=torch.uint8)
-        m[y1:y2, x1:x2] = 1
-        boxes.append([float(x1), float(y1), float(x2), float(y2)])
-        masks.append(m)
-    target = {
-        "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
-        "labels": torch.randint(1, num_classes, (instances,), dtype=torch.int64),
-        "masks": torch.stack(masks) if masks else torch.zeros(0, h, w, dtype=torch.uint8),
-    }
-    return image, target
+# small images and few RoIs keep every test fast on 2 CPU cores
+SMALL = TINY_MASK_RCNN
+FEW_ROIS = {k: v for k, v in SMALL.items() if k not in ("min_size", "max_size", "mask_resolution")}
 
 
 def _train_losses(model: MaskRCNN, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -18,41 +18,13 @@ from maskworks.models.instance.mask_rcnn import (
     mask_rcnn_resnet50_fpn,
 )
 from maskworks.ops import get_uncertain_point_coords_on_grid, get_uncertain_point_coords_with_randomness, point_sample
-from maskworks.testing import count_parameters
+from maskworks.testing import TINY_MASK_RCNN, count_parameters
+from maskworks.testing import rectangle_instances as _sample
 
-# tiny models: 64-96 px images, few RoIs, 14x14 coarse masks (mask_resolution 7), as test_mask_rcnn.py
-SMALL = {
-    "min_size": 64,
-    "max_size": 96,
-    "mask_resolution": 7,
-    "rpn_pre_nms_top_n_train": 200,
-    "rpn_post_nms_top_n_train": 100,
-    "rpn_pre_nms_top_n_test": 100,
-    "rpn_post_nms_top_n_test": 50,
-    "box_batch_size_per_image": 16,
-    "box_detections_per_img": 8,
-}
+SMALL = TINY_MASK_RCNN  # tiny models: 64-96 px images, few RoIs, 14x14 coarse masks
 POINT_KEYS = [
     f"roi_heads.point_head.{name}.{p}" for name in ("fc1", "fc2", "fc3", "predictor") for p in ("weight", "bias")
 ]
-
-
-def _sample(num_classes: int, size: tuple[int, int], instances: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """An image with ``instances`` filled rectangles and its target."""
-    h, w = size
-    boxes, masks = [], []
-    for i in range(instances):
-        x1, y1 = 4 + 20 * i, 6 + 12 * i
-        m = torch.zeros(h, w, dtype=torch.uint8)
-        m[y1 : y1 + 30, x1 : x1 + 24] = 1
-        boxes.append([x1, y1, x1 + 24, y1 + 30])
-        masks.append(m)
-    target = {
-        "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
-        "labels": torch.randint(1, num_classes, (instances,)),
-        "masks": torch.stack(masks) if masks else torch.zeros(0, h, w, dtype=torch.uint8),
-    }
-    return torch.randn(3, h, w), target
 
 
 def _losses(model: MaskRCNN, instances: tuple[int, ...] = (2, 0), seed: int = 0) -> dict[str, torch.Tensor]:

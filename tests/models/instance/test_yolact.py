@@ -24,7 +24,7 @@ from maskworks.models.instance.yolact import (
     yolact_resnet50_fpn,
 )
 from maskworks.registry import create_model, model_entry
-from maskworks.testing import count_parameters
+from maskworks.testing import count_parameters, rectangle_instances
 
 # a test-size configuration: ResNet-18, narrow neck and heads, few prototypes
 TINY = {"fpn_channels": 32, "num_protos": 8, "max_detections": 10}
@@ -36,23 +36,8 @@ def _tiny(num_classes: int = 3, **opts) -> YOLACT:
 
 
 def _sample(num_classes: int = 3, size: tuple[int, int] = (64, 80), instances: int = 2):
-    """One image with ``instances`` filled rectangles (boxes, labels, masks)."""
-    h, w = size
-    image = torch.randn(3, h, w)
-    boxes, masks = [], []
-    for i in range(instances):
-        x1, y1 = 4 + 20 * i, 6 + 12 * i
-        x2, y2 = x1 + 26, y1 + 30
-        m = torch.zeros(h, w, dtype=torch.uint8)
-        m[y1:y2, x1:x2] = 1
-        boxes.append([float(x1), float(y1), float(x2), float(y2)])
-        masks.append(m)
-    target = {
-        "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
-        "labels": torch.randint(1, num_classes, (instances,), dtype=torch.int64),
-        "masks": torch.stack(masks) if masks else torch.zeros(0, h, w, dtype=torch.uint8),
-    }
-    return image, target
+    """One image with ``instances`` filled 26 x 30 rectangles (boxes, labels, masks)."""
+    return rectangle_instances(num_classes, size, instances, box_size=(26, 30))
 
 
 # --------------------------------------------------------------------------- architecture
