@@ -10,6 +10,7 @@ from maskworks.layers.atrous import (
     receptive_field_mask,
 )
 from maskworks.layers.conv import ConvBNReLU, ConvNormAct, create_act
+from maskworks.layers.deform_attn import MultiScaleDeformableAttention, multi_scale_deformable_attention
 from maskworks.layers.deform_conv import DeformConv2d
 from maskworks.layers.efficient_attention import (
     LinearAttention,
@@ -67,6 +68,8 @@ __all__ = [
     "ConvBNReLU",
     "ConvNormAct",
     "DeformConv2d",
+    "MultiScaleDeformableAttention",
+    "multi_scale_deformable_attention",
     "FeaturePyramid",
     "GlobalResponseNorm",
     "LayerNorm2d",
