@@ -75,7 +75,7 @@ from maskworks.backbones.resnet import ResNet
 from maskworks.losses.focal import focal_loss
 from maskworks.losses.overlap import dice_loss
 from maskworks.models._utils import build_encoder, check_positive_int
-from maskworks.models.instance._common import check_image_list, check_loss_weights, check_targets
+from maskworks.models.instance._common import check_image_list, check_loss_weights, check_targets, pad_batch
 from maskworks.models.instance.mask_rcnn import EncoderBody, FPNBackbone, _pyramid_indices, _resnet_body
 from maskworks.ops.nms import matrix_nms
 from maskworks.registry import register_model
@@ -536,13 +536,7 @@ class SOLOv2(nn.Module):
     @staticmethod
     def _batch(images: list[torch.Tensor]) -> torch.Tensor:
         """Zero-pad the images at the bottom and right to one ``(B, C, H, W)``, ``H, W`` multiples of 32."""
-        h = max(im.shape[-2] for im in images)
-        w = max(im.shape[-1] for im in images)
-        h, w = h + (-h % SIZE_DIVISOR), w + (-w % SIZE_DIVISOR)
-        batch = images[0].new_zeros((len(images), images[0].shape[0], h, w))
-        for b, im in enumerate(images):
-            batch[b, :, : im.shape[-2], : im.shape[-1]] = im
-        return batch
+        return pad_batch(images, SIZE_DIVISOR)
 
     def _check_targets(self, targets: Sequence[Mapping[str, torch.Tensor]], images: list[torch.Tensor]) -> None:
         check_targets(targets, images, self.num_classes)

@@ -79,7 +79,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from maskworks.models._utils import build_encoder, check_positive_int
-from maskworks.models.instance._common import check_image_list, check_loss_weights, check_normalisation, check_targets
+from maskworks.models.instance._common import (
+    check_image_list,
+    check_loss_weights,
+    check_normalisation,
+    check_targets,
+    pad_batch,
+)
 from maskworks.ops.boxes import box_iou
 from maskworks.ops.nms import fast_nms, soft_nms
 from maskworks.registry import register_model
@@ -471,12 +477,7 @@ class YOLACT(nn.Module):
 
     def _batch(self, images: list[torch.Tensor]) -> torch.Tensor:
         """Normalise and zero-pad (bottom / right) to one size, a multiple of 32: ``(B, C, Hp, Wp)``."""
-        hp = -(-max(im.shape[-2] for im in images) // _SIZE_DIVISIBLE) * _SIZE_DIVISIBLE
-        wp = -(-max(im.shape[-1] for im in images) // _SIZE_DIVISIBLE) * _SIZE_DIVISIBLE
-        batch = images[0].new_zeros((len(images), self.in_channels, hp, wp))
-        for b, im in enumerate(images):
-            batch[b, :, : im.shape[-2], : im.shape[-1]] = (im - self.image_mean) / self.image_std
-        return batch
+        return pad_batch([(im - self.image_mean) / self.image_std for im in images], _SIZE_DIVISIBLE)
 
     def _check_targets(self, targets: Sequence[Mapping[str, torch.Tensor]], images: list[torch.Tensor]) -> None:
         check_targets(targets, images, self.num_classes)
