@@ -25,18 +25,30 @@ class ModelEntry:
     name: str
     fn: Callable[..., nn.Module]
     kind: str  # "model" | "backbone"
-    task: str  # "semantic" | "instance" | ... | "backbone"
+    task: str  # "semantic" | "instance" | ... | "backbone": the default task
+    tasks: tuple[str, ...] = ()  # every task the model serves (``--task`` picks one); () = just ``task``
+
+    @property
+    def all_tasks(self) -> tuple[str, ...]:
+        """The tasks the model serves, its default :attr:`task` first."""
+        return (self.task, *(t for t in self.tasks if t != self.task))
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
 
 
 def register_model(
-    fn: Callable[..., nn.Module] | None = None, *, name: str | None = None, kind: str = "model", task: str = "semantic"
+    fn: Callable[..., nn.Module] | None = None,
+    *,
+    name: str | None = None,
+    kind: str = "model",
+    task: str = "semantic",
+    tasks: tuple[str, ...] = (),
 ):
     """Register a model constructor under ``name`` (default: the function's name).
 
-    Usable as ``@register_model`` or ``@register_model(name="x", kind="backbone")``.
+    Usable as ``@register_model`` or ``@register_model(name="x", kind="backbone")``. ``task`` is the model's
+    default task; a model that serves several (Mask2Former) lists them in ``tasks`` and takes a ``task=`` keyword.
     Registering a name twice raises ``ValueError``.
     """
 
@@ -44,7 +56,7 @@ def register_model(
         key = name or f.__name__
         if key in _REGISTRY:
             raise ValueError(f"model name {key!r} is already registered (by {_REGISTRY[key].fn.__module__})")
-        _REGISTRY[key] = ModelEntry(key, f, kind, "backbone" if kind == "backbone" else task)
+        _REGISTRY[key] = ModelEntry(key, f, kind, "backbone" if kind == "backbone" else task, tuple(tasks))
         return f
 
     return _register(fn) if fn is not None else _register

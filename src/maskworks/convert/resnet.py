@@ -10,11 +10,19 @@ and reported. A 3-channel ``conv1`` is adapted when the target takes another cha
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 
 import torch
 
-__all__ = ["adapt_input_conv", "convert_torchvision_resnet", "convert_timm_resnet", "is_resnet_state_dict"]
+__all__ = [
+    "adapt_input_conv",
+    "convert_hf_resnet",
+    "convert_torchvision_resnet",
+    "convert_timm_resnet",
+    "is_hf_resnet_state_dict",
+    "is_resnet_state_dict",
+]
 
 _FIRST_CONV = "conv1.weight"
 
@@ -88,3 +96,59 @@ def convert_timm_resnet(
         The converted state dict and the dropped keys (timm's classifier, also named ``fc``).
     """
     return _convert_resnet(state_dict, "fc.", in_channels)
+
+
+_HF_RESNET_LAYER = re.compile(
+    r"encoder\.stages\.(\d+)\.layers\.(\d+)\.(shortcut|layer\.(\d+))\.(convolution|normalization)\.(.+)"
+)
+_HF_RESNET_STEM = re.compile(r"embedder\.embedder\.(convolution|normalization)\.(.+)")
+
+
+def is_hf_resnet_state_dict(state_dict: Mapping[str, torch.Tensor]) -> bool:
+    """True for an HF ``ResNetModel`` / ``ResNetBackbone`` / ``ResNetForImageClassification`` state dict (``resnet.``
+    prefix optional): ``embedder.embedder.convolution.weight`` and ``encoder.stages.*`` keys."""
+    keys = {k.removeprefix("resnet.") for k in state_dict}
+    return "embedder.embedder.convolution.weight" in keys and any(k.startswith("encoder.stages.0.") for k in keys)
+
+
+def convert_hf_resnet(
+    state_dict: Mapping[str, torch.Tensor], in_channels: int | None = None
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """HF ResNet (``ResNetModel`` / ``ResNetBackbone`` / ``ResNetForImageClassification``, ``resnet.`` prefix
+    optional) -> :class:`~maskworks.backbones.ResNet` keys.
+
+    ==========================================================  ==============================================
+    HF                                                          maskworks (= torchvision)
+    ==========================================================  ==============================================
+    ``embedder.embedder.convolution`` / ``normalization``       ``conv1`` / ``bn1``
+    ``encoder.stages.{s}.layers.{i}.layer.{j}.convolution``     ``layer{s+1}.{i}.conv{j+1}`` (``normalization``:
+                                                                ``bn{j+1}``)
+    ``encoder.stages.{s}.layers.{i}.shortcut.convolution`` /    ``layer{s+1}.{i}.downsample.0`` / ``.1``
+    ``normalization``
+    ``classifier.*``                                            dropped and reported
+    ==========================================================  ==============================================
+
+    HF's bottleneck puts the stride on the 3x3 conv (``downsample_in_bottleneck=False``, its default), as
+    torchvision's ResNet v1.5 and ours do.
+    """
+    out: dict[str, torch.Tensor] = {}
+    dropped: list[str] = []
+    for raw_key, value in state_dict.items():
+        key = raw_key.removeprefix("resnet.")
+        m = _HF_RESNET_STEM.fullmatch(key)
+        if m:
+            out[("conv1." if m.group(1) == "convolution" else "bn1.") + m.group(2)] = value
+            continue
+        m = _HF_RESNET_LAYER.fullmatch(key)
+        if m:
+            stage, block, part, j, kind, rest = m.groups()
+            prefix = f"layer{int(stage) + 1}.{block}."
+            if part == "shortcut":
+                out[prefix + ("downsample.0." if kind == "convolution" else "downsample.1.") + rest] = value
+            else:
+                out[prefix + ("conv" if kind == "convolution" else "bn") + f"{int(j) + 1}." + rest] = value
+            continue
+        dropped.append(raw_key)
+    if in_channels is not None and _FIRST_CONV in out:
+        out[_FIRST_CONV] = adapt_input_conv(out[_FIRST_CONV], in_channels)
+    return out, dropped

@@ -27,6 +27,7 @@ __all__ = [
     "crop_to",
     "center_crop",
     "build_encoder",
+    "build_dense_encoder",
     "load_encoder_weights",
     "check_positive_int",
     "check_positive_ints",
@@ -81,6 +82,29 @@ def build_encoder(
         prune()
     load_encoder_weights(model, encoder, encoder_weights)
     return model
+
+
+# Backbone options for dense prediction, passed where the backbone takes them: per-stage output norms, and mmseg's
+# window order for Swin.
+_DENSE_OPTIONS = {"out_norms": True, "window_padding": "mmseg"}
+
+
+def build_dense_encoder(
+    encoder: str, in_channels: int, encoder_weights: bool | str | os.PathLike | None, out_norms: bool
+) -> nn.Module:
+    """:func:`build_encoder` for dense heads (UPerNet, Mask2Former): with one LayerNorm per stage map
+    (``out_norms=True``, as mmseg's ``norm0..3`` and HF ``*Backbone``'s ``hidden_states_norms``) and mmseg's window
+    order where the backbone takes those options (Swin); backbones without them (ResNet, MobileNet) are built
+    plainly."""
+    options = dict(_DENSE_OPTIONS) if out_norms else {"window_padding": "mmseg"}
+    while True:
+        try:
+            return build_encoder(encoder, in_channels, encoder_weights, **options)
+        except TypeError as err:  # a backbone without one of the options (ResNet, MobileNet, ConvNeXt's windows)
+            unknown = next((k for k in options if f"'{k}'" in str(err)), None)
+            if unknown is None:
+                raise
+            del options[unknown]
 
 
 def load_encoder_weights(

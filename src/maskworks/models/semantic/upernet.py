@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 from maskworks.layers.conv import ConvBNReLU
 from maskworks.layers.norm import PooledBatchNorm2d
-from maskworks.models._utils import build_encoder, check_positive_int, crop_to, init_conv_norm, pad_to_multiple
+from maskworks.models._utils import build_dense_encoder, check_positive_int, crop_to, init_conv_norm, pad_to_multiple
 from maskworks.registry import register_model
 
 __all__ = ["UPerNet", "UPerHead", "FCNHead", "UPERNET_ALIASES"]
@@ -168,25 +168,6 @@ class FCNHead(nn.Module):
         return self.conv_seg(self.dropout(self.convs(x)))
 
 
-# Backbone options for dense prediction, passed where the backbone takes them: per-stage output norms, and mmseg's
-# window order for Swin.
-_DENSE_OPTIONS = {"out_norms": True, "window_padding": "mmseg"}
-
-
-def _build_encoder(
-    encoder: str, in_channels: int, encoder_weights: str | os.PathLike | None, out_norms: bool
-) -> nn.Module:
-    options = dict(_DENSE_OPTIONS) if out_norms else {"window_padding": "mmseg"}
-    while True:
-        try:
-            return build_encoder(encoder, in_channels, encoder_weights, **options)
-        except TypeError as err:  # a backbone without one of the options (ResNet, MobileNet, ConvNeXt's windows)
-            unknown = next((k for k in options if f"'{k}'" in str(err)), None)
-            if unknown is None:
-                raise
-            del options[unknown]
-
-
 @register_model(name="upernet")
 class UPerNet(nn.Module):
     """UPerNet with a registered backbone as encoder; mmseg's layout, HF-compatible weights.
@@ -232,7 +213,7 @@ class UPerNet(nn.Module):
         self.num_classes = num_classes
         self.in_channels = in_channels
         self.aux = bool(aux)
-        self.encoder = _build_encoder(encoder, in_channels, encoder_weights, bool(encoder_out_norms))
+        self.encoder = build_dense_encoder(encoder, in_channels, encoder_weights, bool(encoder_out_norms))
         info = self.encoder.feature_info
         usable = [i for i, f in enumerate(info) if f["reduction"] >= 4]
         if len(usable) < 4:
