@@ -27,11 +27,22 @@ DATASETS = (
     "ade20k",
     "cocostuff",
     "coco",
+    "coco_panoptic",
 )
 # Readers of a fixed public layout under data.root (default ../shared/data/<name>), with named splits.
-STANDARD_DATASETS = ("camvid", "isbi2012", "isbi2012_instances", "voc", "cityscapes", "ade20k", "cocostuff", "coco")
+STANDARD_DATASETS = (
+    "camvid",
+    "isbi2012",
+    "isbi2012_instances",
+    "voc",
+    "cityscapes",
+    "ade20k",
+    "cocostuff",
+    "coco",
+    "coco_panoptic",
+)
 # Datasets read from another dataset's folder by default.
-_DEFAULT_FOLDER = {"isbi2012_instances": "isbi2012"}
+_DEFAULT_FOLDER = {"isbi2012_instances": "isbi2012", "coco_panoptic": "coco"}
 
 _TRANSFORM_KEYS = ("crop_size", "scale_range", "hflip", "vflip", "rotate", "elastic", "color_jitter")
 
@@ -49,6 +60,7 @@ def reader_class(name: str):
         CamVid,
         Cityscapes,
         CocoInstances,
+        CocoPanoptic,
         CocoStuff,
         FolderDataset,
         ISBI2012Instances,
@@ -67,6 +79,7 @@ def reader_class(name: str):
         "ade20k": ADE20K,
         "cocostuff": CocoStuff,
         "coco": CocoInstances,
+        "coco_panoptic": CocoPanoptic,
     }
     if name not in readers:
         close = difflib.get_close_matches(str(name), list(readers), n=1)
@@ -280,14 +293,38 @@ def check_class_count(model_classes: int, data_classes: int, where: str) -> None
     raise ConfigError(f"{where}: the model predicts {model_classes} classes but the data has {data_classes}")
 
 
-def build_model(model_cfg: dict, num_classes: int, in_channels: int):
+def build_model(
+    model_cfg: dict,
+    num_classes: int,
+    in_channels: int,
+    task: str | None = None,
+    thing_classes: list[int] | None = None,
+):
+    """The configured model for data of ``num_classes`` classes and ``in_channels`` channels. A model that serves
+    several tasks (Mask2Former) gets ``task=`` (the task chosen by ``--task``); a panoptic model gets the data's
+    ``thing_classes``."""
     from maskworks.registry import create_model, model_entry
 
+    entry = model_entry(model_cfg["name"])
     kwargs = {k: v for k, v in model_cfg.items() if k != "name"}
     kwargs.setdefault("num_classes", num_classes)
     kwargs.setdefault("in_channels", in_channels)
-    if model_entry(model_cfg["name"]).kind == "backbone":
+    if entry.kind == "backbone":
         raise ConfigError(f"{model_cfg['name']!r} is a backbone, not a segmentation model; use it as model.encoder")
+    if task is not None and len(entry.all_tasks) > 1:
+        if kwargs.get("task", task) != task:
+            raise ConfigError(
+                f"model.task={kwargs['task']!r} disagrees with the task {task!r} (--task); give one of them"
+            )
+        kwargs["task"] = task
+    if task == "panoptic" and thing_classes is not None:
+        wanted = sorted(int(c) for c in thing_classes)
+        given = kwargs.setdefault("thing_classes", wanted)
+        if given is None or sorted(int(c) for c in given) != wanted:
+            raise ConfigError(
+                f"model.thing_classes={given!r} but the dataset's thing classes are {wanted}; drop "
+                "model.thing_classes (it follows the data)"
+            )
     if isinstance(kwargs["num_classes"], int) and not isinstance(kwargs["num_classes"], bool):
         check_class_count(kwargs["num_classes"], num_classes, f"model.num_classes={kwargs['num_classes']}")
     if kwargs["in_channels"] != in_channels:
@@ -316,6 +353,66 @@ def model_task(name: str) -> str:
     if entry.kind == "backbone":
         raise ConfigError(f"{name!r} is a backbone, not a segmentation model; use it as model.encoder")
     return entry.task
+
+
+TASK_CHOICES = ("semantic", "instance", "panoptic")
+
+
+def resolve_task(name: str, requested: str | None = None, current: str | None = None) -> str:
+    """The task a run of the registered model ``name`` serves: ``requested`` (``--task``) when the model serves it,
+    else ``current`` (a checkpoint's task) when the model serves that, else the model's default task.
+
+    Raises:
+        ConfigError: ``requested`` is a task the model does not serve (a model registered with one task serves
+            only that one; ``--task`` chooses among the tasks of models that serve several, such as Mask2Former).
+    """
+    from maskworks.registry import model_entry
+
+    model_task(name)  # unknown names and backbones: a ConfigError
+    entry = model_entry(name)
+    tasks = entry.all_tasks
+    if requested is None:
+        return current if current in tasks else entry.task
+    if requested not in TASK_CHOICES:
+        raise ConfigError(f"--task {requested!r}: expected one of {', '.join(TASK_CHOICES)}")
+    if requested not in tasks:
+        if len(tasks) == 1:
+            raise ConfigError(
+                f"--task {requested}: {name} is a {tasks[0]} model and serves no other task; --task chooses among "
+                "the tasks of models that serve several (such as mask2former): drop --task"
+            )
+        raise ConfigError(f"--task {requested}: {name} serves {', '.join(tasks)}, not {requested}")
+    return requested
+
+
+def task_kwargs(kind: str, dataset=None, meta: dict | None = None, where: str = "the data") -> dict[str, Any]:
+    """Keyword arguments of :func:`maskworks.tasks.build_task` for ``kind`` from a dataset (or, without one, a
+    checkpoint's ``meta``): class names, and for panoptic tasks which classes are things and their category ids.
+
+    Raises:
+        ConfigError: a panoptic task on data that does not say which classes are things.
+    """
+    base = base_dataset(dataset) if dataset is not None else None
+    meta = meta or {}
+
+    def attr(key: str):
+        value = getattr(base, key, None) if base is not None else None
+        return value if value is not None else meta.get(key)
+
+    names = attr("class_names")
+    kwargs: dict[str, Any] = {"class_names": list(names) if names else None}
+    if kind == "panoptic":
+        isthing = attr("isthing")
+        if isthing is None:
+            raise ConfigError(
+                f"a panoptic model needs panoptic data (which classes are things, which stuff), but {where} has "
+                "none: use data.name=coco_panoptic, or data.name=synthetic with data.panoptic=true"
+            )
+        kwargs["isthing"] = [bool(t) for t in isthing]
+        category_ids = attr("category_ids")
+        if category_ids is not None:
+            kwargs["category_ids"] = list(category_ids)
+    return kwargs
 
 
 # train.* / data.* settings that only a semantic model's training uses, with what they mean when unset.

@@ -51,6 +51,7 @@ def resolve_config(args, base: dict | None = None) -> dict:
         ("model", "model.name"),
         ("epochs", "train.epochs"),
         ("device", "train.device"),
+        ("task", "task"),
     ):
         value = getattr(args, flag, None)
         if value is not None:
@@ -131,25 +132,31 @@ def train(args) -> int:
                 f"run folder {run_dir} already holds a run ({', '.join(earlier[:3])}); continue it with --resume, "
                 "start a new one with --run-dir NEW_FOLDER, or replace it with --overwrite"
             )
-    kind = builders.model_task(cfg["model"]["name"])
+    kind = builders.resolve_task(cfg["model"]["name"], cfg.get("task"))
     builders.check_task_settings(cfg, kind)
     seed_everything(int(cfg["train"]["seed"]))  # the initial weights depend on the seed too
     progress = not args.no_progress
     train_set, val_set = builders.build_datasets(cfg["data"])
     base = builders.base_dataset(train_set)
+    task_options = builders.task_kwargs(kind, train_set, where=f"data.name={cfg['data']['name']}")
     builders.validate_datasets(cfg["data"], train_set, val_set, progress=progress)
     if cfg["data"].get("copy_paste"):
         builders.add_copy_paste(train_set, cfg["data"]["copy_paste"], progress=progress)
-    model = builders.build_model(cfg["model"], base.num_classes, base.in_channels)
+    thing_classes = None
+    if kind == "panoptic":
+        thing_classes = [i for i, t in enumerate(task_options["isthing"]) if t]
+    model = builders.build_model(cfg["model"], base.num_classes, base.in_channels, kind, thing_classes)
     meta: dict[str, Any] = {"data_config": cfg["data"], "task": kind}
     if getattr(base, "category_ids", None) is not None:  # COCO: labels map back to category ids in results
         meta["category_ids"] = list(base.category_ids)
+    if kind == "panoptic":
+        meta["isthing"], meta["thing_classes"] = task_options["isthing"], thing_classes
     if kind == "semantic":
         task_args: dict[str, Any] = {"loss_fn": builders.build_loss(cfg["train"], train_set)}
     else:
         from maskworks.tasks import build_task
 
-        task_args = {"task": build_task(kind, class_names=list(base.class_names))}
+        task_args = {"task": build_task(kind, **task_options)}
     sample_weights = None
     if cfg["train"].get("rare_class_sampling"):
         from maskworks.data import image_class_presence, repeat_factors
@@ -286,9 +293,7 @@ def evaluate(args) -> int:
         data_cfg = {**data_cfg, **meta["data_config"]}
         if args.root:
             data_cfg["root"] = args.root
-    from maskworks.tasks import model_task
-
-    kind = model_task(model)
+    kind = checkpoint_task(model, meta, getattr(args, "task", None))
     if kind != "semantic":
         return _evaluate_task(args, kind, model, meta, dev, data_cfg, out)
     model, channels_last = _inference_model(model, args.fuse_bn)
@@ -349,9 +354,33 @@ def evaluate(args) -> int:
     return 0
 
 
+def checkpoint_task(model, meta: dict, requested: str | None = None) -> str:
+    """The task a loaded checkpoint runs: ``requested`` (``--task``) when its model serves it, else the task it
+    was trained for (``meta["task"]``), else its model's default; a model that serves several tasks (it has a
+    ``task`` attribute, as Mask2Former) is switched to the chosen one.
+
+    Raises:
+        ConfigError: ``requested`` is a task the model does not serve, or ``--task`` for a model built outside
+            the registry.
+    """
+    from maskworks.registry import model_entry
+
+    config = getattr(model, "maskworks_config", None)
+    name = config.get("name") if isinstance(config, dict) else None
+    if name is None:
+        if requested not in (None, "semantic"):
+            raise ConfigError(f"--task {requested}: the checkpoint's model is not a registered model")
+        return "semantic"
+    current = meta.get("task") or (config.get("kwargs") or {}).get("task")
+    kind = builders.resolve_task(name, requested, current)
+    if len(model_entry(name).all_tasks) > 1 and isinstance(getattr(model, "task", None), str):
+        model.task = kind
+    return kind
+
+
 def _evaluate_task(args, kind: str, model, meta: dict, dev, data_cfg: dict, out: Path) -> int:
     """``maskworks eval`` for every task but semantic, through the task's evaluator (instance: COCO mask and box
-    AP with pycocotools)."""
+    AP with pycocotools; panoptic: PQ / SQ / RQ overall, for things and for stuff, and per class)."""
     from tqdm.auto import tqdm
 
     from maskworks.tasks import build_task
@@ -370,7 +399,7 @@ def _evaluate_task(args, kind: str, model, meta: dict, dev, data_cfg: dict, out:
             f"checkpoint {args.checkpoint} predicts {out_classes} classes (background included) but "
             f"data.name={data_cfg['name']} has {len(names)}"
         )
-    task = build_task(kind, class_names=names or None)
+    task = build_task(kind, **builders.task_kwargs(kind, dataset, meta, where=f"data.name={data_cfg['name']}"))
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, collate_fn=task.collate)
     evaluator = task.evaluator()
     t0 = time.perf_counter()
@@ -389,9 +418,39 @@ def _evaluate_task(args, kind: str, model, meta: dict, dev, data_cfg: dict, out:
         **result,
     }
     atomic_write_bytes(out / "eval.json", json.dumps(report, indent=2, default=str).encode())
-    print(format_instance_table(result))
+    print(format_panoptic_table(result) if kind == "panoptic" else format_instance_table(result))
     print(f"report: {out / 'eval.json'}")
     return 0
+
+
+def format_panoptic_table(result: dict) -> str:
+    """Per-class PQ / SQ / RQ (with thing / stuff and TP / FP / FN) and the summary: all classes, things, stuff."""
+    per = result["per_class"]
+    names = per["class_names"]
+    width = max(8, *(len(n) for n in names)) if names else 8
+
+    def cell(v) -> str:
+        return "    n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:7.4f}"
+
+    lines = [f"{'class':<{width}}  {'kind':<5}  {'PQ':>7} {'SQ':>7} {'RQ':>7} {'TP':>6} {'FP':>6} {'FN':>6}"]
+    for i, name in enumerate(names):
+        kind = "thing" if per["isthing"][i] else "stuff"
+        lines.append(
+            f"{name:<{width}}  {kind:<5}  {cell(per['pq'][i])} {cell(per['sq'][i])} {cell(per['rq'][i])} "
+            f"{per['tp'][i]:>6} {per['fp'][i]:>6} {per['fn'][i]:>6}"
+        )
+    lines.append("-" * len(lines[0]))
+    for label, suffix, count in (("all", "", "n"), ("things", "_things", "n_things"), ("stuff", "_stuff", "n_stuff")):
+        lines.append(
+            f"{label:<{width}}  {'':<5}  {cell(result['pq' + suffix])} {cell(result['sq' + suffix])} "
+            f"{cell(result['rq' + suffix])}   ({result[count]} classes)"
+        )
+    lines.append(
+        f"PQ {cell(result['pq']).strip()}  SQ {cell(result['sq']).strip()}  RQ {cell(result['rq']).strip()}   "
+        f"PQ_th {cell(result['pq_things']).strip()}   PQ_st {cell(result['pq_stuff']).strip()}   "
+        f"({result['num_images']} images)"
+    )
+    return "\n".join(lines)
 
 
 def format_instance_table(result: dict) -> str:
@@ -577,9 +636,7 @@ def predict(args) -> int:
     names = output_names(files)
     out = prepare_out_dir(args.out)
     model, meta, dev = _model_and_meta(args.checkpoint, args.device)
-    from maskworks.tasks import model_task
-
-    kind = model_task(model)
+    kind = checkpoint_task(model, meta, getattr(args, "task", None))
     if kind != "semantic":
         return _predict_task(args, kind, files, names, out, model, meta, dev)
     k = model_output_classes(model)
@@ -672,6 +729,8 @@ def _predict_task(args, kind: str, files: list[Path], names: list[Path], out: Pa
         raise ConfigError(
             f"{', '.join(semantic_options)} apply to semantic models; {args.checkpoint} is a {kind} model"
         )
+    if kind == "panoptic":
+        return _predict_panoptic(args, files, names, out, model, meta, dev)
     task = build_task(kind, class_names=meta.get("class_names"), score_threshold=args.score_threshold)
     in_ch = meta.get("in_channels", 3)
     mean, std = meta.get("mean", [0.5] * in_ch), meta.get("std", [0.25] * in_ch)
@@ -708,6 +767,52 @@ def _predict_task(args, kind: str, files: list[Path], names: list[Path], out: Pa
         f"wrote {sum(counts)} instance(s) (score >= {args.score_threshold}) in {len(files)} image(s) to {out}: "
         f"coco_results.json, <name>_ids.png id maps ({args.paste_order} order)"
         f"{'' if args.no_overlay else ' and <name>_instances.png overlays'}"
+    )
+    return 0
+
+
+def _predict_panoptic(args, files: list[Path], names: list[Path], out: Path, model, meta: dict, dev) -> int:
+    """``maskworks predict`` for panoptic checkpoints: per image ``<name>_panoptic.png`` (COCO panoptic RGB ids),
+    ``<name>_panoptic_overlay.png`` (stuff in class colours, things each in its own colour) and one
+    ``panoptic_results.json`` (COCO panoptic ``annotations`` + ``categories``, category ids of the training data)."""
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    from maskworks.data import read_image
+    from maskworks.tasks import build_task
+
+    task = build_task("panoptic", **builders.task_kwargs("panoptic", None, meta, where=f"checkpoint {args.checkpoint}"))
+    in_ch = meta.get("in_channels", 3)
+    mean, std = meta.get("mean", [0.5] * in_ch), meta.get("std", [0.25] * in_ch)
+    annotations: list[dict[str, Any]] = []
+    segments = things = 0
+    bomb_limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = args.max_image_pixels
+    try:
+        with torch.inference_mode():
+            for i, (f, name) in enumerate(
+                tqdm(list(zip(files, names)), desc="predict", dynamic_ncols=True, disable=None)
+            ):
+                arr = read_image(f, channels=1 if in_ch == 1 else 3)  # (H, W, C) uint8
+                x = normalize_image(torch.from_numpy(arr.copy()).permute(2, 0, 1), mean, std).to(dev)
+                result = task.postprocess(task.forward(model, {"images": [x]}))[0]
+                segments += len(result[1])
+                things += sum(bool(s.get("isthing")) for s in result[1])
+                target = out / name
+                png = target.with_name(f"{target.name}_panoptic.png")
+                task.write_png(result, png)
+                if not args.no_overlay:
+                    task.write_overlay(
+                        result, _rgb3(arr), target.with_name(f"{target.name}_panoptic_overlay.png"), meta, args.alpha
+                    )
+                annotations.append(task.annotation(result, i, png.relative_to(out).as_posix(), meta))
+                annotations[-1]["image_file"] = str(f)
+    finally:
+        Image.MAX_IMAGE_PIXELS = bomb_limit
+    task.write_results_json(annotations, out / "panoptic_results.json", meta)
+    print(
+        f"wrote {segments} segment(s) ({things} things) in {len(files)} image(s) to {out}: panoptic_results.json, "
+        f"<name>_panoptic.png id maps{'' if args.no_overlay else ' and <name>_panoptic_overlay.png overlays'}"
     )
     return 0
 

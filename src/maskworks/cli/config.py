@@ -31,6 +31,7 @@ class ConfigError(ValueError):
 
 DEFAULTS: dict[str, Any] = {
     "run_dir": "runs/train",
+    "task": None,  # semantic | instance | panoptic for a model that serves several (--task); null = the model's own
     "model": {"name": "unet"},  # other keys are passed to the model constructor
     "data": {
         "name": "synthetic",  # synthetic | folder | camvid | isbi2012 | voc | cityscapes | ade20k | cocostuff
@@ -195,6 +196,7 @@ def _size(v: Any) -> bool:
 # key -> (accepts None, test, what was expected). Numbers given as strings ("1e-3") are converted first.
 _CHECKS: dict[str, tuple[bool, Any, str]] = {
     "run_dir": (False, lambda v: isinstance(v, str) and v.strip() != "", "a folder path"),
+    "task": (True, lambda v: v in ("semantic", "instance", "panoptic"), "semantic, instance, panoptic or null"),
     "data.name": (False, lambda v: isinstance(v, str), "a dataset name"),
     "data.root": (True, lambda v: isinstance(v, str), "a folder path"),
     "data.val_root": (True, lambda v: isinstance(v, str), "a folder path"),

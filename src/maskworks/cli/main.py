@@ -38,12 +38,23 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--data",
-        help="dataset shortcut for data.name: synthetic | folder | camvid | isbi2012 | voc | cityscapes | ade20k | cocostuff",
+        help="dataset shortcut for data.name: synthetic | folder | camvid | isbi2012 | isbi2012_instances | voc | "
+        "cityscapes | ade20k | cocostuff | coco | coco_panoptic",
     )
     p.add_argument("--root", help="shortcut for data.root (dataset folder)")
     p.add_argument("--model", help="shortcut for model.name (see `maskworks models`)")
     p.add_argument("--epochs", type=int, help="shortcut for train.epochs")
     p.add_argument("--device", help="shortcut for train.device: auto | cpu | cuda | cuda:N")
+    _add_task_arg(p)
+
+
+def _add_task_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--task",
+        choices=("semantic", "instance", "panoptic"),
+        help="the task of a model that serves several (mask2former); default: the model's own task (the one a "
+        "checkpoint was trained for). A model registered with one task refuses any other",
+    )
 
 
 def _add_inference_args(p: argparse.ArgumentParser) -> None:
@@ -114,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Evaluate a checkpoint. Semantic models: prints a per-class table (IoU, Dice, precision, recall, "
         "boundary F1, boundary IoU) with mIoU, calibration (ECE, NLL, Brier) and, on request, Hausdorff distances, and "
         "writes eval.json, confusion_matrix.png and reliability.png into --out (default: beside the checkpoint). "
-        "Instance models: COCO mask and box AP (AP, AP50, AP75, per class) into eval.json.",
+        "Instance models: COCO mask and box AP (AP, AP50, AP75, per class) into eval.json. Panoptic models: PQ, SQ and "
+        "RQ over all classes, things and stuff, and per class, into eval.json.",
     )
     p.add_argument("--checkpoint", required=True, help="a .safetensors checkpoint with its .json beside it")
     _add_config_args(p)
@@ -148,12 +160,15 @@ def build_parser() -> argparse.ArgumentParser:
         "Instance models: writes <name>_instances.png (each instance in its own colour, with class and score), "
         "<name>_ids.png (16-bit instance ids: pixel value i = the image's i-th row of coco_results.json; where "
         "masks overlap, --paste-order picks the owner) and coco_results.json (COCO results with RLE masks, category ids of the training data; polygons with "
-        "--polygons).",
+        "--polygons). Panoptic models: writes <name>_panoptic.png (COCO panoptic RGB ids, id = R + 256 G + 256^2 B), "
+        "<name>_panoptic_overlay.png (stuff in class colours, things each in its own colour, outlined) and "
+        "panoptic_results.json (COCO panoptic annotations and categories).",
     )
     p.add_argument("inputs", nargs="+", help="image files and/or folders of images")
     p.add_argument("--checkpoint", required=True, help="a .safetensors checkpoint with its .json beside it")
     p.add_argument("--out", default="predictions", help="output folder (default: predictions)")
     p.add_argument("--device", default="auto")
+    _add_task_arg(p)
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity (default 0.5)")
     p.add_argument("--no-overlay", action="store_true", help="write label PNGs only")
     p.add_argument("--tile", type=int, help="sliding-window size in pixels (e.g. 512); default: whole image at once")

@@ -4,6 +4,16 @@ from maskworks.data.ade20k import ADE20K
 from maskworks.data.camvid import CamVid
 from maskworks.data.cityscapes import Cityscapes
 from maskworks.data.coco import CocoInstances, coco_layout, coco_results, mask_to_polygons, write_coco_results
+from maskworks.data.coco_panoptic import (
+    CocoPanoptic,
+    coco_panoptic_layout,
+    id_to_rgb,
+    instances_to_panoptic,
+    read_id_png,
+    rgb_to_id,
+    save_id_png,
+    write_coco_panoptic,
+)
 from maskworks.data.cocostuff import CocoStuff
 from maskworks.data.copy_paste import BankedObject, RareClassCopyPaste, extract_objects
 from maskworks.data.folder import FolderDataset, PairedFileDataset
@@ -43,6 +53,14 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "CamVid",
     "CocoInstances",
+    "CocoPanoptic",
+    "coco_panoptic_layout",
+    "id_to_rgb",
+    "instances_to_panoptic",
+    "read_id_png",
+    "rgb_to_id",
+    "save_id_png",
+    "write_coco_panoptic",
     "ISBI2012Instances",
     "coco_layout",
     "coco_results",

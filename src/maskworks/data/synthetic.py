@@ -5,6 +5,10 @@ reproducible in any order, in any DataLoader worker, without files. Shapes (circ
 cross) get random colours, sizes and rotations, so only their *shape* tells the class; backgrounds are smooth
 noise, gradients or stripes with light pixel noise. Later shapes occlude earlier ones: the semantic mask and the
 instance masks agree on what is visible, and every shape keeps at least half of its area visible.
+
+With ``panoptic=True`` the background is split into *stuff* regions (smooth random partitions of the image, each
+class with its own texture: stripes, checks, blotches) and the shapes are *things*; samples then follow the panoptic
+contract (one ``instances`` entry per segment, stuff and things, with ``isthing`` and ``iscrowd``).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from maskworks.data.io import DatasetError, SegmentationDataset, raw_sample
 from maskworks.data.palette import default_palette
 
 SHAPES = ("circle", "rectangle", "triangle", "star", "cross")
+STUFF = ("stripes", "checks", "blotches")  # the stuff classes of panoptic scenes, told apart by their texture
 SPLITS = {"train": 0, "val": 1, "test": 2}
 # Measured over 2048 training samples at 96x96 (seed 0, default options).
 SYNTHETIC_MEAN = (0.4968, 0.4997, 0.4987)
@@ -91,6 +96,34 @@ def _smooth_field(rng: np.random.Generator, h: int, w: int, cells: int, low: flo
     return np.tensordot(rows, _upsample_matrix(w, cells), axes=(1, 1)).transpose(0, 2, 1)  # (h, w, 3)
 
 
+def _smooth_scalar(rng: np.random.Generator, h: int, w: int, cells: int) -> np.ndarray:
+    """Bilinearly upsampled ``cells x cells`` uniform random grid: ``(h, w)`` float32 in [0, 1]."""
+    grid = rng.uniform(0.0, 1.0, (cells, cells)).astype(np.float32)
+    return _upsample_matrix(h, cells) @ grid @ _upsample_matrix(w, cells).T
+
+
+def _stuff_texture(rng: np.random.Generator, kind: int, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
+    """The texture of stuff class ``kind`` (:data:`STUFF`) over the whole image, in random colours: ``(h, w, 3)``.
+
+    Stripes: soft stripes of a 5-9 px period; checks: a rotated checkerboard of 3-6 px squares; blotches: high
+    contrast smooth noise of 8-12 cells. Colours change from image to image, so only the texture tells the class.
+    """
+    h, w = ys.shape[0], xs.shape[1]
+    c0 = rng.uniform(_BG_CONTRAST, 255 - _BG_CONTRAST, 3).astype(np.float32)
+    c1 = np.clip(c0 + rng.uniform(-80.0, 80.0, 3), 0, 255).astype(np.float32)
+    angle = rng.uniform(0, 2 * math.pi)
+    u = xs * math.cos(angle) + ys * math.sin(angle)  # (h, w)
+    v = ys * math.cos(angle) - xs * math.sin(angle)
+    if kind == 0:
+        t = 0.5 + 0.5 * np.sin(2 * math.pi * u / rng.uniform(5, 9) + rng.uniform(0, 2 * math.pi))
+    elif kind == 1:
+        p = rng.uniform(3, 6)
+        t = ((np.floor(u / p) + np.floor(v / p)) % 2).astype(np.float32)
+    else:
+        t = _smooth_scalar(rng, h, w, int(rng.integers(8, 13)))
+    return c0 + t[..., None].astype(np.float32) * (c1 - c0)
+
+
 def _background(rng: np.random.Generator, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
     """Smooth noise, a linear gradient or soft stripes around a base colour, plus a faint tint: ``(h, w, 3)``."""
     h, w = ys.shape[0], xs.shape[1]
@@ -136,6 +169,17 @@ class SyntheticShapes(SegmentationDataset):
             0.5-1.0 of the two radii away), so that instances touch and occlude each other. Instances are numbered
             in paint order, back to front: where shapes overlap, the later one is visible, and each shape keeps
             at least 70 % of its area visible.
+        panoptic: panoptic scenes (see the module docstring): ``num_stuff`` stuff classes (labels
+            ``0..num_stuff-1``, :data:`STUFF`) followed by the ``num_classes - 1`` shape classes as things; every
+            pixel belongs to a segment (no void), ``instances`` lists the visible stuff regions (one per class) and
+            then the shapes. ``num_classes`` keeps counting "background + shapes" here, so the dataset's own
+            ``num_classes`` attribute is ``num_stuff + num_classes - 1``.
+        num_stuff: stuff classes of panoptic scenes, 1..3; each scene shows a random 1..num_stuff of them.
+
+    Attributes:
+        class_names, num_classes, palette: the class space (background + shapes, or stuff + shapes when panoptic).
+        isthing, category_ids, thing_classes: panoptic only: per label whether it is a thing, its category id
+            (``range(K)``), and the labels of the things.
     """
 
     in_channels = 3
@@ -158,6 +202,8 @@ class SyntheticShapes(SegmentationDataset):
         return_instances: bool = True,
         cache: bool = False,
         dense: bool = False,
+        panoptic: bool = False,
+        num_stuff: int = 3,
     ) -> None:
         super().__init__(transform)
         if split not in SPLITS:
@@ -175,10 +221,23 @@ class SyntheticShapes(SegmentationDataset):
             raise DatasetError(f"radius_range must be (low, high) with 0 < low <= high, got {tuple(radius_range)}")
         if num_samples < 0 or seed < 0:
             raise DatasetError(f"num_samples and seed must be >= 0, got {num_samples}, {seed}")
+        if panoptic and not 1 <= num_stuff <= len(STUFF):
+            raise DatasetError(f"num_stuff must be in 1..{len(STUFF)} (stuff textures {STUFF}), got {num_stuff}")
+        if panoptic and not return_instances:
+            raise DatasetError("panoptic=True needs return_instances=True: panoptic samples list their segments")
         self.num_samples, self.image_size, self.seed, self.split = num_samples, size, seed, split
-        self.num_classes = num_classes
-        self.class_names = ["background", *SHAPES[: num_classes - 1]]
-        self.palette = default_palette(num_classes)
+        self.panoptic, self.num_stuff = bool(panoptic), int(num_stuff) if panoptic else 0
+        self._num_shapes = num_classes - 1
+        if self.panoptic:
+            self.class_names = [*STUFF[:num_stuff], *SHAPES[: num_classes - 1]]
+            self.isthing = [False] * num_stuff + [True] * (num_classes - 1)
+            self.num_classes = len(self.class_names)
+            self.category_ids = list(range(self.num_classes))
+            self.thing_classes = [i for i, t in enumerate(self.isthing) if t]
+        else:
+            self.num_classes = num_classes
+            self.class_names = ["background", *SHAPES[: num_classes - 1]]
+        self.palette = default_palette(self.num_classes)
         self.max_shapes, self.min_shapes = max_shapes, min_shapes
         self.radius_range = (float(radius_range[0]), float(radius_range[1]))
         self.noise_std, self.background_grain, self.return_instances = noise_std, background_grain, return_instances
@@ -232,16 +291,21 @@ class SyntheticShapes(SegmentationDataset):
     def generate(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The scene of ``index``: ``(image uint8 (H, W, 3), instance id map int64 (H, W), labels (N,))``.
 
-        Instance ``i`` (1-based) covers ``id_map == i`` and has class ``labels[i - 1]``; 0 is background.
+        Instance ``i`` (1-based) covers ``id_map == i`` and has class ``labels[i - 1]``; 0 is background. Panoptic
+        scenes: segment ``i`` (1-based; the visible stuff regions first, then the shapes) covers ``id_map == i``
+        and has label ``labels[i - 1]``; every pixel belongs to a segment.
         """
         rng = np.random.default_rng([self.seed, SPLITS[self.split], index])
-        canvas = _background(rng, self._ys, self._xs)  # (H, W, 3) float32
+        if self.panoptic:
+            canvas, stuff = self._stuff(rng)
+        else:
+            canvas = _background(rng, self._ys, self._xs)  # (H, W, 3) float32
         id_map = np.zeros(self.image_size, dtype=np.int64)
         full_area, visible, labels = [0], [0], []  # per instance id (index 0 = background)
         min_area = 0.25 * math.pi * (self.radius_range[0] * min(self.image_size)) ** 2
         placed: list[tuple[float, float, float]] = []  # (cx, cy, r) of the shapes drawn so far
         for _ in range(int(rng.integers(self.min_shapes, self.max_shapes + 1))):
-            cls = int(rng.integers(1, self.num_classes))
+            cls = int(rng.integers(1, self._num_shapes + 1))
             for _ in range(_PLACEMENT_TRIES):
                 inside, where = self._rasterise(rng, SHAPES[cls - 1], placed if self.dense else None)
                 area = int(inside.sum())
@@ -261,7 +325,33 @@ class SyntheticShapes(SegmentationDataset):
         grain = np.where(id_map > 0, self.noise_std * 255.0, self.background_grain * 255.0).astype(np.float32)
         canvas += rng.standard_normal(canvas.shape, dtype=np.float32) * grain[..., None]
         image = np.clip(canvas + 0.5, 0, 255).astype(np.uint8)
-        return image, id_map, np.asarray(labels, dtype=np.int64)
+        if not self.panoptic:
+            return image, id_map, np.asarray(labels, dtype=np.int64)
+        # panoptic: the visible stuff regions become segments 1..S (labels 0..num_stuff-1), the shapes S+1..
+        stuff_labels = [int(c) for c in np.unique(stuff[id_map == 0])]
+        segments = np.zeros(self.image_size, dtype=np.int64)
+        for j, c in enumerate(stuff_labels):
+            segments[(id_map == 0) & (stuff == c)] = j + 1
+        segments[id_map > 0] = id_map[id_map > 0] + len(stuff_labels)
+        seg_labels = stuff_labels + [self.num_stuff + c - 1 for c in labels]
+        return image, segments, np.asarray(seg_labels, dtype=np.int64)
+
+    def _stuff(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """A panoptic background: ``(canvas (H, W, 3) float32, stuff class per pixel (H, W) int64)``.
+
+        A random 1..num_stuff of the stuff classes partition the image along the argmax of smooth random fields
+        (3-4 cells: a few large blobs per class); each region shows its class's texture."""
+        h, w = self.image_size
+        k = int(rng.integers(1, self.num_stuff + 1))
+        classes = np.sort(rng.choice(self.num_stuff, size=k, replace=False))
+        cells = int(rng.integers(3, 5))
+        fields = np.stack([_smooth_scalar(rng, h, w, cells) for _ in range(k)])  # (k, H, W)
+        stuff = classes[fields.argmax(0)].astype(np.int64)
+        canvas = np.zeros((h, w, 3), dtype=np.float32)
+        for c in classes:
+            region = stuff == c
+            canvas[region] = _stuff_texture(rng, int(c), self._ys, self._xs)[region]
+        return canvas, stuff
 
     def _scene(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if self._cache is None:
@@ -274,6 +364,10 @@ class SyntheticShapes(SegmentationDataset):
 
     def load_raw(self, index: int) -> dict[str, Any]:
         image, id_map, labels = self._scene(index)
+        if self.panoptic:
+            masks = id_map[None] == np.arange(1, len(labels) + 1)[:, None, None]  # (N, H, W), stuff and things
+            instances = {"labels": labels, "masks": masks, "iscrowd": np.zeros(len(labels), dtype=np.int64)}
+            return {**raw_sample(image, labels[id_map - 1], instances), "file": None}
         mask = np.concatenate([[0], labels])[id_map]  # (H, W) class ids
         instances = None
         if self.return_instances:
@@ -281,8 +375,17 @@ class SyntheticShapes(SegmentationDataset):
             instances = {"labels": labels, "masks": masks}
         return {**raw_sample(image, mask, instances), "file": None}
 
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        sample = super().__getitem__(index)
+        if not self.panoptic:
+            return sample
+        from maskworks.data.coco_panoptic import panoptic_sample
+
+        return panoptic_sample(sample, self.isthing, self.class_names, self.category_ids)
+
     def __repr__(self) -> str:
+        kind = f", panoptic: {self.num_stuff} stuff + {self._num_shapes} things" if self.panoptic else ""
         return (
             f"SyntheticShapes({self.num_samples} samples, {self.image_size[0]}x{self.image_size[1]}, "
-            f"{self.num_classes} classes, split={self.split!r}, seed={self.seed})"
+            f"{self.num_classes} classes{kind}, split={self.split!r}, seed={self.seed})"
         )

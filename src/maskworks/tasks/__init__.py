@@ -10,6 +10,7 @@ from typing import Any
 
 from maskworks.tasks.base import Evaluator, Task
 from maskworks.tasks.instance import InstanceEvaluator, InstanceTask
+from maskworks.tasks.panoptic import PanopticEvaluator, PanopticTask
 from maskworks.tasks.semantic import SemanticEvaluator, SemanticTask
 
 __all__ = [
@@ -19,16 +20,18 @@ __all__ = [
     "SemanticEvaluator",
     "InstanceTask",
     "InstanceEvaluator",
+    "PanopticTask",
+    "PanopticEvaluator",
     "TASKS",
     "build_task",
     "model_task",
 ]
 
-TASKS: dict[str, type[Task]] = {"semantic": SemanticTask, "instance": InstanceTask}
+TASKS: dict[str, type[Task]] = {"semantic": SemanticTask, "instance": InstanceTask, "panoptic": PanopticTask}
 
 
 def build_task(kind: str, **kwargs: Any) -> Task:
-    """The task of ``kind`` (``"semantic"``, ``"instance"``) built with ``kwargs``.
+    """The task of ``kind`` (``"semantic"``, ``"instance"``, ``"panoptic"``) built with ``kwargs``.
 
     Raises:
         ValueError: an unknown kind (the message lists the known ones).
