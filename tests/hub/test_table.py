@@ -187,6 +187,16 @@ def _hf_reference(repo: str) -> torch.nn.Module:
         return _hf_upernet_reference(name)
     if name.startswith(("mit-", "segformer-")):
         return _hf_segformer_reference(name)
+    if name.startswith("mask2former-swin-tiny-"):
+        labels = {"coco-panoptic": 133, "coco-instance": 80, "ade-semantic": 150, "cityscapes-semantic": 19}
+        swin = transformers.SwinConfig(
+            embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], window_size=7,
+            out_features=["stage1", "stage2", "stage3", "stage4"],
+        )  # fmt: skip
+        config = transformers.Mask2FormerConfig(
+            backbone_config=swin, num_labels=labels[name.removeprefix("mask2former-swin-tiny-")]
+        )
+        return transformers.Mask2FormerForUniversalSegmentation(config)
     size = next(s for s in _HF_SIZES if f"-{s}" in name)
     hidden, layers, heads, mlp = _HF_SIZES[size]
     dims = {"hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads, "intermediate_size": mlp}

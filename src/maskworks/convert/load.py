@@ -25,6 +25,7 @@ from maskworks.convert.deeplab import convert_torchvision_deeplabv3, is_torchvis
 from maskworks.convert.deit import convert_hf_deit, convert_timm_deit, is_hf_deit_state_dict
 from maskworks.convert.detection import convert_torchvision_detection, is_torchvision_detection_state_dict
 from maskworks.convert.mae import convert_hf_vitmae, is_hf_vitmae_state_dict
+from maskworks.convert.mask2former import convert_hf_mask2former, is_hf_mask2former_state_dict
 from maskworks.convert.mobilenet import convert_torchvision_mobilenet, is_mobilenet_state_dict
 from maskworks.convert.resnet import convert_timm_resnet, convert_torchvision_resnet, is_resnet_state_dict
 from maskworks.convert.segformer import (
@@ -134,10 +135,13 @@ def convert_hf(
     """A Hugging Face transformers checkpoint -> maskworks keys: ``DeiT*`` (distillation token), ``ViTMAE*``
     (MAE with its decoder), ``ViTModel`` / ``ViTForImageClassification``, or a Swin / Swin V2 / ConvNeXt / ConvNeXt
     V2 (``*Model``, ``*ForImageClassification``, ``*Backbone``; their classifier dropped); either the hub key layout
-    or the one of transformers 5; a whole ``UperNetForSemanticSegmentation`` with a Swin / ConvNeXt backbone; or a
+    or the one of transformers 5; a whole ``Mask2FormerForUniversalSegmentation`` (Swin / ResNet backbone); a whole
+    ``UperNetForSemanticSegmentation`` with a Swin / ConvNeXt backbone; or a
     Segformer (``SegformerModel`` / ``SegformerForImageClassification``: MiT encoder keys;
     ``SegformerForSemanticSegmentation``: a whole ``segformer_b*``).
     ``model``: the target (ViT: resampling; ConvNeXt: 1x1-conv MLPs)."""
+    if is_hf_mask2former_state_dict(state_dict):
+        return convert_hf_mask2former(state_dict, in_channels)
     if is_hf_upernet_state_dict(state_dict):
         return convert_hf_upernet(state_dict, in_channels, model=model)
     if is_hf_segformer_state_dict(state_dict):
@@ -155,7 +159,7 @@ def convert_hf(
     raise ValueError(
         "not a supported Hugging Face checkpoint: expected ViTModel / ViTForImageClassification, "
         "DeiTForImageClassificationWithTeacher, ViTMAEForPreTraining, Swin / Swinv2, ConvNext / ConvNextV2, "
-        "Segformer or UperNetForSemanticSegmentation keys "
+        "Segformer, Mask2FormerForUniversalSegmentation or UperNetForSemanticSegmentation keys "
         "(e.g. 'vit.embeddings.patch_embeddings.projection.weight')"
     )
 

@@ -424,6 +424,31 @@ def _rows() -> list[PretrainedWeights]:
                 )
             )
 
+    # ---- Mask2Former Swin-T as Meta publishes it on the HF hub (Mask2FormerForUniversalSegmentation): one row per
+    #      task; COCO panoptic's 133 labels put the 80 things first
+    for tag, repo, kwargs, data in (
+        ("coco_panoptic", "facebook/mask2former-swin-tiny-coco-panoptic",
+         {"num_classes": 133, "task": "panoptic", "thing_classes": list(range(80))}, "coco panoptic (80 + 53)"),
+        ("coco_instance", "facebook/mask2former-swin-tiny-coco-instance",
+         {"num_classes": 80, "task": "instance"}, "coco instances (80 classes)"),
+        ("ade20k", "facebook/mask2former-swin-tiny-ade-semantic",
+         {"num_classes": 150, "task": "semantic"}, "ade20k (150 classes)"),
+        ("cityscapes", "facebook/mask2former-swin-tiny-cityscapes-semantic",
+         {"num_classes": 19, "task": "semantic"}, "cityscapes (19 classes)"),
+    ):  # fmt: skip
+        rows.append(
+            _hf(
+                "mask2former_swin_tiny",
+                tag,
+                repo,
+                default=tag == "coco_panoptic",
+                license="mit",
+                dataset=f"imagenet-1k > {data}",
+                model_kwargs=kwargs,
+                requires=("num_classes",),
+            )
+        )
+
     # ---- MiT encoders (ImageNet-1k) and SegFormer on ADE20K, as NVIDIA publishes them on the HF hub
     nvidia_note = (
         "NVIDIA Source Code License for SegFormer (https://github.com/NVlabs/SegFormer/blob/master/LICENSE): "
@@ -521,6 +546,14 @@ NO_PUBLISHED_WEIGHTS: dict[str, str] = {
     "solov2_resnet50_fpn": "published only as mmdetection / official SOLO checkpoints, for which there is no converter",
     "yolact": "no whole-model weights are published for arbitrary encoders; " + _ENCODER_HINT,
     "yolact_resnet50_fpn": "published only as mmdetection / official YOLACT checkpoints, for which there is no "
+    "converter; " + _ENCODER_HINT,
+    "mask2former": "no whole-model weights are published for arbitrary encoders; " + _ENCODER_HINT,
+    "maskformer": "MaskFormer's own checkpoints (facebook/maskformer-*) have another architecture than this "
+    "ablation; " + _ENCODER_HINT,
+    "mask2former_resnet50": "published only as detectron2 checkpoints (facebookresearch/Mask2Former), for which "
+    "there is no converter; " + _ENCODER_HINT,
+    "panoptic_fpn": "no whole-model weights are published for arbitrary encoders; " + _ENCODER_HINT,
+    "panoptic_fpn_resnet50": "published only as detectron2 / mmdetection checkpoints, for which there is no "
     "converter; " + _ENCODER_HINT,
     "unet_vanilla": "no PyTorch / safetensors checkpoint is published for the original U-Net",
     "setr_naive": "published only as mmsegmentation checkpoints, for which there is no converter",
