@@ -284,3 +284,66 @@ def test_registry_declares_all_three_tasks():
         assert model_entry(name).all_tasks == ("semantic", "instance", "panoptic")
     with pytest.raises(ValueError, match="task must be one of"):
         create_model("mask2former", task="video", **TINY_MASK2FORMER)
+
+
+# ------------------------------------------------------------------------------------------------------- learning
+@pytest.mark.slow
+def test_mask2former_learns_synthetic_panoptic(tmp_path):
+    """Through the trainer and the panoptic task, test-sized: 64 px scenes with one textured stuff class around up to
+    two shapes of a thing class, ResNet-18 + a 64-wide decoder with 8 queries, AdamW 1e-3, 8 epochs of 128 images:
+    PQ >= 0.5 (0.88 on a 2-core machine in about 35 s: stuff 0.97, things 0.78). Harder scenes learn more slowly
+    from scratch: with two thing classes the same recipe needs 16 epochs for PQ 0.60 (things 0.42), and with two
+    stuff textures to tell apart (stripes / checks) 30 epochs reach PQ 0.36 (stuff 0.27)."""
+    import time
+
+    from maskworks.data import SyntheticShapes
+    from maskworks.engine import Trainer
+    from maskworks.tasks import PanopticTask
+
+    kw = {"image_size": 64, "num_classes": 2, "max_shapes": 2, "radius_range": (0.2, 0.35), "panoptic": True,
+          "num_stuff": 1}  # fmt: skip
+    train, val = SyntheticShapes(128, split="train", **kw), SyntheticShapes(16, split="val", **kw)
+    torch.manual_seed(0)
+    model = create_model(
+        "mask2former", num_classes=train.num_classes, task="panoptic", thing_classes=train.thing_classes,
+        **{**TINY_MASK2FORMER, "num_queries": 8},
+    )  # fmt: skip
+    trainer = Trainer(
+        model, train, val, tmp_path, task=PanopticTask(class_names=train.class_names, isthing=train.isthing),
+        epochs=8, batch_size=8, optimizer="adamw", lr=1e-3, schedule="cosine", warmup_epochs=0.5, grad_clip=1.0,
+        progress=False, amp="auto",
+    )  # fmt: skip
+    start = time.perf_counter()
+    rows = trainer.fit()["history"]
+    pq = [round(r["val_pq"], 3) for r in rows]
+    print(f"Mask2Former panoptic learning: {time.perf_counter() - start:.0f} s, PQ per epoch {pq}")
+    assert rows[-1]["val_pq"] >= 0.5, pq
+    assert rows[-1]["val_pq_stuff"] > 0.5 and rows[-1]["val_pq_things"] > 0.5, rows[-1]
+
+
+@pytest.mark.slow
+def test_mask2former_learns_camvid_semantic(camvid_root, tmp_path):
+    """The semantic task on real data: a tiny Mask2Former from scratch on 48 CamVid images (96x128 crops at a
+    quarter to half scale), three epochs; validation mIoU (5 images at half resolution) rises above the first
+    epoch's."""
+    from torch.utils.data import Subset
+    from torchvision.transforms import v2
+
+    from maskworks.data import CamVid
+    from maskworks.data.transforms import build_transforms
+    from maskworks.engine import Trainer
+    from maskworks.tasks import SemanticTask
+
+    train = CamVid(camvid_root, "train", transform=build_transforms(True, crop_size=(96, 128), scale_range=(0.25, 0.5)))
+    val = CamVid(camvid_root, "val", transform=v2.Resize((180, 240), antialias=True))
+    train, val = Subset(train, range(0, 48 * 7, 7)), Subset(val, range(0, 100, 20))
+    torch.manual_seed(0)
+    model = create_model("mask2former", num_classes=11, **{**TINY_MASK2FORMER, "num_queries": 16})
+    trainer = Trainer(
+        model, train, val, tmp_path, task=SemanticTask(num_classes=11), epochs=3, batch_size=8, optimizer="adamw",
+        lr=1e-3, schedule="cosine", grad_clip=1.0, progress=False, amp="auto",
+    )  # fmt: skip
+    rows = trainer.fit()["history"]
+    miou = [round(r["val_miou"], 4) for r in rows]
+    print("Mask2Former CamVid semantic mIoU per epoch", miou)
+    assert rows[-1]["val_miou"] > rows[0]["val_miou"] + 0.01, miou
