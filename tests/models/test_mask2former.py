@@ -347,3 +347,49 @@ def test_mask2former_learns_camvid_semantic(camvid_root, tmp_path):
     miou = [round(r["val_miou"], 4) for r in rows]
     print("Mask2Former CamVid semantic mIoU per epoch", miou)
     assert rows[-1]["val_miou"] > rows[0]["val_miou"] + 0.01, miou
+
+
+def test_postprocess_upsamples_only_the_queries_it_uses():
+    """Eval upsamples only the kept / top-k queries: the results equal the inference functions on every query."""
+    model = _tiny().eval()
+    model.object_mask_threshold = 0.0  # every query whose best class is real is kept: segments to compare
+    images = [torch.randn(3, 64, 80), torch.randn(3, 50, 70)]
+    with torch.no_grad():
+        raw = model.forward_raw(images)
+        batch, sizes = model._batch(images)
+        canvas = batch.shape[-2:]
+        inst = model.postprocess(raw, sizes, canvas, task="instance")
+        pan = model.postprocess(raw, sizes, canvas, task="panoptic")
+    for i, size in enumerate(sizes):
+        full = F.interpolate(raw["pred_masks"][i : i + 1], size=tuple(canvas), mode="bilinear")[0]
+        full = full[:, : size[0], : size[1]]
+        ref = instance_inference(raw["pred_logits"][i], full, model.test_topk, model.thing_classes)
+        assert torch.equal(inst[i]["masks"], ref["masks"]) and torch.allclose(inst[i]["scores"], ref["scores"])
+        ref_map, ref_info = panoptic_inference(raw["pred_logits"][i], full, model.thing_classes, 0.0, 0.8)
+        assert torch.equal(pan[i]["panoptic_seg"], ref_map) and pan[i]["segments_info"] == ref_info
+    assert any(p["segments_info"] for p in pan)
+
+
+def test_panoptic_needs_thing_classes_and_checks_inputs():
+    with pytest.raises(ValueError, match="thing_classes"):
+        create_model("mask2former", num_classes=4, task="panoptic", **TINY_MASK2FORMER)
+    coco = create_model("mask2former", num_classes=133, task="panoptic", **TINY_MASK2FORMER)
+    assert coco.thing_classes == list(range(80))
+    model = _tiny().eval()
+    with pytest.raises(ValueError, match=r"images\[1\]"):
+        model([torch.randn(3, 32, 32), torch.randn(1, 32, 32)])
+
+
+def test_semantic_loss_settings_are_refused_for_set_prediction():
+    from maskworks.cli import builders
+    from maskworks.cli.config import ConfigError, load_config
+
+    cfg = load_config(None)
+    cfg["model"] = {"name": "mask2former"}
+    builders.check_task_settings(cfg, "semantic")  # defaults pass
+    cfg["train"]["class_weights"] = "inverse"
+    with pytest.raises(ConfigError, match="class_weights"):
+        builders.check_task_settings(cfg, "semantic")
+    cfg["train"]["class_weights"] = None
+    cfg["train"]["rare_class_sampling"] = True  # a sampler, not a loss: fine for the set loss too
+    builders.check_task_settings(cfg, "semantic")

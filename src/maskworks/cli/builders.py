@@ -432,15 +432,21 @@ def check_task_settings(cfg: dict, task: str) -> None:
     Raises:
         ConfigError: naming the setting and the task.
     """
-    if task == "semantic":
+    from maskworks.registry import model_entry
+
+    set_prediction = len(model_entry(cfg["model"]["name"]).all_tasks) > 1  # Mask2Former: its own set loss
+    if task == "semantic" and not set_prediction:
         return
+    loss_keys = ("train.loss", "train.class_weights", "train.label_smoothing")  # a set-prediction model's own loss
     for key, unset in SEMANTIC_ONLY.items():
+        if task == "semantic" and key not in loss_keys:
+            continue
         section, name = key.split(".")
         value = cfg[section].get(name)
         if value not in (unset, None, 0, 0.0, False):
             raise ConfigError(
-                f"{key}={value!r} applies to semantic models only; {cfg['model']['name']} is a {task} model "
-                f"(its losses are part of the model): drop {key}"
+                f"{key}={value!r} applies to semantic models with a per-pixel loss; {cfg['model']['name']} is a "
+                f"{task} model whose losses are part of the model: drop {key}"
             )
 
 

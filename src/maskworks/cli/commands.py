@@ -132,7 +132,7 @@ def train(args) -> int:
                 f"run folder {run_dir} already holds a run ({', '.join(earlier[:3])}); continue it with --resume, "
                 "start a new one with --run-dir NEW_FOLDER, or replace it with --overwrite"
             )
-    kind = builders.resolve_task(cfg["model"]["name"], cfg.get("task"))
+    kind = builders.resolve_task(cfg["model"]["name"], cfg.get("task") or cfg["model"].get("task"))
     builders.check_task_settings(cfg, kind)
     seed_everything(int(cfg["train"]["seed"]))  # the initial weights depend on the seed too
     progress = not args.no_progress
@@ -378,6 +378,18 @@ def checkpoint_task(model, meta: dict, requested: str | None = None) -> str:
     return kind
 
 
+def _set_thing_classes(model, task) -> None:
+    """A panoptic model that takes its thing classes as an attribute (Mask2Former, which may have been trained for
+    another task and switched with ``--task panoptic``) follows the panoptic task's table of things and stuff."""
+    isthing = getattr(task, "isthing", None)
+    if (
+        isthing is not None
+        and isinstance(getattr(model, "thing_classes", None), list)
+        and getattr(model, "task", None) == "panoptic"
+    ):
+        model.thing_classes = [i for i, t in enumerate(isthing) if t]
+
+
 def _evaluate_task(args, kind: str, model, meta: dict, dev, data_cfg: dict, out: Path) -> int:
     """``maskworks eval`` for every task but semantic, through the task's evaluator (instance: COCO mask and box
     AP with pycocotools; panoptic: PQ / SQ / RQ overall, for things and for stuff, and per class)."""
@@ -396,10 +408,12 @@ def _evaluate_task(args, kind: str, model, meta: dict, dev, data_cfg: dict, out:
     out_classes = model_output_classes(model)
     if names and len(names) != out_classes:
         raise ConfigError(
-            f"checkpoint {args.checkpoint} predicts {out_classes} classes (background included) but "
+            f"checkpoint {args.checkpoint} predicts {out_classes} classes"
+            f"{' (background included)' if kind == 'instance' else ''} but "
             f"data.name={data_cfg['name']} has {len(names)}"
         )
     task = build_task(kind, **builders.task_kwargs(kind, dataset, meta, where=f"data.name={data_cfg['name']}"))
+    _set_thing_classes(model, task)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, collate_fn=task.collate)
     evaluator = task.evaluator()
     t0 = time.perf_counter()
@@ -782,6 +796,7 @@ def _predict_panoptic(args, files: list[Path], names: list[Path], out: Path, mod
     from maskworks.tasks import build_task
 
     task = build_task("panoptic", **builders.task_kwargs("panoptic", None, meta, where=f"checkpoint {args.checkpoint}"))
+    _set_thing_classes(model, task)
     in_ch = meta.get("in_channels", 3)
     mean, std = meta.get("mean", [0.5] * in_ch), meta.get("std", [0.25] * in_ch)
     annotations: list[dict[str, Any]] = []

@@ -269,6 +269,22 @@ def _decode_all(segs: Sequence[Any], height: int, width: int) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------------- dataset
+def check_coco_top_level(data: Any, error: Any, kind: str) -> None:
+    """Raise ``error(what, expected)`` unless ``data`` is a JSON object with ``images``, ``annotations`` and
+    ``categories`` lists (``kind`` names the file type in the message: "a COCO instances file")."""
+    if not isinstance(data, dict):
+        raise error(f"the top level is a {type(data).__name__}", "a JSON object")
+    missing = [k for k in ("images", "annotations", "categories") if k not in data]
+    if missing:
+        raise error(
+            f"missing key(s) {missing} (found {sorted(data)[:10]})",
+            f"'images', 'annotations' and 'categories' ({kind})",
+        )
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data[key], list):
+            raise error(f"'{key}' is a {type(data[key]).__name__}", f"'{key}' to be a list")
+
+
 class CocoInstances(SegmentationDataset):
     """COCO instance segmentation: images + a COCO JSON file (see the module docstring for layouts and samples).
 
@@ -346,17 +362,7 @@ class CocoInstances(SegmentationDataset):
     # ----------------------------------------------------------------------------------------- indexing
     def _index(self, data: Any) -> None:
         problems = _Problems(self.annotation_file)
-        if not isinstance(data, dict):
-            raise problems.error(f"the top level is a {type(data).__name__}", "a JSON object")
-        missing = [k for k in ("images", "annotations", "categories") if k not in data]
-        if missing:
-            raise problems.error(
-                f"missing key(s) {missing} (found {sorted(data)[:10]})",
-                "'images', 'annotations' and 'categories' (a COCO instances file)",
-            )
-        for key in ("images", "annotations", "categories"):
-            if not isinstance(data[key], list):
-                raise problems.error(f"'{key}' is a {type(data[key]).__name__}", f"'{key}' to be a list")
+        check_coco_top_level(data, problems.error, "a COCO instances file")
 
         categories: dict[int, str] = {}
         for i, cat in enumerate(data["categories"]):

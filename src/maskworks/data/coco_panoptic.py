@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from maskworks.data.coco import check_coco_top_level
 from maskworks.data.io import (
     IGNORE_INDEX,
     IMAGENET_MEAN,
@@ -187,9 +188,8 @@ def instances_to_panoptic(
         things = [None] * n
     h, w = masks.shape[-2:]
     ids = torch.zeros(h, w, dtype=torch.int64)
-    if n:
-        weights = torch.arange(1, n + 1, dtype=torch.int64).view(n, 1, 1)
-        ids = (masks.to(torch.int64) * weights).amax(0)
+    for i in range(n):  # later segments win where masks overlap (one (H, W) map, no (N, H, W) temporary)
+        ids[masks[i]] = i + 1
     infos = {
         i + 1: {"id": i + 1, "category_id": labels[i], "iscrowd": int(crowd[i]), "isthing": things[i]} for i in range(n)
     }
@@ -376,17 +376,7 @@ class CocoPanoptic(SegmentationDataset):
         return DatasetError(f"COCO panoptic annotation file {self.ann_file}: {what}; expected {expected}")
 
     def _index(self, data: Any) -> None:
-        if not isinstance(data, dict):
-            raise self._error(f"the top level is a {type(data).__name__}", "a JSON object")
-        missing = [k for k in ("images", "annotations", "categories") if k not in data]
-        if missing:
-            raise self._error(
-                f"missing key(s) {missing} (found {sorted(data)[:10]})",
-                "'images', 'annotations' and 'categories' (a COCO panoptic file)",
-            )
-        for key in ("images", "annotations", "categories"):
-            if not isinstance(data[key], list):
-                raise self._error(f"'{key}' is a {type(data[key]).__name__}", f"'{key}' to be a list")
+        check_coco_top_level(data, self._error, "a COCO panoptic file")
 
         cats: dict[int, dict] = {}
         for i, cat in enumerate(data["categories"]):

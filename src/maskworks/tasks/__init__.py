@@ -42,7 +42,8 @@ def build_task(kind: str, **kwargs: Any) -> Task:
 
 
 def model_task(model_or_name: Any) -> str:
-    """The task kind a registered model declares (from its name, or a built model's ``maskworks_config``);
+    """The task kind a registered model declares (from its name, or a built model's ``maskworks_config``; a built
+    model that serves several tasks, as Mask2Former, answers with the one it is set to, its ``task``);
     ``"semantic"`` for a model built outside the registry."""
     from maskworks.registry import model_entry
 
@@ -52,4 +53,6 @@ def model_task(model_or_name: Any) -> str:
         name = config.get("name") if isinstance(config, dict) else None
         if name is None:
             return "semantic"
-    return model_entry(name).task
+    entry = model_entry(name)
+    current = getattr(model_or_name, "task", None) if not isinstance(model_or_name, str) else None
+    return current if isinstance(current, str) and current in entry.all_tasks else entry.task

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn as nn
 
-__all__ = ["Task", "Evaluator"]
+__all__ = ["Task", "Evaluator", "ImageListTask"]
 
 
 class Evaluator(Protocol):
@@ -111,3 +111,20 @@ class Task(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+class ImageListTask(Task):
+    """A task whose batches hold images of any sizes as a list, with one dict of target tensors per image
+    (``{"images": [...], "targets": [{...}], ...}``): instance and panoptic segmentation."""
+
+    def to_device(
+        self, batch: dict[str, Any], device: torch.device, channels_last: bool = False, non_blocking: bool = False
+    ) -> dict[str, Any]:
+        return {
+            **batch,
+            "images": [im.to(device, non_blocking=non_blocking) for im in batch["images"]],
+            "targets": [{k: v.to(device, non_blocking=non_blocking) for k, v in t.items()} for t in batch["targets"]],
+        }
+
+    def num_images(self, batch: dict[str, Any]) -> int:
+        return len(batch["images"])

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from maskworks.tasks.base import Task
+from maskworks.tasks.base import ImageListTask
 
 __all__ = ["PASTE_ORDERS", "InstanceTask", "InstanceEvaluator"]
 
@@ -135,7 +135,7 @@ class InstanceEvaluator:
         return out
 
 
-class InstanceTask(Task):
+class InstanceTask(ImageListTask):
     """Instance segmentation with detection-style models (see the module docstring).
 
     Args:
@@ -174,18 +174,6 @@ class InstanceTask(Task):
             images.append(image)
             targets.append(_as_target(inst, image, where) if len(inst.get("labels", [])) else _empty_instances(image))
         return {"images": images, "targets": targets, "meta": [s.get("meta") for s in samples]}
-
-    def to_device(
-        self, batch: dict[str, Any], device: torch.device, channels_last: bool = False, non_blocking: bool = False
-    ) -> dict[str, Any]:
-        return {
-            **batch,
-            "images": [im.to(device, non_blocking=non_blocking) for im in batch["images"]],
-            "targets": [{k: v.to(device, non_blocking=non_blocking) for k, v in t.items()} for t in batch["targets"]],
-        }
-
-    def num_images(self, batch: dict[str, Any]) -> int:
-        return len(batch["images"])
 
     # ------------------------------------------------------------------ model calls
     def training_step(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:

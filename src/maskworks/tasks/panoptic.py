@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from maskworks.tasks.base import Task
+from maskworks.tasks.base import ImageListTask
 
 __all__ = ["PanopticTask", "PanopticEvaluator", "check_panoptic_output"]
 
@@ -213,7 +213,7 @@ class PanopticEvaluator:
         return out
 
 
-class PanopticTask(Task):
+class PanopticTask(ImageListTask):
     """Panoptic segmentation (see the module docstring).
 
     Args:
@@ -315,18 +315,6 @@ class PanopticTask(Task):
             images.append(s["image"])
             targets.append(self._target(s, where))
         return {"images": images, "targets": targets, "meta": [s.get("meta") for s in samples]}
-
-    def to_device(
-        self, batch: dict[str, Any], device: torch.device, channels_last: bool = False, non_blocking: bool = False
-    ) -> dict[str, Any]:
-        return {
-            **batch,
-            "images": [im.to(device, non_blocking=non_blocking) for im in batch["images"]],
-            "targets": [{k: v.to(device, non_blocking=non_blocking) for k, v in t.items()} for t in batch["targets"]],
-        }
-
-    def num_images(self, batch: dict[str, Any]) -> int:
-        return len(batch["images"])
 
     # ------------------------------------------------------------------ model calls
     def training_step(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:

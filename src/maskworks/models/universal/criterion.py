@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -121,7 +122,14 @@ class SetCriterion(nn.Module):
 
         Predicted and target masks are read at the same ``[0, 1]`` points, so both must cover the same canvas: the
         padded batch (targets of smaller images zero-padded at the bottom / right to it, as a batch pads images)."""
-        num_masks = max(float(sum(len(t["labels"]) for t in targets)), 1.0)
+        num_masks = float(sum(len(t["labels"]) for t in targets))
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # the global batch's mean segment count per process, as the original code: DDP = one process
+            device = outputs["pred_logits"].device
+            count = torch.tensor([num_masks], dtype=torch.float64, device=device)
+            dist.all_reduce(count)
+            num_masks = float(count.item()) / dist.get_world_size()
+        num_masks = max(num_masks, 1.0)
         parts = self.layer_losses(outputs["pred_logits"], outputs["pred_masks"], targets, num_masks)
         losses = {k: v * self.weights[k] for k, v in parts.items()}
         for i, aux in enumerate(outputs.get("aux_outputs") or []):

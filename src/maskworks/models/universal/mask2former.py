@@ -81,6 +81,7 @@ def sine_position_embedding(
     """
     b, _, h, w = shape
     eps, scale = 1e-6, 2 * math.pi
+    out_dtype, dtype = dtype, dtype if dtype == torch.float64 else torch.float32  # positions > 256 need float32
     y = torch.arange(1, h + 1, dtype=dtype, device=device) / (h + eps) * scale
     x = torch.arange(1, w + 1, dtype=dtype, device=device) / (w + eps) * scale
     dim_t = torch.arange(num_feats, dtype=torch.int64, device=device).to(dtype)
@@ -89,7 +90,7 @@ def sine_position_embedding(
     pos_x = torch.stack((pos_x[:, 0::2].sin(), pos_x[:, 1::2].cos()), dim=2).flatten(1)
     pos_y = torch.stack((pos_y[:, 0::2].sin(), pos_y[:, 1::2].cos()), dim=2).flatten(1)
     pos = torch.cat((pos_y[:, None, :].expand(h, w, -1), pos_x[None, :, :].expand(h, w, -1)), dim=-1)
-    return pos.permute(2, 0, 1)[None].expand(b, -1, -1, -1)
+    return pos.permute(2, 0, 1)[None].expand(b, -1, -1, -1).to(out_dtype)
 
 
 class _DeformableEncoderLayer(nn.Module):
@@ -119,6 +120,16 @@ def _xavier_convs(module: nn.Module) -> None:
             nn.init.kaiming_uniform_(m.weight, a=1)  # detectron2's c2_xavier_fill
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
+
+
+def _fpn_convs(in_channels: Sequence[int], dim: int) -> tuple[nn.ModuleList, nn.ModuleList]:
+    """FPN lateral (1x1 conv + GroupNorm) and output (3x3 conv + GroupNorm + ReLU) convs, one of each per input."""
+    lateral = nn.ModuleList(nn.Sequential(nn.Conv2d(c, dim, 1, bias=False), nn.GroupNorm(32, dim)) for c in in_channels)
+    output = nn.ModuleList(
+        nn.Sequential(nn.Conv2d(dim, dim, 3, padding=1, bias=False), nn.GroupNorm(32, dim), nn.ReLU())
+        for _ in in_channels
+    )
+    return lateral, output
 
 
 class MSDeformAttnPixelDecoder(nn.Module):
@@ -174,15 +185,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
         self.mask_features = nn.Conv2d(hidden_dim, mask_dim, 1)
         self.num_fpn_levels = max(int(round(math.log2(min(strides[-num_levels:]) / common_stride))), 0)
         fpn_in = in_channels[: self.num_fpn_levels]
-        self.lateral_convs = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(c, hidden_dim, 1, bias=False), nn.GroupNorm(32, hidden_dim)) for c in fpn_in
-        )
-        self.output_convs = nn.ModuleList(
-            nn.Sequential(
-                nn.Conv2d(hidden_dim, hidden_dim, 3, padding=1, bias=False), nn.GroupNorm(32, hidden_dim), nn.ReLU()
-            )  # fmt: skip
-            for _ in fpn_in
-        )
+        self.lateral_convs, self.output_convs = _fpn_convs(fpn_in, hidden_dim)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -254,15 +257,7 @@ class FPNPixelDecoder(nn.Module):
         if len(in_channels) < num_levels:
             raise ValueError(f"the pixel decoder needs at least {num_levels} maps, got channels {in_channels}")
         self.num_levels = num_levels
-        self.lateral_convs = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(c, hidden_dim, 1, bias=False), nn.GroupNorm(32, hidden_dim)) for c in in_channels
-        )
-        self.output_convs = nn.ModuleList(
-            nn.Sequential(
-                nn.Conv2d(hidden_dim, hidden_dim, 3, padding=1, bias=False), nn.GroupNorm(32, hidden_dim), nn.ReLU()
-            )  # fmt: skip
-            for _ in in_channels
-        )
+        self.lateral_convs, self.output_convs = _fpn_convs(in_channels, hidden_dim)
         self.mask_features = nn.Conv2d(hidden_dim, mask_dim, 3, padding=1)
         _xavier_convs(self)
 
@@ -409,8 +404,10 @@ class MaskedAttentionDecoder(nn.Module):
             pos = sine_position_embedding(f.shape, self.query_embed.embedding_dim // 2, f.device, f.dtype)
             memory_pos.append(pos.flatten(2).transpose(1, 2))
             memory.append(self.input_proj[i](f).flatten(2).transpose(1, 2) + self.level_embed.weight[i].to(f.dtype))
-        query_pos = self.query_embed.weight[None].expand(b, -1, -1).to(mask_features.dtype)
-        x = self.query_feat.weight[None].expand(b, -1, -1).to(mask_features.dtype)
+        # repeated, not expanded: under no_grad an expanded view of a parameter requires grad without a grad_fn,
+        # which torch.utils.module_tracker (FlopCounterMode) rejects
+        query_pos = self.query_embed.weight.to(mask_features.dtype).unsqueeze(0).repeat(b, 1, 1)
+        x = self.query_feat.weight.to(mask_features.dtype).unsqueeze(0).repeat(b, 1, 1)
         logits, masks, blocked = self._predict(x, mask_features, sizes[0])
         all_logits, all_masks = [logits], [masks]
         for i, layer in enumerate(self.layers):
@@ -599,8 +596,9 @@ class Mask2Former(nn.Module):
             log-probabilities), ``"instance"`` (per-image dicts ``boxes / labels / scores / masks``) or
             ``"panoptic"`` (per-image ``{"panoptic_seg", "segments_info"}``).
         thing_classes: labels that are things (panoptic: stuff segments of one class are merged; instance
-            outputs of a panoptic model keep only things). Default: all classes for ``"instance"``, none
-            otherwise.
+            outputs of a panoptic model keep only things). Required for ``"panoptic"`` unless ``num_classes`` is
+            COCO panoptic's 133 (its first 80 labels); default: all classes for ``"instance"``, none for
+            ``"semantic"``.
         in_channels: input image channels.
         encoder_weights: published encoder weights tag, a checkpoint path, or None.
         num_queries, hidden_dim, mask_dim, num_heads: of the decoder.
@@ -661,7 +659,12 @@ class Mask2Former(nn.Module):
             raise ValueError(f"hidden_dim must be a multiple of 32 (GroupNorm(32)), got {hidden_dim}")
         self.num_classes, self.task, self.in_channels = num_classes, task, in_channels
         if thing_classes is None:
-            thing_classes = range(num_classes) if task == "instance" else ()
+            if task == "panoptic" and num_classes != 133:
+                raise ValueError(
+                    "a panoptic Mask2Former needs thing_classes= (the labels that are things; the others are stuff, "
+                    "whose segments of one class are merged); only COCO's 133 classes default to their 80 things"
+                )
+            thing_classes = range(80) if task == "panoptic" else range(num_classes) if task == "instance" else ()
         self.thing_classes = sorted({int(c) for c in thing_classes})
         bad = [c for c in self.thing_classes if not 0 <= c < num_classes]
         if bad:
@@ -729,6 +732,12 @@ class Mask2Former(nn.Module):
             images = list(images)
             if not images:
                 raise ValueError("images is an empty list")
+            for i, im in enumerate(images):
+                if im.ndim != 3 or im.shape[0] != images[0].shape[0]:
+                    raise ValueError(
+                        f"images[{i}] is {tuple(im.shape)}; expected (C, H, W) with the C of images[0] "
+                        f"({images[0].shape[0]})"
+                    )
             sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
             hmax, wmax = max(s[0] for s in sizes), max(s[1] for s in sizes)
             batch = images[0].new_zeros((len(images), images[0].shape[0], hmax, wmax))
@@ -786,6 +795,8 @@ class Mask2Former(nn.Module):
         return self.postprocess(self._raw(batch), sizes, batch.shape[-2:])
 
     def _image_masks(self, masks: torch.Tensor, canvas: Sequence[int], size: Sequence[int]) -> torch.Tensor:
+        if masks.shape[0] == 0:
+            return masks.new_zeros((0, *size))
         up = F.interpolate(masks[None], size=tuple(canvas), mode="bilinear", align_corners=False)[0]
         return up[:, : size[0], : size[1]]
 
@@ -802,19 +813,30 @@ class Mask2Former(nn.Module):
             h = max(s[0] for s in sizes)
             w = max(s[1] for s in sizes)
             return scores[..., :h, :w].clamp_min(1e-8).log()
+        if task not in MASK2FORMER_TASKS:
+            raise ValueError(f"task must be one of {', '.join(MASK2FORMER_TASKS)}, got {task!r}")
         results = []
+        k = logits.shape[-1] - 1
         for i, size in enumerate(sizes):
-            m = self._image_masks(masks[i], canvas, size)
+            # only the queries the result can use are upsampled to the image (Q full-size masks can be gigabytes)
             if task == "instance":
                 things = self.thing_classes if self.thing_classes else None
-                results.append(instance_inference(logits[i], m, self.test_topk, things))
-            elif task == "panoptic":
+                scores = logits[i].softmax(-1)[:, :-1]
+                if things is not None:
+                    scores = scores[:, things]
+                topk = min(self.test_topk, scores.numel())
+                kk = scores.shape[1]
+                used = torch.unique(torch.div(scores.flatten().topk(topk).indices, kk, rounding_mode="floor"))
+                m = self._image_masks(masks[i][used], canvas, size)
+                results.append(instance_inference(logits[i][used], m, self.test_topk, things))
+            else:
+                scores, labels = logits[i].softmax(-1).max(-1)
+                used = torch.nonzero(labels.ne(k) & (scores > self.object_mask_threshold)).flatten()
+                m = self._image_masks(masks[i][used], canvas, size)
                 id_map, info = panoptic_inference(
-                    logits[i], m, self.thing_classes, self.object_mask_threshold, self.overlap_threshold
+                    logits[i][used], m, self.thing_classes, self.object_mask_threshold, self.overlap_threshold
                 )
                 results.append({"panoptic_seg": id_map, "segments_info": info})
-            else:
-                raise ValueError(f"task must be one of {', '.join(MASK2FORMER_TASKS)}, got {task!r}")
         return results
 
 
