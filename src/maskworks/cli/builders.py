@@ -444,9 +444,14 @@ def check_task_settings(cfg: dict, task: str) -> None:
         section, name = key.split(".")
         value = cfg[section].get(name)
         if value not in (unset, None, 0, 0.0, False):
+            if task == "semantic":  # a set-prediction model in the semantic task
+                raise ConfigError(
+                    f"{key}={value!r} applies to semantic models with a per-pixel loss; {cfg['model']['name']} "
+                    f"computes its own set loss (matched segments): drop {key}"
+                )
             raise ConfigError(
-                f"{key}={value!r} applies to semantic models with a per-pixel loss; {cfg['model']['name']} is a "
-                f"{task} model whose losses are part of the model: drop {key}"
+                f"{key}={value!r} applies to semantic models only; {cfg['model']['name']} is a {task} model "
+                f"(its losses are part of the model): drop {key}"
             )
 
 
