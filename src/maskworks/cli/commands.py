@@ -722,10 +722,7 @@ def _predict_task(args, kind: str, files: list[Path], names: list[Path], out: Pa
     """``maskworks predict`` for instance checkpoints: per image ``<name>_instances.png`` (each instance in its own
     colour with class and score), ``<name>_ids.png`` (16-bit instance ids, overlaps layered by ``--paste-order``)
     and one ``coco_results.json`` (RLE masks; COCO polygons with ``--polygons``)."""
-    from PIL import Image
-    from tqdm.auto import tqdm
 
-    from maskworks.data import read_image
     from maskworks.tasks import build_task
 
     semantic_options = [
@@ -746,36 +743,18 @@ def _predict_task(args, kind: str, files: list[Path], names: list[Path], out: Pa
     if kind == "panoptic":
         return _predict_panoptic(args, files, names, out, model, meta, dev)
     task = build_task(kind, class_names=meta.get("class_names"), score_threshold=args.score_threshold)
-    in_ch = meta.get("in_channels", 3)
-    mean, std = meta.get("mean", [0.5] * in_ch), meta.get("std", [0.25] * in_ch)
     rows: list[dict[str, Any]] = []
     counts = []
-    bomb_limit = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = args.max_image_pixels
-    try:
-        with torch.inference_mode():
-            for i, (f, name) in enumerate(
-                tqdm(list(zip(files, names)), desc="predict", dynamic_ncols=True, disable=None)
-            ):
-                arr = read_image(f, channels=1 if in_ch == 1 else 3)  # (H, W, C) uint8
-                x = normalize_image(torch.from_numpy(arr.copy()).permute(2, 0, 1), mean, std).to(dev)
-                result = task.postprocess(task.forward(model, {"images": [x]}))[0]
-                counts.append(len(result["labels"]))
-                target = out / name
-                target.parent.mkdir(parents=True, exist_ok=True)
-                task.write_ids(result, target.with_name(f"{target.name}_ids.png"), args.paste_order)
-                if not args.no_overlay:
-                    task.write_overlay(
-                        result,
-                        _rgb3(arr),
-                        target.with_name(f"{target.name}_instances.png"),
-                        meta,
-                        args.alpha,
-                        args.paste_order,
-                    )
-                rows.extend(task.result_rows(result, i, str(f), meta, polygons=args.polygons))
-    finally:
-        Image.MAX_IMAGE_PIXELS = bomb_limit
+    for i, f, name, arr, result in _task_predictions(args, files, names, task, model, meta, dev):
+        counts.append(len(result["labels"]))
+        target = out / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        task.write_ids(result, target.with_name(f"{target.name}_ids.png"), args.paste_order)
+        if not args.no_overlay:
+            task.write_overlay(
+                result, _rgb3(arr), target.with_name(f"{target.name}_instances.png"), meta, args.alpha, args.paste_order
+            )
+        rows.extend(task.result_rows(result, i, str(f), meta, polygons=args.polygons))
     atomic_write_bytes(out / "coco_results.json", json.dumps(rows).encode())
     print(
         f"wrote {sum(counts)} instance(s) (score >= {args.score_threshold}) in {len(files)} image(s) to {out}: "
@@ -789,47 +768,55 @@ def _predict_panoptic(args, files: list[Path], names: list[Path], out: Path, mod
     """``maskworks predict`` for panoptic checkpoints: per image ``<name>_panoptic.png`` (COCO panoptic RGB ids),
     ``<name>_panoptic_overlay.png`` (stuff in class colours, things each in its own colour) and one
     ``panoptic_results.json`` (COCO panoptic ``annotations`` + ``categories``, category ids of the training data)."""
-    from PIL import Image
-    from tqdm.auto import tqdm
 
-    from maskworks.data import read_image
     from maskworks.tasks import build_task
 
     task = build_task("panoptic", **builders.task_kwargs("panoptic", None, meta, where=f"checkpoint {args.checkpoint}"))
     _set_thing_classes(model, task)
-    in_ch = meta.get("in_channels", 3)
-    mean, std = meta.get("mean", [0.5] * in_ch), meta.get("std", [0.25] * in_ch)
     annotations: list[dict[str, Any]] = []
     segments = things = 0
-    bomb_limit = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = args.max_image_pixels
-    try:
-        with torch.inference_mode():
-            for i, (f, name) in enumerate(
-                tqdm(list(zip(files, names)), desc="predict", dynamic_ncols=True, disable=None)
-            ):
-                arr = read_image(f, channels=1 if in_ch == 1 else 3)  # (H, W, C) uint8
-                x = normalize_image(torch.from_numpy(arr.copy()).permute(2, 0, 1), mean, std).to(dev)
-                result = task.postprocess(task.forward(model, {"images": [x]}))[0]
-                segments += len(result[1])
-                things += sum(bool(s.get("isthing")) for s in result[1])
-                target = out / name
-                png = target.with_name(f"{target.name}_panoptic.png")
-                task.write_png(result, png)
-                if not args.no_overlay:
-                    task.write_overlay(
-                        result, _rgb3(arr), target.with_name(f"{target.name}_panoptic_overlay.png"), meta, args.alpha
-                    )
-                annotations.append(task.annotation(result, i, png.relative_to(out).as_posix(), meta))
-                annotations[-1]["image_file"] = str(f)
-    finally:
-        Image.MAX_IMAGE_PIXELS = bomb_limit
+    for i, f, name, arr, result in _task_predictions(args, files, names, task, model, meta, dev):
+        segments += len(result[1])
+        things += sum(bool(s.get("isthing")) for s in result[1])
+        target = out / name
+        png = target.with_name(f"{target.name}_panoptic.png")
+        task.write_png(result, png)
+        if not args.no_overlay:
+            task.write_overlay(
+                result, _rgb3(arr), target.with_name(f"{target.name}_panoptic_overlay.png"), meta, args.alpha
+            )
+        annotations.append(task.annotation(result, i, png.relative_to(out).as_posix(), meta))
+        annotations[-1]["image_file"] = str(f)
     task.write_results_json(annotations, out / "panoptic_results.json", meta)
     print(
         f"wrote {segments} segment(s) ({things} things) in {len(files)} image(s) to {out}: panoptic_results.json, "
         f"<name>_panoptic.png id maps{'' if args.no_overlay else ' and <name>_panoptic_overlay.png overlays'}"
     )
     return 0
+
+
+def _task_predictions(args, files, names, task, model, meta: dict, dev):
+    """``(index, file, output name, image (H, W, C) uint8, per-image result)`` for each input file, predicted through
+    ``task`` one image at a time (normalised with the checkpoint's mean / std, under ``inference_mode``, with the
+    decompression-bomb limit of ``--max-image-pixels`` while images are read)."""
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    from maskworks.data import read_image
+
+    in_ch = meta.get("in_channels", 3)
+    mean, std = meta.get("mean", [0.5] * in_ch), meta.get("std", [0.25] * in_ch)
+    bomb_limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = args.max_image_pixels
+    try:
+        for i, (f, name) in enumerate(tqdm(list(zip(files, names)), desc="predict", dynamic_ncols=True, disable=None)):
+            arr = read_image(f, channels=1 if in_ch == 1 else 3)  # (H, W, C) uint8
+            with torch.inference_mode():
+                x = normalize_image(torch.from_numpy(arr.copy()).permute(2, 0, 1), mean, std).to(dev)
+                result = task.postprocess(task.forward(model, {"images": [x]}))[0]
+            yield i, f, name, arr, result
+    finally:
+        Image.MAX_IMAGE_PIXELS = bomb_limit
 
 
 def _rgb3(arr: np.ndarray) -> np.ndarray:

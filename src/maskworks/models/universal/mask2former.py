@@ -114,6 +114,13 @@ class _DeformableEncoderLayer(nn.Module):
         return self.norm2(x + F.dropout(y, p, train))
 
 
+def _xavier_matrices(module: nn.Module) -> None:
+    """Xavier-uniform every weight of two or more dimensions (DETR's transformer initialisation)."""
+    for p in module.parameters():
+        if p.dim() > 1:
+            nn.init.xavier_uniform_(p)
+
+
 def _xavier_convs(module: nn.Module) -> None:
     for m in module.modules():
         if isinstance(m, nn.Conv2d):
@@ -191,9 +198,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         for layer in self.layers:
-            for p in layer.parameters():
-                if p.dim() > 1:
-                    nn.init.xavier_uniform_(p)
+            _xavier_matrices(layer)
             layer.self_attn.reset_parameters()
         nn.init.normal_(self.level_embed)
         for proj in self.input_proj:
@@ -372,9 +377,7 @@ class MaskedAttentionDecoder(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         for layer in self.layers:
-            for p in layer.parameters():
-                if p.dim() > 1:
-                    nn.init.xavier_uniform_(p)
+            _xavier_matrices(layer)
         for proj in self.input_proj:
             if isinstance(proj, nn.Conv2d):
                 _xavier_convs(proj)
