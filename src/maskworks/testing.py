@@ -25,6 +25,7 @@ __all__ = [
     "BATCH_NORMS",
     "TINY_MASK2FORMER",
     "TINY_MASK_RCNN",
+    "TINY_SAM",
     "TINY_SEMANTIC",
     "count_parameters",
     "kill_in_epoch",
@@ -52,6 +53,23 @@ TINY_MASK2FORMER: dict[str, int] = {
 
 # Mask R-CNN options for test-sized runs: 64-96 px inputs, few proposals and RoIs, 14x14 masks (the mask head costs
 # ~0.5 GMAC per RoI at full size)
+# A SAM small enough for unit tests (about 0.25 M parameters, milliseconds a prompt): 256-pixel input, a 16 x 16
+# token grid with 5 x 5 windows (so the windows pad), one global block, a 32-wide prompt encoder and decoder. The
+# same keywords build the matching Hugging Face ``SamConfig`` and official ``segment_anything`` modules in tests.
+TINY_SAM: dict = {
+    "image_size": 256,
+    "encoder_embed_dim": 64,
+    "encoder_depth": 2,
+    "encoder_num_heads": 2,
+    "encoder_global_attn_indexes": (1,),
+    "window_size": 5,
+    "prompt_embed_dim": 32,
+    "mask_in_chans": 16,
+    "decoder_mlp_dim": 64,
+    "decoder_num_heads": 2,
+    "iou_head_hidden_dim": 32,
+}
+
 TINY_MASK_RCNN: dict[str, int] = {
     "min_size": 64,
     "max_size": 96,

@@ -183,6 +183,12 @@ def _hf_reference(repo: str) -> torch.nn.Module:
     """The transformers model a hub repository holds, from its name (configs are not available offline)."""
     transformers = pytest.importorskip("transformers")
     name = repo.split("/", 1)[1]
+    if name.startswith("sam-vit-"):
+        size = name.removeprefix("sam-vit-")
+        hidden, layers, heads, _ = _HF_SIZES[size]
+        glob = {"base": [2, 5, 8, 11], "large": [5, 11, 17, 23], "huge": [7, 15, 23, 31]}[size]
+        vision = {"hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads}
+        return transformers.SamModel(transformers.SamConfig(vision_config={**vision, "global_attn_indexes": glob}))
     if name.startswith("upernet-"):
         return _hf_upernet_reference(name)
     if name.startswith(("mit-", "segformer-")):
@@ -232,6 +238,9 @@ def _torchvision_reference(enum: str) -> torch.nn.Module:
 def _reference(row) -> torch.nn.Module:
     if row.kind == "torchvision":
         return _torchvision_reference(row.torchvision_weights)
+    if row.kind == "url" and row.converter == "segment_anything":
+        sa = pytest.importorskip("segment_anything")
+        return sa.sam_model_registry[re.search(r"sam_(vit_[blh])_", row.url).group(1)](checkpoint=None)
     if row.kind == "timm-hub":
         timm = pytest.importorskip("timm")
         name = row.repo.split("/", 1)[1]  # with the tag: its class count

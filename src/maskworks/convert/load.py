@@ -28,6 +28,12 @@ from maskworks.convert.mae import convert_hf_vitmae, is_hf_vitmae_state_dict
 from maskworks.convert.mask2former import convert_hf_mask2former, is_hf_mask2former_state_dict
 from maskworks.convert.mobilenet import convert_torchvision_mobilenet, is_mobilenet_state_dict
 from maskworks.convert.resnet import convert_timm_resnet, convert_torchvision_resnet, is_resnet_state_dict
+from maskworks.convert.sam import (
+    convert_hf_sam,
+    convert_segment_anything,
+    is_hf_sam_state_dict,
+    is_segment_anything_state_dict,
+)
 from maskworks.convert.segformer import (
     convert_hf_segformer,
     convert_mit,
@@ -139,7 +145,9 @@ def convert_hf(
     ``UperNetForSemanticSegmentation`` with a Swin / ConvNeXt backbone; or a
     Segformer (``SegformerModel`` / ``SegformerForImageClassification``: MiT encoder keys;
     ``SegformerForSemanticSegmentation``: a whole ``segformer_b*``).
-    ``model``: the target (ViT: resampling; ConvNeXt: 1x1-conv MLPs)."""
+    ``model``: the target (ViT: resampling; ConvNeXt: 1x1-conv MLPs). A whole ``SamModel`` (Segment Anything)."""
+    if is_hf_sam_state_dict(state_dict):
+        return convert_hf_sam(state_dict, in_channels)
     if is_hf_mask2former_state_dict(state_dict):
         return convert_hf_mask2former(state_dict, in_channels)
     if is_hf_upernet_state_dict(state_dict):
@@ -159,7 +167,7 @@ def convert_hf(
     raise ValueError(
         "not a supported Hugging Face checkpoint: expected ViTModel / ViTForImageClassification, "
         "DeiTForImageClassificationWithTeacher, ViTMAEForPreTraining, Swin / Swinv2, ConvNext / ConvNextV2, "
-        "Segformer, Mask2FormerForUniversalSegmentation or UperNetForSemanticSegmentation keys "
+        "Segformer, Mask2FormerForUniversalSegmentation, UperNetForSemanticSegmentation or SamModel keys "
         "(e.g. 'vit.embeddings.patch_embeddings.projection.weight')"
     )
 
@@ -185,6 +193,7 @@ CONVERTERS: dict[str, Converter] = {
     "timm": convert_timm,
     "hf": convert_hf,
     "official": convert_official,
+    "segment_anything": convert_segment_anything,
 }
 # Sources whose checkpoints may be a bare backbone: those load into `model.encoder` when there is one.
 _BACKBONE_SOURCES = ("torchvision", "timm", "hf")
@@ -280,6 +289,10 @@ def _detect_source(state_dict: Mapping[str, torch.Tensor]) -> str:
     # our (= smp) layout.
     if is_transunet_official_state_dict(state_dict):
         return "official"
+    if is_hf_sam_state_dict(state_dict):
+        return "hf"
+    if is_segment_anything_state_dict(state_dict):
+        return "segment_anything"  # the official SAM layout (ours differs only in the MLP names)
     if is_torchvision_detection_state_dict(state_dict):
         return "torchvision"  # Faster / Mask R-CNN with FPN (maskworks' Mask R-CNN keys are the same)
     if is_hf_upernet_state_dict(state_dict) or is_hf_segformer_state_dict(state_dict):
@@ -355,7 +368,8 @@ def load_weights(
         path_or_state_dict: a ``.safetensors`` / ``.pt`` / ``.pth`` / ``.bin`` path, or a state dict.
         source: ``"auto"``, ``"maskworks"``, ``"smp"``, ``"torchvision"``, ``"timm"``, ``"hf"`` (Hugging Face
             transformers ViT / DeiT / ViTMAE / Swin / Swinv2 / ConvNext / ConvNextV2 / SegFormer / UperNet) or
-            ``"official"`` (the original authors' code: TransUNet).
+            ``"official"`` (the original authors' code: TransUNet) or ``"segment_anything"`` (the official SAM
+            checkpoints; Hugging Face ``SamModel`` state dicts are ``"hf"``).
         strict: ``True``: raise when any key is missing or unexpected. ``None`` (default): raise when fewer than
             ``min_fraction`` of the target's tensors (or none) get a value. ``False``: load whatever matches.
         min_fraction: the least fraction, in ``[0, 1]``, of the target's tensors that must match when

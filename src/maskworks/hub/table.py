@@ -511,6 +511,27 @@ def _rows() -> list[PretrainedWeights]:
                 requires=("num_classes",),
             )
         )
+
+    # ---- Segment Anything: the official release (Meta's CDN) and the same weights on the HF hub
+    for model, size, file in (
+        ("sam_vit_base", "base", "sam_vit_b_01ec64.pth"),
+        ("sam_vit_large", "large", "sam_vit_l_0b3195.pth"),
+        ("sam_vit_huge", "huge", "sam_vit_h_4b8939.pth"),
+    ):
+        rows.append(
+            PretrainedWeights(
+                model,
+                "sa1b",
+                "url",
+                "segment_anything",
+                "apache-2.0",
+                "sa-1b (11 M images, 1.1 B masks)",
+                url=f"https://dl.fbaipublicfiles.com/segment_anything/{file}",
+                default=True,
+                note="the official release; the hex in the file name is not a SHA-256 prefix, so it is not checked",
+            )
+        )
+        rows.append(_hf(model, "hf_sa1b", f"facebook/sam-vit-{size}", dataset="sa-1b (11 M images, 1.1 B masks)"))
     return rows
 
 

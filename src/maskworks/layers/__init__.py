@@ -21,6 +21,7 @@ from maskworks.layers.efficient_attention import (
 from maskworks.layers.fpn import FeaturePyramid
 from maskworks.layers.norm import GlobalResponseNorm, LayerNorm2d, PooledBatchNorm2d
 from maskworks.layers.ppm import PSPModule
+from maskworks.layers.rel_pos import RelPosAttention, decomposed_rel_pos_bias, get_rel_pos
 from maskworks.layers.vit_layers import (
     Attention,
     Block,
@@ -49,6 +50,9 @@ from maskworks.layers.window import (
 )
 
 __all__ = [
+    "RelPosAttention",
+    "decomposed_rel_pos_bias",
+    "get_rel_pos",
     "ASPP",
     "Attention",
     "Block",
