@@ -342,7 +342,8 @@ def model_task(name: str) -> str:
     """The task (``"semantic"``, ``"instance"``...) the registered model ``name`` declares.
 
     Raises:
-        ConfigError: an unknown model name (with close names), or a backbone.
+        ConfigError: an unknown model name (with close names), a backbone, or a promptable model (``maskworks
+            sam`` runs those).
     """
     from maskworks.registry import model_entry
 
@@ -352,6 +353,11 @@ def model_task(name: str) -> str:
         raise ConfigError(f"model.name: {e}") from e
     if entry.kind == "backbone":
         raise ConfigError(f"{name!r} is a backbone, not a segmentation model; use it as model.encoder")
+    if entry.task == "promptable":
+        raise ConfigError(
+            f"{name} is a promptable (Segment Anything) model: run it with `maskworks sam IMAGE --point x,y` or "
+            "`--auto`; train / eval / predict serve semantic, instance and panoptic models"
+        )
     return entry.task
 
 

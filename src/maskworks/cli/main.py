@@ -22,6 +22,7 @@ EPILOG = """examples:
   maskworks pretrain-mae --images unlabeled/ --model mae_vit_base_patch16 --epochs 100 --out runs/mae
   maskworks attention photo.jpg --model vit_base_patch16_224 --checkpoint vit.safetensors --out attn/
   maskworks complexity --dim 768 --heads 12 --tokens 196 784 3136 --out complexity/
+  maskworks sam photo.jpg --checkpoint sam_vit_b_01ec64.pth --point 420,310      # or --box x0,y0,x1,y1, or --auto
   torchrun --nproc_per_node 2 -m maskworks.cli.main train --config my.yaml   # DDP
 """
 
@@ -230,10 +231,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=commands.models)
 
-    from maskworks.cli import bench, mae, vit_tools
+    from maskworks.cli import bench, mae, sam, vit_tools
 
     bench.add_parser(sub)
     mae.add_parser(sub)
+    sam.add_parser(sub)
     vit_tools.add_parsers(sub)
     return parser
 
