@@ -297,3 +297,29 @@ def test_predictor_errors_are_clear():
         predictor.predict(box=np.zeros(3))
     with pytest.raises(TypeError, match="not a promptable model"):
         SamPredictor(torch.nn.Linear(2, 2))
+
+
+def test_hf_parity_vit_b_at_1024():
+    """The one full-size check: SAM ViT-B at 1024 px (windows padded 64 -> 70, four global blocks)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(5)
+    hf = transformers.SamModel(transformers.SamConfig())
+    with torch.no_grad():  # the relative tables start at zero: give them values so they count
+        for name, p in hf.named_parameters():
+            if "rel_pos" in name:
+                p.normal_(0, 0.02)
+    hf.eval()
+    ours = sam_vit_base().eval()
+    load_weights(ours, hf.state_dict(), strict=True)
+    image = torch.randn(1, 3, 1024, 1024)
+    coords, labels = torch.tensor([[[300.0, 420.0], [700.0, 100.0]]]), torch.tensor([[1, 0]])
+    box = torch.tensor([[100.0, 200.0, 800.0, 900.0]])
+    with torch.no_grad():
+        ref_emb = hf.get_image_embeddings(image)
+        emb = ours.embed_image(image)
+        torch.testing.assert_close(emb, ref_emb, atol=ATOL, rtol=0)
+        ref = hf(image_embeddings=ref_emb, input_points=coords[:, None], input_labels=labels[:, None],
+                 input_boxes=box[None], multimask_output=True)  # fmt: skip
+        low, iou = ours.decode(emb, coords, labels, box, multimask_output=True)
+    torch.testing.assert_close(iou, ref.iou_scores[:, 0], atol=ATOL, rtol=0)
+    torch.testing.assert_close(low, ref.pred_masks[:, 0], atol=ATOL, rtol=0)
