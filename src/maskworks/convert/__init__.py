@@ -35,6 +35,8 @@ from maskworks.convert.load import (
 from maskworks.convert.mae import convert_hf_vitmae
 from maskworks.convert.mobilenet import convert_torchvision_mobilenet
 from maskworks.convert.resnet import adapt_input_conv, convert_timm_resnet, convert_torchvision_resnet
+from maskworks.convert.sam import convert_hf_sam, convert_segment_anything
+from maskworks.convert.sam2 import convert_hf_sam2
 from maskworks.convert.segformer import (
     convert_hf_segformer,
     convert_nvlabs_mit,
@@ -54,6 +56,9 @@ from maskworks.convert.vit import convert_timm_vit
 from maskworks.convert.vit_hf_tv import convert_hf_vit, convert_torchvision_vit
 
 __all__ = [
+    "convert_hf_sam",
+    "convert_hf_sam2",
+    "convert_segment_anything",
     "convert_torchvision_detection",
     "is_torchvision_detection_state_dict",
     "is_torchvision_mask_rcnn_state_dict",

@@ -34,6 +34,7 @@ from maskworks.convert.sam import (
     is_hf_sam_state_dict,
     is_segment_anything_state_dict,
 )
+from maskworks.convert.sam2 import convert_hf_sam2, is_hf_sam2_state_dict
 from maskworks.convert.segformer import (
     convert_hf_segformer,
     convert_mit,
@@ -145,9 +146,12 @@ def convert_hf(
     ``UperNetForSemanticSegmentation`` with a Swin / ConvNeXt backbone; or a
     Segformer (``SegformerModel`` / ``SegformerForImageClassification``: MiT encoder keys;
     ``SegformerForSemanticSegmentation``: a whole ``segformer_b*``).
-    ``model``: the target (ViT: resampling; ConvNeXt: 1x1-conv MLPs). A whole ``SamModel`` (Segment Anything)."""
+    ``model``: the target (ViT: resampling; ConvNeXt: 1x1-conv MLPs). A whole ``SamModel`` (Segment Anything) or ``Sam2Model`` / ``Sam2VideoModel``
+    (SAM 2 in image mode; the video-memory weights are dropped)."""
     if is_hf_sam_state_dict(state_dict):
         return convert_hf_sam(state_dict, in_channels)
+    if is_hf_sam2_state_dict(state_dict):
+        return convert_hf_sam2(state_dict, in_channels)
     if is_hf_mask2former_state_dict(state_dict):
         return convert_hf_mask2former(state_dict, in_channels)
     if is_hf_upernet_state_dict(state_dict):
@@ -167,7 +171,7 @@ def convert_hf(
     raise ValueError(
         "not a supported Hugging Face checkpoint: expected ViTModel / ViTForImageClassification, "
         "DeiTForImageClassificationWithTeacher, ViTMAEForPreTraining, Swin / Swinv2, ConvNext / ConvNextV2, "
-        "Segformer, Mask2FormerForUniversalSegmentation, UperNetForSemanticSegmentation or SamModel keys "
+        "Segformer, Mask2FormerForUniversalSegmentation, UperNetForSemanticSegmentation, SamModel or Sam2Model keys "
         "(e.g. 'vit.embeddings.patch_embeddings.projection.weight')"
     )
 
@@ -289,7 +293,7 @@ def _detect_source(state_dict: Mapping[str, torch.Tensor]) -> str:
     # our (= smp) layout.
     if is_transunet_official_state_dict(state_dict):
         return "official"
-    if is_hf_sam_state_dict(state_dict):
+    if is_hf_sam_state_dict(state_dict) or is_hf_sam2_state_dict(state_dict):
         return "hf"
     if is_segment_anything_state_dict(state_dict):
         return "segment_anything"  # the official SAM layout (ours differs only in the MLP names)

@@ -543,6 +543,11 @@ _TEST_SIZE = "a test-size configuration; nothing is published for it"
 # Registered models without a row, and why.
 NO_PUBLISHED_WEIGHTS: dict[str, str] = {
     **{
+        name: "SAM 2 weights are published as facebookresearch/sam2 .pt files, a layout maskworks does not convert; "
+        "a Hugging Face Sam2Model / Sam2VideoModel state dict loads with load_weights(model, path, source='hf')"
+        for name in ("sam2_hiera_tiny", "sam2_hiera_small", "sam2_hiera_base_plus", "sam2_hiera_large")
+    },
+    **{
         name: f"no whole-model weights are published in a format maskworks converts; {_ENCODER_HINT}"
         for name in (
             "unet",
