@@ -77,7 +77,7 @@ class WindowedBlock(nn.Module):
             x, _ = pad_to_window(x, self.window_size)  # (B, Hp, Wp, C)
             hp, wp = x.shape[1:3]
             x = self.attn(window_partition(x, self.window_size))  # (B * nW, M, M, C)
-            x = window_reverse(x, self.window_size, hp, wp)[:, :h, :w]  # (B, H, W, C)
+            x = window_reverse(x, self.window_size, hp, wp)[:, :h, :w].contiguous()  # (B, H, W, C)
         else:
             x = self.attn(x)
         x = shortcut + x
@@ -163,7 +163,8 @@ class ImageEncoderViT(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.patch_embed(x).permute(0, 2, 3, 1)  # (B, H', W', C)
+        # contiguous channels-last tokens: a permuted view would make every residual add and linear layer strided
+        x = self.patch_embed(x).permute(0, 2, 3, 1).contiguous()  # (B, H', W', C)
         if self.pos_embed is not None:
             x = x + self.pos_embed
         for block in self.blocks:
