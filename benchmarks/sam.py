@@ -16,7 +16,8 @@ Three measurements, each with a ratio ours / peer in latency (<= 1.0: at least a
   ours against the official generator. The weights are random, so the quality thresholds are set to 0 and every
   mask goes through the filtering, box NMS and RLE encoding: an upper bound of the post-processing work.
 
-All weights are HF's random initialisation (relative tables given values), loaded into ours and the official model
+All weights are HF's random initialisation (relative tables and norms given realistic values: as initialised, the
+neck's LayerNorms put the embedding near 1e-20, and the decoder's products fall into slow denormal arithmetic), loaded into ours and the official model
 with ``load_weights`` / the converter's inverse, so every implementation computes the same function.
 """
 
@@ -40,10 +41,14 @@ def build_models(device: torch.device):
 
     torch.manual_seed(0)
     hf = transformers.SamModel(transformers.SamConfig())
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
+    with torch.no_grad():  # HF's init leaves the neck's output near 1e-20 (denormal products): give the relative
+        for name, p in hf.named_parameters():  # tables and every norm realistic values
             if "rel_pos" in name:
                 p.normal_(0, 0.02)
+            elif "norm" in name and name.endswith("weight"):
+                p.uniform_(0.5, 1.5)
+            elif "norm" in name and name.endswith("bias"):
+                p.normal_(0, 0.1)
     ours = sam_vit_base()
     load_weights(ours, hf.state_dict(), source="hf", strict=True)
     official = sam_model_registry["vit_b"](checkpoint=None)

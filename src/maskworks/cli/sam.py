@@ -277,7 +277,15 @@ def _automatic(args: argparse.Namespace, model: torch.nn.Module, image: np.ndarr
     order = np.arange(len(records), dtype=float)  # later = smaller = on top
     overlay = draw_instances(image, {"masks": masks}, draw_boxes=False, draw_text=False, order=order)
     save_rgb_png(overlay, out / "overlay.png")
-    from maskworks.models.promptable.amg import coco_encode_rle
+    try:  # COCO RLE with pycocotools (the coco extra); the uncompressed RLE otherwise
+        from maskworks.models.promptable.amg import coco_encode_rle
+
+        import pycocotools.mask  # noqa: F401
+    except ImportError:
+        log.warning("pycocotools is not installed: masks.json holds uncompressed RLE (pip install 'maskworks[coco]')")
+
+        def coco_encode_rle(rle):
+            return rle
 
     rows = []
     for i, record in enumerate(records):
