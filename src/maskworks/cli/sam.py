@@ -278,9 +278,9 @@ def _automatic(args: argparse.Namespace, model: torch.nn.Module, image: np.ndarr
     overlay = draw_instances(image, {"masks": masks}, draw_boxes=False, draw_text=False, order=order)
     save_rgb_png(overlay, out / "overlay.png")
     try:  # COCO RLE with pycocotools (the coco extra); the uncompressed RLE otherwise
-        from maskworks.models.promptable.amg import coco_encode_rle
-
         import pycocotools.mask  # noqa: F401
+
+        from maskworks.models.promptable.amg import coco_encode_rle
     except ImportError:
         log.warning("pycocotools is not installed: masks.json holds uncompressed RLE (pip install 'maskworks[coco]')")
 
