@@ -6,7 +6,7 @@ from maskworks.models.promptable.decoder import MaskDecoder, PositionEmbeddingRa
 from maskworks.models.promptable.hiera import FpnNeck, Hiera, Sam2ImageEncoder
 from maskworks.models.promptable.image_encoder import ImageEncoderViT
 from maskworks.models.promptable.predictor import SamPredictor
-from maskworks.models.promptable.sam import Sam, build_sam, sam_vit_base, sam_vit_huge, sam_vit_large
+from maskworks.models.promptable.sam import PromptableModel, Sam, build_sam, sam_vit_base, sam_vit_huge, sam_vit_large
 from maskworks.models.promptable.sam2 import (
     Sam2,
     Sam2MaskDecoder,
@@ -36,6 +36,7 @@ __all__ = [
     "ImageEncoderViT",
     "MaskDecoder",
     "PositionEmbeddingRandom",
+    "PromptableModel",
     "PromptEncoder",
     "ResizeLongestSide",
     "Sam",

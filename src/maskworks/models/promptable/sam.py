@@ -31,17 +31,19 @@ from maskworks.models.promptable.image_encoder import ImageEncoderViT
 from maskworks.models.promptable.transforms import ResizeLongestSide
 from maskworks.registry import register_model
 
-__all__ = ["Sam", "build_sam", "sam_vit_base", "sam_vit_huge", "sam_vit_large"]
+__all__ = ["PromptableModel", "Sam", "build_sam", "sam_vit_base", "sam_vit_huge", "sam_vit_large"]
 
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
 
 
-class Sam(nn.Module):
-    """Image encoder + prompt encoder + mask decoder, with SAM's pre- and post-processing.
+class PromptableModel(nn.Module):
+    """What SAM and SAM 2 share: an image encoder, a prompt encoder and a mask decoder, the pixel mean / std (0-255
+    units) as buffers, and the interface :class:`~maskworks.models.promptable.SamPredictor` uses (``transform``,
+    ``preprocess``, ``embed_image``, ``decode``, ``postprocess_masks``, ``image_size``, ``mask_threshold``).
 
     Args:
-        image_encoder: maps a ``(B, 3, S, S)`` normalised image to the ``(B, C, S / 16, S / 16)`` embedding.
+        image_encoder: the image encoder.
         prompt_encoder: embeds points, boxes and masks.
         mask_decoder: predicts masks and IoU from the embeddings.
         pixel_mean: per-channel mean in 0-255 units.
@@ -54,9 +56,9 @@ class Sam(nn.Module):
 
     def __init__(
         self,
-        image_encoder: ImageEncoderViT,
-        prompt_encoder: PromptEncoder,
-        mask_decoder: MaskDecoder,
+        image_encoder: nn.Module,
+        prompt_encoder: nn.Module,
+        mask_decoder: nn.Module,
         pixel_mean: Sequence[float] = PIXEL_MEAN,
         pixel_std: Sequence[float] = PIXEL_STD,
     ) -> None:
@@ -66,16 +68,39 @@ class Sam(nn.Module):
         self.mask_decoder = mask_decoder
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float).view(-1, 1, 1), False)
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the model."""
+        return self.pixel_mean.device
+
+
+class Sam(PromptableModel):
+    """Image encoder + prompt encoder + mask decoder, with SAM's pre- and post-processing.
+
+    Args:
+        image_encoder: maps a ``(B, 3, S, S)`` normalised image to the ``(B, C, S / 16, S / 16)`` embedding.
+        prompt_encoder: embeds points, boxes and masks.
+        mask_decoder: predicts masks and IoU from the embeddings.
+        pixel_mean: per-channel mean in 0-255 units.
+        pixel_std: per-channel standard deviation in 0-255 units.
+    """
+
+    def __init__(
+        self,
+        image_encoder: ImageEncoderViT,
+        prompt_encoder: PromptEncoder,
+        mask_decoder: MaskDecoder,
+        pixel_mean: Sequence[float] = PIXEL_MEAN,
+        pixel_std: Sequence[float] = PIXEL_STD,
+    ) -> None:
+        super().__init__(image_encoder, prompt_encoder, mask_decoder, pixel_mean, pixel_std)
         self.transform = ResizeLongestSide(image_encoder.img_size)
 
     @property
     def image_size(self) -> int:
         """The side of the square model input (1024)."""
         return self.image_encoder.img_size
-
-    @property
-    def device(self) -> torch.device:
-        return self.pixel_mean.device
 
     # -- the three stages ------------------------------------------------------------------------------------------
 

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from maskworks.models.promptable.decoder import MLP, MaskDecoder, PromptEncoder, TwoWayTransformer
 from maskworks.models.promptable.hiera import FpnNeck, Hiera, Sam2ImageEncoder
-from maskworks.models.promptable.sam import PIXEL_MEAN, PIXEL_STD
+from maskworks.models.promptable.sam import PIXEL_MEAN, PIXEL_STD, PromptableModel
 from maskworks.registry import register_model
 
 __all__ = [
@@ -311,7 +311,7 @@ class Sam2MaskDecoder(MaskDecoder):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-class Sam2(nn.Module):
+class Sam2(PromptableModel):
     """SAM 2 for promptable segmentation of single images.
 
     The predictor interface: :attr:`transform` maps images and prompts into the ``image_size`` square,
@@ -328,10 +328,6 @@ class Sam2(nn.Module):
         pixel_std: per-channel standard deviation on the ``[0, 255]`` scale.
     """
 
-    mask_threshold: float = 0.0
-    image_format: str = "RGB"
-    task = "promptable"
-
     def __init__(
         self,
         image_encoder: Sam2ImageEncoder,
@@ -341,22 +337,12 @@ class Sam2(nn.Module):
         pixel_mean: Sequence[float] = PIXEL_MEAN,
         pixel_std: Sequence[float] = PIXEL_STD,
     ) -> None:
-        super().__init__()
-        self.image_encoder = image_encoder
-        self.prompt_encoder = prompt_encoder
-        self.mask_decoder = mask_decoder
+        super().__init__(image_encoder, prompt_encoder, mask_decoder, pixel_mean, pixel_std)
         self.image_size = image_size
         self.hidden_dim = image_encoder.neck.d_model
         self.no_mem_embed = nn.Parameter(torch.zeros(1, 1, self.hidden_dim))
         nn.init.trunc_normal_(self.no_mem_embed, std=0.02)
-        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), persistent=False)
         self.transform = Sam2Transform(image_size)
-
-    @property
-    def device(self) -> torch.device:
-        """The device of the parameters."""
-        return self.no_mem_embed.device
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
         """Images ``(B, 3, h, w)`` (or ``(3, h, w)``) in ``[0, 255]`` -> normalised ``(B, 3, S, S)`` (resized,
