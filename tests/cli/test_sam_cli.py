@@ -118,6 +118,11 @@ def test_bad_point_is_an_argparse_error(tiny, capsys):
     assert "label must be 1 (foreground) or 0 (background)" in capsys.readouterr().err
 
 
-def test_train_refuses_a_promptable_model_with_a_pointer_to_sam(capsys):
+def test_train_eval_predict_refuse_a_promptable_model_with_a_pointer_to_sam(tiny, capsys):
+    root, ckpt = tiny
     assert main(["train", "--model", "sam_vit_base", "--set", "train.epochs=1"]) == 2
+    assert "run it with `maskworks sam IMAGE" in capsys.readouterr().err
+    assert main(["eval", "--checkpoint", str(ckpt)]) == 2
+    assert "run it with `maskworks sam IMAGE" in capsys.readouterr().err
+    assert main(["predict", "--checkpoint", str(ckpt), str(root / "street.png"), "--out", str(root / "p")]) == 2
     assert "run it with `maskworks sam IMAGE" in capsys.readouterr().err
