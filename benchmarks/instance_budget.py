@@ -37,8 +37,32 @@ from maskworks.data import ISBI2012Instances, SyntheticShapes, build_transforms
 from maskworks.engine import Trainer, seed_everything
 from maskworks.tasks import InstanceTask
 
+
 # the settings every configuration shares, per data set: proposal and RoI counts sized for a few large shapes in
 # small images (configs/synthetic_mask_rcnn.yaml) and for ~115 cells per ISBI slice
+def budget_trainer(model, train, val, run, task, epochs: int, opt: dict, grad_clip: float = 10.0) -> Trainer:
+    """The Trainer of the fixed-budget comparisons (``instance_compare.py``, ``panoptic_compare.py``): batch 4,
+    ``opt["optimizer"]`` at ``opt["lr"]``, weight decay 1e-4, cosine schedule with ``min(opt["warmup"], epochs / 4)``
+    warm-up epochs, one evaluation at the end."""
+    return Trainer(
+        model,
+        train,
+        val,
+        run,
+        task=task,
+        epochs=epochs,
+        batch_size=4,
+        optimizer=opt["optimizer"],
+        lr=opt["lr"],
+        weight_decay=1e-4,
+        schedule="cosine",
+        warmup_epochs=min(opt["warmup"], epochs / 4),
+        grad_clip=grad_clip,
+        progress=False,
+        eval_every=epochs,
+    )
+
+
 COMMON = {
     "synthetic": {
         "rpn_pre_nms_top_n_train": 256,

@@ -39,7 +39,7 @@ from pathlib import Path
 from statistics import median
 
 import torch
-from instance_budget import COMMON  # benchmarks/ (the script's folder) is on sys.path
+from instance_budget import COMMON, budget_trainer  # benchmarks/ (the script's folder) is on sys.path
 from torchvision.transforms import v2
 
 from maskworks import create_model
@@ -115,23 +115,7 @@ def datasets(args, data: str):
 
 
 def make_trainer(model, train, val, run, epochs, opt, args) -> Trainer:
-    return Trainer(
-        model,
-        train,
-        val,
-        run,
-        task=InstanceTask(class_names=train.class_names),
-        epochs=epochs,
-        batch_size=4,
-        optimizer=opt["optimizer"],
-        lr=opt["lr"],
-        weight_decay=1e-4,
-        schedule="cosine",
-        warmup_epochs=min(opt["warmup"], epochs / 4),
-        grad_clip=10.0,
-        progress=False,
-        eval_every=epochs,
-    )
+    return budget_trainer(model, train, val, run, InstanceTask(class_names=train.class_names), epochs, opt)
 
 
 def build(name: str, train, options: dict):

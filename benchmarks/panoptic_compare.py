@@ -28,7 +28,7 @@ import time
 from statistics import median
 
 import torch
-from instance_budget import COMMON  # benchmarks/ (the script's folder) is on sys.path
+from instance_budget import COMMON, budget_trainer  # benchmarks/ (the script's folder) is on sys.path
 from torchvision.transforms import v2
 
 from maskworks import create_model
@@ -90,23 +90,8 @@ def datasets(args):
 
 
 def make_trainer(model, train, val, run, epochs, opt) -> Trainer:
-    return Trainer(
-        model,
-        train,
-        val,
-        run,
-        task=PanopticTask(class_names=train.class_names, isthing=train.isthing),
-        epochs=epochs,
-        batch_size=4,
-        optimizer=opt["optimizer"],
-        lr=opt["lr"],
-        weight_decay=1e-4,
-        schedule="cosine",
-        warmup_epochs=min(opt["warmup"], epochs / 4),
-        grad_clip=opt["grad_clip"],
-        progress=False,
-        eval_every=epochs,
-    )
+    task = PanopticTask(class_names=train.class_names, isthing=train.isthing)
+    return budget_trainer(model, train, val, run, task, epochs, opt, grad_clip=opt["grad_clip"])
 
 
 def build(name, options, train):
