@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -41,10 +43,17 @@ def test_interleaving_alternates_the_order():
 
 
 def test_peak_memory_sees_a_large_allocation():
-    result = compare({"big": lambda: torch.ones(64, 2**20)}, warmup=0, repeats=1)  # 256 MiB
-    peak = result.timings["big"].peak_mib
-    if peak is None:
+    # In a fresh process: after thousands of tests the heap state of this one decides how much of a new allocation
+    # shows as resident growth (one full-suite run measured 0 MiB here), which is not what this test is about.
+    code = (
+        "import torch; from maskworks.bench import compare; "
+        "r = compare({'big': lambda: torch.ones(64, 2**20)}, warmup=0, repeats=1); "  # 256 MiB
+        "print(r.timings['big'].peak_mib)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    if out[-1] == "None":
         pytest.skip("resident-memory high-water mark not available on this platform")
+    peak = float(out[-1])
     assert 200 < peak < 400, peak
 
 
