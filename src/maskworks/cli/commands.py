@@ -601,6 +601,42 @@ def predict_probs(model, x: torch.Tensor, args, num_classes: int, tile: int | No
     return torch.cat([1 - probs, probs], 1) if binary else probs
 
 
+def semantic_prediction(
+    model,
+    rgb: np.ndarray,
+    args,
+    num_classes: int,
+    mean,
+    std,
+    dev,
+    channels_last: bool,
+    tile: int | None,
+    threshold: float = 0.5,
+    crf=None,
+    where: str = "the image",
+) -> tuple[np.ndarray, torch.Tensor]:
+    """One image's semantic prediction as ``maskworks predict`` makes it (and ``maskworks serve`` answers it):
+    ``(labels (H, W) int64 numpy, probabilities (1, K', H, W))`` for a uint8 ``(H, W, C)`` image, normalised with
+    the checkpoint's ``mean`` / ``std``, with ``args.tta`` / ``args.overlap`` and ``tile``, an optional dense CRF and
+    the binary ``threshold``. Call it under ``torch.inference_mode()``.
+
+    Raises:
+        ValueError: the probabilities are not finite (``where`` names the image).
+    """
+    from maskworks.metrics.confusion import check_finite
+
+    x = normalize_image(torch.from_numpy(rgb.copy()).permute(2, 0, 1), mean, std)[None]
+    x = images_to(x, dev, channels_last)
+    probs = predict_probs(model, x, args, num_classes, tile=tile)  # (1, K', H, W), K' = max(K, 2)
+    del x
+    check_finite(probs, f"the prediction for {where}", "probabilities")  # argmax would give class 0
+    if crf is not None:
+        guide = torch.tensor(_rgb3(rgb)).permute(2, 0, 1)[None].float().to(dev)  # 0-255 RGB
+        probs = crf(torch.log(probs.clamp_min(1e-8)), guide).exp()
+    pred = (probs[:, 1] > threshold).long()[0] if num_classes == 1 else probs.argmax(1)[0]
+    return pred.cpu().numpy(), probs
+
+
 def _label_strips(model, f: Path, args, k: int, in_ch: int, mean, std, out: Path, dev) -> np.ndarray:
     """Labels of a very large image through :func:`~maskworks.inference.predict_large_image` (read and predicted
     by strips: memory bounded by the tiles, not by the image); returns the label map (memory-mapped)."""
@@ -636,7 +672,6 @@ def predict(args) -> int:
 
     from maskworks.data import read_image
     from maskworks.inference import MeanFieldCRF, entropy_map
-    from maskworks.metrics.confusion import check_finite
     from maskworks.viz import default_palette, overlay, save_label_png, save_rgb_png
 
     if args.tile is not None and args.tile < 8:
@@ -688,16 +723,9 @@ def predict(args) -> int:
                 if tile and strips_allowed and h * w > STRIP_PIXELS:
                     pred = _label_strips(model, f, args, k, in_ch, mean, std, out, dev)
                 else:
-                    x = normalize_image(torch.from_numpy(rgb.copy()).permute(2, 0, 1), mean, std)[None]
-                    x = images_to(x, dev, channels_last)
-                    probs = predict_probs(model, x, args, k, tile=tile)  # (1, K', H, W), K' = max(K, 2)
-                    del x
-                    check_finite(probs, f"the prediction for {f}", "probabilities")  # argmax would give class 0
-                    if crf is not None:
-                        guide = torch.tensor(_rgb3(rgb)).permute(2, 0, 1)[None].float().to(dev)  # 0-255 RGB
-                        probs = crf(torch.log(probs.clamp_min(1e-8)), guide).exp()
-                    pred = (probs[:, 1] > threshold).long()[0] if k == 1 else probs.argmax(1)[0]
-                    pred = pred.cpu().numpy()
+                    pred, probs = semantic_prediction(
+                        model, rgb, args, k, mean, std, dev, channels_last, tile, threshold, crf, where=str(f)
+                    )
                 target = out / name
                 target.parent.mkdir(parents=True, exist_ok=True)
                 save_label_png(pred, target.with_name(f"{target.name}_label.png"), palette)

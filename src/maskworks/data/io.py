@@ -186,22 +186,33 @@ def read_image(path: str | Path, channels: int | None = None) -> np.ndarray:
         raise ValueError(f"channels must be None, 1 or 3, got {channels!r}")
     img, _ = _open(path, "image")
     try:
-        mode = img.mode
-        if mode in _HIGH_DEPTH_MODES:
-            arr = _to_uint8(np.asarray(img), mode, path)[..., None]
-            return np.repeat(arr, 3, axis=2) if channels == 3 else arr
-        if channels is None:
-            channels = 1 if mode in _GRAY_MODES else 3
-        target = "L" if channels == 1 else "RGB"
-        try:
-            arr = np.asarray(img if mode == target else img.convert(target))
-        except (ValueError, OSError) as e:
-            raise DatasetError(
-                f"image {path} has image mode {mode!r} which cannot be converted to {target!r} ({e}); expected a "
-                f"grayscale, RGB(A), palette, CMYK or 16-bit image"
-            ) from e
+        return image_to_array(img, channels, path)
     finally:
         img.close()
+
+
+def image_to_array(img: Image.Image, channels: int | None, where: str | Path) -> np.ndarray:
+    """A loaded Pillow image as uint8 ``(H, W, C)`` by the conversion rules of :func:`read_image` (the same code
+    path, so an image decoded from bytes equals the file read by :func:`read_image`); ``where`` names the image in
+    errors.
+
+    Raises:
+        DatasetError: a mode that cannot become RGB or grayscale, or values outside the documented ranges.
+    """
+    mode = img.mode
+    if mode in _HIGH_DEPTH_MODES:
+        arr = _to_uint8(np.asarray(img), mode, where)[..., None]
+        return np.repeat(arr, 3, axis=2) if channels == 3 else arr
+    if channels is None:
+        channels = 1 if mode in _GRAY_MODES else 3
+    target = "L" if channels == 1 else "RGB"
+    try:
+        arr = np.asarray(img if mode == target else img.convert(target))
+    except (ValueError, OSError) as e:
+        raise DatasetError(
+            f"image {where} has image mode {mode!r} which cannot be converted to {target!r} ({e}); expected a "
+            f"grayscale, RGB(A), palette, CMYK or 16-bit image"
+        ) from e
     return arr[..., None] if arr.ndim == 2 else arr
 
 

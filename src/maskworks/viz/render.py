@@ -9,6 +9,7 @@ library-wide convention. The default palette is the PASCAL VOC bit-interleaved c
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 from collections.abc import Sequence
@@ -28,6 +29,7 @@ __all__ = [
     "overlay",
     "denormalize",
     "to_uint8_hwc",
+    "label_png_bytes",
     "save_label_png",
     "save_rgb_png",
     "make_grid",
@@ -245,26 +247,10 @@ def overlay(
 
 
 # ------------------------------------------------------------------------------------------------ files
-def save_label_png(
-    mask: Any,
-    path: str | PathLike,
-    palette: Sequence[Sequence[int]] | np.ndarray,
-    ignore_color: Sequence[int] = (0, 0, 0),
-) -> Path:
-    """Write a palette-mode ("P") PNG whose pixel values are the class ids (255 kept as is).
-
-    Reading it back with ``np.array(PIL.Image.open(path))`` gives the ids; viewers show the palette colours.
-    Palette entries beyond the given colours are black, except index 255 which gets ``ignore_color`` unless the
-    palette itself has 256 entries.
-
-    Args:
-        mask: ``(H, W)`` ids in ``0..255``.
-        path: output file (parent folders are created).
-        palette: up to 256 colours.
-        ignore_color: colour shown for id 255.
-
-    Returns:
-        The written path.
+def label_png_bytes(
+    mask: Any, palette: Sequence[Sequence[int]] | np.ndarray, ignore_color: Sequence[int] = (0, 0, 0)
+) -> bytes:
+    """The bytes of the palette-mode PNG that :func:`save_label_png` writes (pixel values = class ids).
 
     Raises:
         ValueError: for ids outside ``0..255`` or a palette with more than 256 colours.
@@ -282,9 +268,39 @@ def save_label_png(
     img = Image.fromarray(np.ascontiguousarray(m.astype(np.uint8)))  # mode "L", pixel values = ids
     img.putpalette(full.reshape(-1).tobytes())  # "L" -> "P" without touching the pixel values
     assert img.mode == "P"
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def save_label_png(
+    mask: Any,
+    path: str | PathLike,
+    palette: Sequence[Sequence[int]] | np.ndarray,
+    ignore_color: Sequence[int] = (0, 0, 0),
+) -> Path:
+    """Write a palette-mode ("P") PNG whose pixel values are the class ids (255 kept as is).
+
+    Reading it back with ``np.array(PIL.Image.open(path))`` gives the ids; viewers show the palette colours.
+    Palette entries beyond the given colours are black, except index 255 which gets ``ignore_color`` unless the
+    palette itself has 256 entries. The bytes are those of :func:`label_png_bytes`.
+
+    Args:
+        mask: ``(H, W)`` ids in ``0..255``.
+        path: output file (parent folders are created).
+        palette: up to 256 colours.
+        ignore_color: colour shown for id 255.
+
+    Returns:
+        The written path.
+
+    Raises:
+        ValueError: for ids outside ``0..255`` or a palette with more than 256 colours.
+    """
+    data = label_png_bytes(mask, palette, ignore_color)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path, format="PNG")
+    path.write_bytes(data)
     return path
 
 

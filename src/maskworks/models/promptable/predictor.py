@@ -86,6 +86,18 @@ class SamPredictor:
             self.model.train(was_training)
         self.is_image_set = True
 
+    def set_embedding(
+        self, features: torch.Tensor | dict, original_size: tuple[int, int], input_size: tuple[int, int]
+    ) -> None:
+        """Use an embedding computed earlier (``get_image_embedding`` with the ``original_size`` and ``input_size``
+        of that image) instead of embedding the image again: a server keeps embeddings and answers each click with
+        the decoder only."""
+        self.reset_image()
+        self.features = features
+        self.original_size = (int(original_size[0]), int(original_size[1]))
+        self.input_size = (int(input_size[0]), int(input_size[1]))
+        self.is_image_set = True
+
     def get_image_embedding(self) -> torch.Tensor | dict:
         """The cached embedding of the current image."""
         self._require_image()
