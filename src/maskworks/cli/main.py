@@ -1,4 +1,5 @@
-"""The ``maskworks`` command line: demo, train, eval, predict, models, bench, pretrain-mae, complexity, attention."""
+"""The ``maskworks`` command line: demo, train, eval, predict, models, bench, pretrain-mae, complexity, attention, sam,
+serve."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ EPILOG = """examples:
   maskworks attention photo.jpg --model vit_base_patch16_224 --checkpoint vit.safetensors --out attn/
   maskworks complexity --dim 768 --heads 12 --tokens 196 784 3136 --out complexity/
   maskworks sam photo.jpg --checkpoint sam_vit_b_01ec64.pth --point 420,310      # or --box x0,y0,x1,y1, or --auto
+  maskworks serve --checkpoint runs/camvid/best.safetensors --sam sam_vit_b_01ec64.pth   # web page + REST API
   torchrun --nproc_per_node 2 -m maskworks.cli.main train --config my.yaml   # DDP
 """
 
@@ -231,11 +233,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=commands.models)
 
-    from maskworks.cli import bench, mae, sam, vit_tools
+    from maskworks.cli import bench, mae, sam, serve, vit_tools
 
     bench.add_parser(sub)
     mae.add_parser(sub)
     sam.add_parser(sub)
+    serve.add_parser(sub)
     vit_tools.add_parsers(sub)
     return parser
 
