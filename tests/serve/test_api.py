@@ -422,11 +422,13 @@ def test_503_over_http_when_the_queue_is_full(semantic_ckpt, monkeypatch):
                 break
             time.sleep(0.01)
         busy = _post_image(c, "/predict/shapes", data, headers={})
+        early = c.post("/predict/shapes", content=b"never parsed", headers={"Content-Type": "multipart/form-data"})
         gate.set()
         for t in threads:
             t.join(10)
     assert busy.status_code == 503 and busy.headers["retry-after"] == "1" and "busy" in busy.json()["detail"]
     assert sorted(r.status_code for r in results) == [200, 200]
+    assert early.status_code == 503  # refused before its body was read (a malformed body would give 422 / 400)
 
 
 # -------------------------------------------------------------------------------------------------- the CLI

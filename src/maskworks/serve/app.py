@@ -94,14 +94,21 @@ class Limiter:
         self._executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="maskworks-serve")
         self._sem: asyncio.Semaphore | None = None
 
+    @property
+    def full(self) -> bool:
+        return self.pending >= self.concurrency + self.queue
+
+    def busy(self) -> HTTPException:
+        return HTTPException(
+            503,
+            detail=f"server busy: {self.pending} request(s) running or waiting (at most {self.concurrency} "
+            f"running + {self.queue} waiting); retry shortly",
+            headers={"Retry-After": "1"},
+        )
+
     async def run(self, fn: Callable[..., T], *args: Any, timeout: float) -> T:
-        if self.pending >= self.concurrency + self.queue:
-            raise HTTPException(
-                503,
-                detail=f"server busy: {self.pending} request(s) running or waiting (at most {self.concurrency} "
-                f"running + {self.queue} waiting); retry shortly",
-                headers={"Retry-After": "1"},
-            )
+        if self.full:
+            raise self.busy()
         loop = asyncio.get_running_loop()
         if self._sem is None:
             self._sem = asyncio.Semaphore(self.concurrency)
@@ -162,10 +169,11 @@ def _static_files() -> dict[str, tuple[bytes, str]]:
 
 class _BodyLimit:
     """ASGI middleware: refuse request bodies above ``limit`` bytes, from ``Content-Length`` before reading and
-    while streaming otherwise (413, JSON)."""
+    while streaming otherwise (413, JSON); and refuse work requests while the queue is full before their body is
+    read (503), so an overloaded server does not parse uploads it will not serve."""
 
-    def __init__(self, app: Any, limit: int, upload_limit: int):
-        self.app, self.limit, self.upload_limit = app, limit, upload_limit
+    def __init__(self, app: Any, limit: int, upload_limit: int, limiter: Limiter | None = None):
+        self.app, self.limit, self.upload_limit, self.limiter = app, limit, upload_limit, limiter
 
     def _message(self, size: str) -> str:
         return f"the request body is {size}, above this server's upload limit of {self.upload_limit} bytes"
@@ -184,6 +192,16 @@ class _BodyLimit:
                     response = JSONResponse({"detail": self._message(f"{declared} bytes")}, status_code=413)
                     await response(scope, receive, send)
                     return
+        path = scope.get("path", "")
+        if (
+            self.limiter is not None
+            and self.limiter.full
+            and scope.get("method") == "POST"
+            and (path.startswith("/predict/") or path.startswith("/sam/"))
+        ):
+            busy = self.limiter.busy()
+            await JSONResponse({"detail": busy.detail}, status_code=503, headers=busy.headers)(scope, receive, send)
+            return
         seen = 0
 
         async def limited() -> dict:
@@ -253,7 +271,10 @@ def create_app(
     )
     app.state.models, app.state.sam, app.state.settings, app.state.limiter = table, sam, settings, limiter
     app.add_middleware(
-        _BodyLimit, limit=settings.max_upload_bytes + _FORM_OVERHEAD, upload_limit=settings.max_upload_bytes
+        _BodyLimit,
+        limit=settings.max_upload_bytes + _FORM_OVERHEAD,
+        upload_limit=settings.max_upload_bytes,
+        limiter=limiter,
     )
 
     @app.exception_handler(HTTPException)
