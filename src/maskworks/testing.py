@@ -196,6 +196,8 @@ TINY_SEMANTIC: dict[str, dict] = {
     "attention_unet": {"encoder": "mobilenet_v2", "decoder_channels": (32, 16, 16, 8, 8)},
     "deeplabv3": {"encoder": "resnet18", "aux": True, "decoder_channels": 32},
     "deeplabv3plus": {"encoder": "mobilenet_v3_small", "decoder_channels": 32},
+    "deeplabv3plus_mobilenet_v3_large": {"decoder_channels": 32},
+    "lraspp_mobilenet_v3_large": {"inter_channels": 16},
     "fpn": {"encoder": "resnet18", "decoder_pyramid_channels": 32, "decoder_segmentation_channels": 32},
     "pspnet": {"encoder": "resnet18", "psp_out_channels": 32, "aux": True},
     "bisenetv1": {"encoder": "resnet18", "aux": True},

@@ -72,7 +72,7 @@ def test_torchvision_rows_resolve_without_network():
         assert re.fullmatch(r"[0-9a-f]{8,}", prefix) and f"-{prefix}." in url, row.name
         # torchvision says which weights carry another licence (SWAG: CC-BY-NC 4.0)
         assert (row.license == "cc-by-nc-4.0") == ("SWAG" in str(weights.meta.get("license", ""))), row.name
-        if row.model == "deeplabv3" or row.model.startswith("mask_rcnn"):
+        if row.model in ("deeplabv3", "lraspp_mobilenet_v3_large") or row.model.startswith("mask_rcnn"):
             assert len(weights.meta["categories"]) == row.model_kwargs["num_classes"]
         elif "img_size" in row.model_kwargs:
             assert weights.meta["min_size"] == (row.model_kwargs["img_size"],) * 2
@@ -228,6 +228,8 @@ def _torchvision_reference(enum: str) -> torch.nn.Module:
     kwargs = {"num_classes": len(weights.meta["categories"])}
     if builder.startswith("deeplabv3"):
         kwargs.update(aux_loss=True, weights_backbone=None)
+    elif builder.startswith("lraspp"):
+        kwargs["weights_backbone"] = None
     elif builder.startswith("maskrcnn"):
         kwargs["weights_backbone"] = None
     elif builder.startswith("vit"):

@@ -242,3 +242,62 @@ def test_aux_head_is_torchvision_fcn_head():
 def test_invalid_arguments(name, kwargs):
     with pytest.raises(ValueError):
         create_model(name, **{"encoder": "resnet18", **kwargs})
+
+
+# --------------------------------------------------------------------------- MobileNetV3-Large preset (separable)
+# Parameter counts with one class, recorded before the preset was added (deeplabv3plus itself is unchanged by it).
+DEEPLABV3PLUS_RESNET50 = 26_677_585
+DEEPLABV3PLUS_MOBILENET_V3_LARGE = 4_708_353  # separable ASPP (the default)
+DEEPLABV3PLUS_MOBILENET_V3_LARGE_REGULAR = 10_580_673  # aspp_separable=False
+
+
+def test_default_deeplabv3plus_is_unchanged():
+    assert count_parameters(create_model("deeplabv3plus")) == DEEPLABV3PLUS_RESNET50
+    regular = create_model("deeplabv3plus", encoder="mobilenet_v3_large", aspp_separable=False)
+    assert count_parameters(regular) == DEEPLABV3PLUS_MOBILENET_V3_LARGE_REGULAR
+
+
+def test_mobilenet_v3_large_preset_is_deeplabv3plus_with_separable_aspp():
+    preset = create_model("deeplabv3plus_mobilenet_v3_large")
+    generic = create_model("deeplabv3plus", encoder="mobilenet_v3_large")
+    regular = create_model("deeplabv3plus", encoder="mobilenet_v3_large", aspp_separable=False)
+    assert type(preset) is DeepLabV3Plus and preset.output_stride == 16 and preset.atrous_rates == (6, 12, 18)
+    assert [(k, v.shape) for k, v in preset.state_dict().items()] == [
+        (k, v.shape) for k, v in generic.state_dict().items()
+    ]
+    assert count_parameters(preset) == count_parameters(generic) == DEEPLABV3PLUS_MOBILENET_V3_LARGE
+    # by hand: each atrous branch (rates 6, 12, 18) maps C_in = 960 to C_out = 256 channels; a 3x3 conv has
+    # 9 C_in C_out weights, a separable one 9 C_in (depthwise) + C_in C_out (pointwise); BN, 1x1, pooling and
+    # projection branches, and the (always separable) decoder convs are the same in both
+    c_in, c_out = 960, 256
+    per_branch = 9 * c_in * c_out - (9 * c_in + c_in * c_out)
+    assert count_parameters(regular) - count_parameters(preset) == 3 * per_branch == 5_872_320
+    aspp = preset.decoder.aspp[0]
+    for i, rate in zip((1, 2, 3), (6, 12, 18), strict=True):
+        depthwise, pointwise = aspp.convs[i][0]
+        assert depthwise.groups == depthwise.in_channels == 960 and depthwise.kernel_size == (3, 3)
+        assert depthwise.dilation == depthwise.padding == (rate, rate)
+        assert pointwise.kernel_size == (1, 1) and (pointwise.in_channels, pointwise.out_channels) == (960, 256)
+    assert isinstance(regular.decoder.aspp[0].convs[1][0], nn.Conv2d)
+    assert regular.decoder.aspp[0].convs[1][0].weight.shape == (256, 960, 3, 3)
+    for model in (preset, regular):  # decoder convs: separable either way (smp's layout)
+        assert model.decoder.aspp[1][0].groups == 256 and model.decoder.block2[0][0].groups == 256 + 48
+    # encoder: torchvision's dilated MobileNetV3 (last stage stride 1, dilation 2); low-level map = features.3
+    assert preset.decoder.block1[0].in_channels == 24 and preset.decoder.low_level_index == 1
+    dilations = {i: block.block[1][0].dilation for i, block in enumerate(preset.encoder.features) if 1 <= i <= 15}
+    assert [i for i, d in dilations.items() if d != (1, 1)] == [13, 14, 15] and dilations[13] == (2, 2)
+
+
+@pytest.mark.parametrize("size", [(97, 129), (37, 53), (1, 1)])
+def test_mobilenet_v3_large_preset_any_size(size):
+    model = create_model("deeplabv3plus_mobilenet_v3_large", num_classes=3, decoder_channels=32).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, *size))
+    assert out.shape == (2, 3, *size) and torch.isfinite(out).all()
+
+
+def test_mobilenet_v3_large_preset_fixes_its_encoder():
+    with pytest.raises(TypeError, match="unexpected argument"):
+        create_model("deeplabv3plus_mobilenet_v3_large", encoder="resnet18")
+    model = create_model("deeplabv3plus_mobilenet_v3_large", num_classes=2, output_stride=8, decoder_channels=16)
+    assert model.output_stride == 8 and model.atrous_rates == (12, 24, 36)

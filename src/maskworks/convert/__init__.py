@@ -32,6 +32,7 @@ from maskworks.convert.load import (
     load_weights,
     read_state_dict,
 )
+from maskworks.convert.lraspp import convert_torchvision_lraspp, is_torchvision_lraspp_state_dict
 from maskworks.convert.mae import convert_hf_vitmae
 from maskworks.convert.mobilenet import convert_torchvision_mobilenet
 from maskworks.convert.resnet import adapt_input_conv, convert_timm_resnet, convert_torchvision_resnet
@@ -88,6 +89,7 @@ __all__ = [
     "convert_torchvision",
     "convert_torchvision_convnext",
     "convert_torchvision_deeplabv3",
+    "convert_torchvision_lraspp",
     "convert_torchvision_mobilenet",
     "convert_torchvision_resnet",
     "convert_torchvision_swin",
@@ -96,6 +98,7 @@ __all__ = [
     "is_hf_segformer_state_dict",
     "is_hf_swin_state_dict",
     "is_torchvision_convnext_state_dict",
+    "is_torchvision_lraspp_state_dict",
     "is_torchvision_swin_state_dict",
     "load_weights",
     "read_state_dict",

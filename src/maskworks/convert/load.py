@@ -24,6 +24,7 @@ from maskworks.convert.convnext import (
 from maskworks.convert.deeplab import convert_torchvision_deeplabv3, is_torchvision_deeplab_state_dict
 from maskworks.convert.deit import convert_hf_deit, convert_timm_deit, is_hf_deit_state_dict
 from maskworks.convert.detection import convert_torchvision_detection, is_torchvision_detection_state_dict
+from maskworks.convert.lraspp import convert_torchvision_lraspp, is_torchvision_lraspp_state_dict
 from maskworks.convert.mae import convert_hf_vitmae, is_hf_vitmae_state_dict
 from maskworks.convert.mask2former import convert_hf_mask2former, is_hf_mask2former_state_dict
 from maskworks.convert.mobilenet import convert_torchvision_mobilenet, is_mobilenet_state_dict
@@ -89,8 +90,8 @@ def convert_torchvision(
     aux: bool = True,
     model: nn.Module | None = None,
 ) -> tuple[StateDict, list[str]]:
-    """A torchvision checkpoint -> maskworks keys, by what it holds: a segmentation model (``deeplabv3_*``), an
-    R-CNN detector with FPN (``maskrcnn_*`` / ``fasterrcnn_*_fpn``: old key layouts renamed, stem adapted,
+    """A torchvision checkpoint -> maskworks keys, by what it holds: a segmentation model (``deeplabv3_*``,
+    ``lraspp_mobilenet_v3_large``), an R-CNN detector with FPN (``maskrcnn_*`` / ``fasterrcnn_*_fpn``: old key layouts renamed, stem adapted,
     class-specific predictors dropped when ``model.num_classes`` differs), a Vision Transformer (``vit_*``), or a bare backbone (``swin_*`` / ``swin_v2_*``, ``convnext_*``, ``resnet*`` /
     ``resnext*``, ``mobilenet_v2`` / ``mobilenet_v3_*``) whose classifier is dropped.
 
@@ -108,6 +109,8 @@ def convert_torchvision(
         return convert_torchvision_detection(state_dict, in_channels, model=model)
     if is_torchvision_deeplab_state_dict(state_dict):
         return convert_torchvision_deeplabv3(state_dict, in_channels, aux=aux)
+    if is_torchvision_lraspp_state_dict(state_dict):
+        return convert_torchvision_lraspp(state_dict, in_channels)
     if is_torchvision_vit_state_dict(state_dict):
         return convert_torchvision_vit(state_dict, model=model, in_channels=in_channels)
     if is_torchvision_swin_state_dict(state_dict):
@@ -289,8 +292,8 @@ def read_state_dict(path_or_state_dict: str | os.PathLike | Mapping[str, torch.T
 def _detect_source(state_dict: Mapping[str, torch.Tensor]) -> str:
     # Swin / ConvNeXt: torchvision and HF by their own keys; timm's (= ours) as timm, which drops `head.*`.
     # A bare ResNet / MobileNet (torchvision, timm or our backbone) is converted as torchvision: the keys are the
-    # same and it is routed into `model.encoder`; so is a torchvision DeepLabv3; anything else is taken to be in
-    # our (= smp) layout.
+    # same and it is routed into `model.encoder`; so is a torchvision DeepLabv3 / LR-ASPP (renamed, not routed);
+    # anything else is taken to be in our (= smp) layout.
     if is_transunet_official_state_dict(state_dict):
         return "official"
     if is_hf_sam_state_dict(state_dict) or is_hf_sam2_state_dict(state_dict):
@@ -311,7 +314,11 @@ def _detect_source(state_dict: Mapping[str, torch.Tensor]) -> str:
         return "hf"
     if is_swin_state_dict(state_dict) or is_convnext_state_dict(state_dict):
         return "timm"
-    if _is_backbone_state_dict(state_dict) or is_torchvision_deeplab_state_dict(state_dict):
+    if (
+        _is_backbone_state_dict(state_dict)
+        or is_torchvision_deeplab_state_dict(state_dict)
+        or is_torchvision_lraspp_state_dict(state_dict)
+    ):
         return "torchvision"
     if is_torchvision_vit_state_dict(state_dict):
         return "torchvision"
@@ -349,9 +356,10 @@ def load_weights(
     the final ``layernorm`` of an HF ConvNeXt, which ours lacks, is dropped and reported), the first convolution
     adapted to the target's input channels; a torchvision
     ``deeplabv3_*`` checkpoint is renamed into a maskworks ``deeplabv3`` (its ``aux_classifier`` kept when the
-    model has one); torchvision ``vit_*`` and Hugging Face ViT / DeiT / ViTMAE checkpoints are recognised and
-    renamed. timm ViT / DeiT keys are ours: pass ``source="timm"`` to also resample the position table and patch
-    kernel of a checkpoint made at another resolution or patch size, and drop a head of another class count.
+    model has one), a torchvision ``lraspp_mobilenet_v3_large`` one into ``lraspp_mobilenet_v3_large``;
+    torchvision ``vit_*`` and Hugging Face ViT / DeiT / ViTMAE checkpoints are recognised and renamed. timm ViT /
+    DeiT keys are ours: pass ``source="timm"`` to also resample the position table and patch kernel of a checkpoint
+    made at another resolution or patch size, and drop a head of another class count.
 
     Coverage: a checkpoint that fills too little of the model is almost always the wrong file or the wrong
     ``source``, and loading it would leave a silently random model. So by default (``strict=None``) at least

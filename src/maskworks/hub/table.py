@@ -494,6 +494,18 @@ def _rows() -> list[PretrainedWeights]:
                 requires=("encoder", "num_classes"),
             )
         )
+    # torchvision LR-ASPP MobileNetV3-Large, the same COCO subset and labels
+    rows.append(
+        _tv(
+            "lraspp_mobilenet_v3_large",
+            "coco_voc",
+            "LRASPP_MobileNet_V3_Large_Weights.COCO_WITH_VOC_LABELS_V1",
+            default=True,
+            dataset="coco (20 voc classes + background)",
+            model_kwargs={"num_classes": 21},
+            requires=("num_classes",),
+        )
+    )
 
     # ---- Whole instance models: torchvision Mask R-CNN on COCO (91 category slots, background included)
     for model, enum in (
@@ -556,6 +568,7 @@ NO_PUBLISHED_WEIGHTS: dict[str, str] = {
             "fpn",
             "pspnet",
             "deeplabv3plus",
+            "deeplabv3plus_mobilenet_v3_large",
             "bisenetv1",
             "upernet",
             "upernet_resnet50",

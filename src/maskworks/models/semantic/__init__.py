@@ -5,6 +5,7 @@ from maskworks.models.semantic.bisenet import BiSeNetV1, BiSeNetV2
 from maskworks.models.semantic.deeplab import DeepLabV3, DeepLabV3Plus
 from maskworks.models.semantic.fast_scnn import FastSCNN
 from maskworks.models.semantic.fpn import FPN
+from maskworks.models.semantic.lraspp import LRASPP, LRASPPHead
 from maskworks.models.semantic.pspnet import PSPNet
 from maskworks.models.semantic.segformer import SegFormer, SegFormerHead
 from maskworks.models.semantic.setr import SETR, MLANeck, SETRMLAHead, SETRUPHead
@@ -23,6 +24,8 @@ __all__ = [
     "FCNHead",
     "FPN",
     "FastSCNN",
+    "LRASPP",
+    "LRASPPHead",
     "MLANeck",
     "PSPNet",
     "SETR",

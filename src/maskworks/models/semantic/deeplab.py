@@ -27,6 +27,10 @@ Layouts and keys:
   channels, bilinear ``align_corners=True`` upsampling), so an smp checkpoint loads as-is and
   gives the same logits.
 
+``deeplabv3plus_mobilenet_v3_large`` is ``DeepLabV3Plus(encoder="mobilenet_v3_large")`` registered as a preset: output
+stride 16, separable ASPP and decoder (smp's separable conv: depthwise then pointwise, one BatchNorm and ReLU after
+both; DeepLab's TensorFlow code, ``split_separable_conv2d``, has a BatchNorm and ReLU after the depthwise conv too).
+
 ``atrous_rates=None`` picks the paper's rates for the output stride: (6, 12, 18) at 16 and
 (12, 24, 36) at 8. smp instead defaults to ``decoder_atrous_rates=(12, 24, 36)`` at any output stride;
 pass ``atrous_rates=(12, 24, 36)`` to reproduce an smp DeepLabV3+ at output stride 16:
@@ -65,7 +69,15 @@ from maskworks.models._utils import (
 )
 from maskworks.registry import model_entry, register_model
 
-__all__ = ["DeepLabV3", "DeepLabV3Plus", "DeepLabV3Decoder", "DeepLabV3PlusDecoder", "FCNHead", "default_atrous_rates"]
+__all__ = [
+    "DeepLabV3",
+    "DeepLabV3Plus",
+    "DeepLabV3Decoder",
+    "DeepLabV3PlusDecoder",
+    "FCNHead",
+    "default_atrous_rates",
+    "deeplabv3plus_mobilenet_v3_large",
+]
 
 # The DeepLabv3 paper's ASPP rates: (6, 12, 18) at output stride 16, doubled at 8; halved at 32 (an encoder that
 # cannot be dilated, e.g. Swin), which keeps the same field of view in pixels.
@@ -480,3 +492,41 @@ class DeepLabV3Plus(_DeepLab):
             aspp_separable,
             aspp_dropout,
         )
+
+
+@register_model(name="deeplabv3plus_mobilenet_v3_large")
+def deeplabv3plus_mobilenet_v3_large(
+    num_classes: int = 1,
+    in_channels: int = 3,
+    output_stride: int = 16,
+    atrous_rates: Sequence[int] | None = None,
+    aux: bool = False,
+    decoder_channels: int = 256,
+    aspp_separable: bool = True,
+    aspp_dropout: float = 0.5,
+    uniform_dilation: bool = True,
+    encoder_weights: str | os.PathLike | None = None,
+) -> DeepLabV3Plus:
+    """DeepLabv3+ for the edge: MobileNetV3-Large dilated to output stride 16 (its last stage at dilation 2, as
+    torchvision's ``dilated=True``), depthwise-separable ASPP (rates 6 / 12 / 18 on the 960-channel map) and
+    separable decoder convs, the stride-4 low-level map being ``features.3`` (24 channels).
+
+    ``create_model("deeplabv3plus", encoder="mobilenet_v3_large")`` with these defaults; 4,708,353 parameters with one
+    class (``aspp_separable=False``: 10,580,673, the three atrous branches then being full 3x3 convs,
+    ``3 * 960 * (8 * 256 - 9)`` more). Separable = smp's ``SeparableConv2d`` (depthwise 3x3, pointwise 1x1, then
+    BatchNorm and ReLU), as everywhere in :class:`DeepLabV3Plus`. Arguments as :class:`DeepLabV3Plus`;
+    ``encoder_weights="imagenet"`` starts the encoder from torchvision's ImageNet weights.
+    """
+    return DeepLabV3Plus(
+        "mobilenet_v3_large",
+        num_classes=num_classes,
+        in_channels=in_channels,
+        output_stride=output_stride,
+        atrous_rates=atrous_rates,
+        aux=aux,
+        decoder_channels=decoder_channels,
+        aspp_separable=aspp_separable,
+        aspp_dropout=aspp_dropout,
+        uniform_dilation=uniform_dilation,
+        encoder_weights=encoder_weights,
+    )
