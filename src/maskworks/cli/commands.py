@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import yaml
 
 from maskworks.checkpoint import atomic_write_bytes
@@ -216,6 +217,31 @@ def _model_and_meta(checkpoint: str, device: str):
     dev = resolve_device(device)
     model = load_model(checkpoint, map_location=dev).eval()
     return model, model.maskworks_meta, dev
+
+
+def _onnx_model_and_meta(args):
+    """``maskworks predict --backend onnxruntime``: the exported graph behind the module interface predict uses
+    (:class:`maskworks.export.OnnxSegmenter`), its stored metadata and the CPU device."""
+    try:
+        from maskworks.export import OnnxSegmenter
+    except ImportError as e:
+        raise ConfigError(
+            f'--backend onnxruntime needs onnx and onnxruntime: pip install "maskworks[export]" ({e})'
+        ) from e
+    if not str(args.checkpoint).endswith(".onnx"):
+        raise ConfigError(
+            f"--backend onnxruntime runs an exported .onnx graph, got {args.checkpoint}; export it first: "
+            "maskworks export CHECKPOINT"
+        )
+    if args.fuse_bn:
+        raise ConfigError("--fuse-bn applies to PyTorch checkpoints; an exported graph already folds BatchNorm")
+    model = OnnxSegmenter(args.checkpoint, threads=torch.get_num_threads())
+    meta = model.maskworks_meta
+    if meta.get("task", "semantic") != "semantic":
+        raise ConfigError(f"{args.checkpoint} holds a {meta['task']} model; --backend onnxruntime runs semantic graphs")
+    if model.num_classes is None:
+        raise ConfigError(f"{args.checkpoint} does not say how many classes it predicts (no maskworks metadata)")
+    return model, meta, torch.device("cpu")
 
 
 def _inference_model(model, fuse_bn: bool):
@@ -626,9 +652,16 @@ def semantic_prediction(
     from maskworks.metrics.confusion import check_finite
 
     x = normalize_image(torch.from_numpy(rgb.copy()).permute(2, 0, 1), mean, std)[None]
+    scale = float(getattr(args, "scale", 1.0) or 1.0)
+    h, w = x.shape[-2:]
+    if scale != 1.0:  # a latency knob: predict at scale x the size, upsample the probabilities back
+        size = (max(1, round(h * scale)), max(1, round(w * scale)))
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=scale < 1)
     x = images_to(x, dev, channels_last)
     probs = predict_probs(model, x, args, num_classes, tile=tile)  # (1, K', H, W), K' = max(K, 2)
     del x
+    if probs.shape[-2:] != (h, w):
+        probs = F.interpolate(probs, size=(h, w), mode="bilinear", align_corners=False)
     check_finite(probs, f"the prediction for {where}", "probabilities")  # argmax would give class 0
     if crf is not None:
         guide = torch.tensor(_rgb3(rgb)).permute(2, 0, 1)[None].float().to(dev)  # 0-255 RGB
@@ -681,10 +714,17 @@ def predict(args) -> int:
     threshold = _check_threshold(args.threshold)
     if args.max_pixels < 1:
         raise ConfigError(f"--max-pixels must be >= 1, got {args.max_pixels}")
+    if not 0 < getattr(args, "scale", 1.0) <= 4:
+        raise ConfigError(f"--scale must be in (0, 4], got {args.scale}")
     files = _collect_images(args.inputs)
     names = output_names(files)
     out = prepare_out_dir(args.out)
-    model, meta, dev = _model_and_meta(args.checkpoint, args.device)
+    if getattr(args, "backend", "torch") == "onnxruntime":
+        model, meta, dev = _onnx_model_and_meta(args)
+    else:
+        if str(args.checkpoint).endswith(".onnx"):
+            raise ConfigError(f"{args.checkpoint} is an ONNX graph: run it with --backend onnxruntime")
+        model, meta, dev = _model_and_meta(args.checkpoint, args.device)
     kind = checkpoint_task(model, meta, getattr(args, "task", None))
     if kind != "semantic":
         return _predict_task(args, kind, files, names, out, model, meta, dev)
@@ -695,7 +735,7 @@ def predict(args) -> int:
     palette = [tuple(c) for c in meta.get("palette") or default_palette(max(k, 2))]
     crf = MeanFieldCRF(max(k, 2), iterations=args.crf_iterations).to(dev) if args.crf else None
     # strips need no probability map: only without CRF / uncertainty, and at the default binary threshold
-    strips_allowed = crf is None and not args.uncertainty and (k > 1 or threshold == 0.5)
+    strips_allowed = crf is None and not args.uncertainty and (k > 1 or threshold == 0.5) and args.scale == 1.0
     auto_tiled = 0
     bomb_limit = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = args.max_image_pixels  # files named on the command line may be large on purpose
@@ -761,6 +801,7 @@ def _predict_task(args, kind: str, files: list[Path], names: list[Path], out: Pa
             ("--crf", args.crf),
             ("--uncertainty", args.uncertainty),
             ("--fuse-bn", args.fuse_bn),
+            ("--scale", getattr(args, "scale", 1.0) != 1.0),
         )
         if on
     ]

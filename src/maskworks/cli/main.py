@@ -25,6 +25,7 @@ EPILOG = """examples:
   maskworks complexity --dim 768 --heads 12 --tokens 196 784 3136 --out complexity/
   maskworks sam photo.jpg --checkpoint sam_vit_b_01ec64.pth --point 420,310      # or --box x0,y0,x1,y1, or --auto
   maskworks serve --checkpoint runs/camvid/best.safetensors --sam sam_vit_b_01ec64.pth   # web page + REST API
+  maskworks export runs/camvid/best.safetensors --dynamic --int8 --calib photos/ --out deploy/  # ONNX + INT8
   torchrun --nproc_per_node 2 -m maskworks.cli.main train --config my.yaml   # DDP
 """
 
@@ -168,9 +169,20 @@ def build_parser() -> argparse.ArgumentParser:
         "panoptic_results.json (COCO panoptic annotations and categories).",
     )
     p.add_argument("inputs", nargs="+", help="image files and/or folders of images")
-    p.add_argument("--checkpoint", required=True, help="a .safetensors checkpoint with its .json beside it")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a .safetensors checkpoint with its .json beside it (or, with --backend onnxruntime, an exported .onnx)",
+    )
     p.add_argument("--out", default="predictions", help="output folder (default: predictions)")
     p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--backend",
+        choices=("torch", "onnxruntime"),
+        default="torch",
+        help="torch (default), or onnxruntime for a graph written by `maskworks export` (semantic models; the "
+        "graph's metadata gives classes, palette and mean / std)",
+    )
     _add_task_arg(p)
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity (default 0.5)")
     p.add_argument("--no-overlay", action="store_true", help="write label PNGs only")
@@ -179,6 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--tta",
         help="test-time augmentation preset: flip, mirror, rot90, d4, scales, flip_scales, ms_flip (default: none)",
+    )
+    p.add_argument(
+        "--scale",
+        type=float,
+        default=1.0,
+        help="semantic models: predict at this fraction of the image size and upsample the probabilities (e.g. 0.5 "
+        "for about 4x less compute; default 1)",
     )
     p.add_argument("--crf", action="store_true", help="refine with a dense CRF (mean field, Potts, 5 iterations)")
     p.add_argument("--crf-iterations", type=int, default=5, help="mean-field iterations of --crf (default 5)")
@@ -233,12 +252,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=commands.models)
 
-    from maskworks.cli import bench, mae, sam, serve, vit_tools
+    from maskworks.cli import bench, export, mae, sam, serve, vit_tools
 
     bench.add_parser(sub)
     mae.add_parser(sub)
     sam.add_parser(sub)
     serve.add_parser(sub)
+    export.add_parser(sub)
     vit_tools.add_parsers(sub)
     return parser
 

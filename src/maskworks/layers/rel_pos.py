@@ -67,12 +67,13 @@ def decomposed_rel_pos_bias(
     # written into a contiguous buffer: einsum may return permuted strides, and an output that follows them would
     # make the reshape below copy the whole (N x N) bias
     numel = b * q_h * q_w * k_h * k_w
-    if out is None:
-        bias = torch.empty(b, q_h, q_w, k_h, k_w, dtype=rel_h.dtype, device=q.device)
+    if out is None or torch.is_grad_enabled() or torch.jit.is_tracing() or torch.compiler.is_compiling():
+        # out= has no gradient and no export / compile form: a broadcast add gives a fresh contiguous tensor
+        bias = rel_h[..., :, None] + rel_w[..., None, :]  # (B, q_h, q_w, k_h, k_w)
     else:
         bias = out.view(-1)[:numel].view(b, q_h, q_w, k_h, k_w)
-    torch.add(rel_h[..., :, None], rel_w[..., None, :], out=bias)  # (B, q_h, q_w, k_h, k_w)
-    return bias.view(b, q_h * q_w, k_h * k_w)
+        torch.add(rel_h[..., :, None], rel_w[..., None, :], out=bias)
+    return bias.reshape(b, q_h * q_w, k_h * k_w)
 
 
 class RelPosAttention(nn.Module):
