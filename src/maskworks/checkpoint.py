@@ -408,7 +408,9 @@ def save_model(model: nn.Module, path: str | os.PathLike, meta: dict | None = No
         model: a model built by :func:`maskworks.create_model` (it carries ``maskworks_config``);
             DDP or compiled wrappers are unwrapped.
         path: target path, with or without the ``.safetensors`` suffix.
-        meta: JSON-serialisable extra information (class names, palette, mean/std, metrics).
+        meta: JSON-serialisable extra information (class names, palette, mean/std, metrics). For a model marked
+            ``maskworks_pruned`` (see :mod:`maskworks.compress`), its shapes are added as
+            ``meta["pruned_structure"]``.
 
     Returns:
         The path of the ``.safetensors`` file.
@@ -428,7 +430,12 @@ def save_model(model: nn.Module, path: str | os.PathLike, meta: dict | None = No
     stem = _stem(path)
     # Initial-weight files are not part of the recipe: the checkpoint holds the trained weights.
     kwargs = {k: v for k, v in config["kwargs"].items() if k not in _INIT_WEIGHT_KWARGS}
-    recipe = {"model": config["name"], "kwargs": kwargs, "meta": meta or {}}
+    meta = meta or {}
+    if getattr(model, "maskworks_pruned", False):  # pruned shapes differ from the constructor's: store them
+        from maskworks.compress.pruning import pruned_structure
+
+        meta = {**meta, "pruned_structure": pruned_structure(model)}
+    recipe = {"model": config["name"], "kwargs": kwargs, "meta": meta}
     recipe_bytes = json.dumps(recipe, indent=2, default=_json_default).encode()  # fails before anything is written
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     weights = _sibling(stem, ".safetensors")
@@ -566,7 +573,8 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
 
     The model is returned in eval mode; the recipe's ``meta`` dict is attached as ``model.maskworks_meta``.
     ``override_kwargs`` replace constructor kwargs of the recipe (e.g. ``dynamic_img_size=True``); the weights must
-    still fit.
+    still fit. A recipe whose meta holds ``pruned_structure`` (a pruned model, see :mod:`maskworks.compress`)
+    gets those shapes applied to the freshly built model before the weights are loaded.
 
     Raises:
         FileNotFoundError: the ``.safetensors`` or its ``.json`` recipe does not exist (the message lists the model
@@ -599,6 +607,14 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     except ValueError as e:
         given = f" with overrides {override_kwargs}" if override_kwargs else ""
         raise CheckpointError(f"cannot rebuild the model of {recipe_path}{given}: {_one_line(e, 300)}") from e
+    structure = recipe["meta"].get("pruned_structure") if isinstance(recipe["meta"], dict) else None
+    if structure is not None:  # a pruned model (maskworks.compress): rebuild its shapes before loading
+        from maskworks.compress.pruning import apply_structure
+
+        try:
+            apply_structure(model, structure)
+        except (ValueError, TypeError) as e:
+            raise CheckpointError(f"cannot rebuild the pruned shapes of {recipe_path}: {_one_line(e, 300)}") from e
     state = read_safetensors(weights, device=map_location)
     own = model.state_dict()
     mismatched = [
