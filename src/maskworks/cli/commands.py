@@ -152,9 +152,14 @@ def train(args) -> int:
         meta["category_ids"] = list(base.category_ids)
     if kind == "panoptic":
         meta["isthing"], meta["thing_classes"] = task_options["isthing"], thing_classes
-    if kind == "semantic":
+    if kind == "semantic" and (cfg.get("distill") or {}).get("teacher"):
+        task_args = {"task": _distillation_task(cfg, model, train_set, base)}
+        meta["distill"] = dict(cfg["distill"])
+    elif kind == "semantic":
         task_args: dict[str, Any] = {"loss_fn": builders.build_loss(cfg["train"], train_set)}
     else:
+        if (cfg.get("distill") or {}).get("teacher"):
+            raise ConfigError(f"distill.teacher applies to semantic models; {cfg['model']['name']} is a {kind} model")
         from maskworks.tasks import build_task
 
         task_args = {"task": build_task(kind, **task_options)}
@@ -200,6 +205,36 @@ def train(args) -> int:
         label = trainer.task.headline_label
         print(f"done: best val {label} {best:.4f}" if best is not None else "done", f"- run folder {run_dir}")
     return 0
+
+
+def _distillation_task(cfg: dict, model, train_set, base):
+    """The semantic task with knowledge distillation from ``distill.teacher`` (a frozen checkpoint)."""
+    from maskworks.checkpoint import load_model
+    from maskworks.methods.distillation import DistillationTask
+
+    settings = cfg["distill"]
+    path = Path(settings["teacher"])
+    if not path.exists():
+        raise FileNotFoundError(f"distill.teacher: checkpoint {path} not found")
+    teacher = load_model(path)
+    classes = model_output_classes(teacher)
+    if settings["kind"] in ("pixel", "cwd") and classes != base.num_classes:
+        raise ConfigError(
+            f"distill.teacher {path} predicts {classes} classes, the data has {base.num_classes}; logit distillation "
+            "(distill.kind=pixel / cwd) needs the same classes"
+        )
+    x = torch.randn(1, base.in_channels, 64, 64)
+    return DistillationTask(
+        teacher,
+        kind=settings["kind"],
+        alpha=float(settings["alpha"]),
+        temperature=float(settings["temperature"]),
+        student=model,
+        example_input=x,
+        loss_fn=builders.build_loss(cfg["train"], train_set),
+        num_classes=base.num_classes,
+        class_names=getattr(base, "class_names", None),
+    )
 
 
 def _plot_history(history: list[dict], path: Path) -> None:

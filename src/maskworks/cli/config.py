@@ -85,11 +85,18 @@ DEFAULTS: dict[str, Any] = {
         "channels_last": True,  # channels_last memory format for convolutional models
         "compile": False,  # torch.compile the model (falls back to eager mode with a warning if it fails)
     },
+    # knowledge distillation of a semantic student from a frozen teacher checkpoint (maskworks.methods.distillation)
+    "distill": {
+        "teacher": None,  # a maskworks checkpoint (.safetensors); null = no distillation
+        "kind": "pixel",  # pixel | cwd | pairwise | feature
+        "alpha": 0.5,  # loss = (1 - alpha) * task loss + alpha * distillation
+        "temperature": 4.0,  # pixel / cwd
+    },
 }
 
 # Sections whose keys are fixed (model kwargs are free: they go to the model constructor; extra data keys go to
 # the dataset reader's constructor and are checked against its signature when the dataset is built).
-_CLOSED = ("train",)
+_CLOSED = ("train", "distill")
 
 # Settings a resumed run may change (they do not alter what the saved state means); any other change is refused.
 RESUMABLE_KEYS = (
@@ -248,6 +255,10 @@ _CHECKS: dict[str, tuple[bool, Any, str]] = {
     "train.freeze_bn": (False, lambda v: isinstance(v, bool), "true or false"),
     "train.channels_last": (False, lambda v: isinstance(v, bool), "true or false"),
     "train.compile": (False, lambda v: isinstance(v, bool), "true or false"),
+    "distill.teacher": (True, lambda v: isinstance(v, str) and v.strip() != "", "a checkpoint path or null"),
+    "distill.kind": (False, lambda v: v in ("pixel", "cwd", "pairwise", "feature"), "pixel, cwd, pairwise or feature"),
+    "distill.alpha": (False, lambda v: _is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
+    "distill.temperature": (False, lambda v: _is_number(v) and v > 0, "a number > 0"),
 }
 
 

@@ -388,6 +388,10 @@ class Trainer:
             encoder_lr_mult=encoder_lr_mult,
             layer_decay=layer_decay,
         )
+        # a task may own trainable parameters (a distillation adapter): one more group, same settings
+        self._task_params = [p for p in getattr(task, "parameters", lambda: ())() if p.requires_grad]
+        if self._task_params:
+            self.optimizer.add_param_group({"params": self._task_params})
         warmup = min(int(round(warmup_epochs * self.steps_per_epoch)), total - 1)
         self.scheduler = build_scheduler(self.optimizer, total, schedule, warmup)
         self.amp_dtype = self._amp_dtype(amp)
@@ -473,6 +477,7 @@ class Trainer:
             "metric": self.task.headline,
             "history": self.history,
             "fine_tuning": self._fine_tuning_settings(),
+            **({"task": self.task.state_dict()} if self._task_params else {}),
         }
 
     def save_checkpoint(self, epoch: int) -> None:
@@ -512,6 +517,8 @@ class Trainer:
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             self.scaler.load_state_dict(state["scaler"])
+            if self._task_params:
+                self.task.load_state_dict(state["task"])
         except (RuntimeError, ValueError, KeyError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise CheckpointError(
@@ -657,6 +664,10 @@ class Trainer:
                 loss_value, parts = self._first_compiled_step(batch, epoch, step, bar)
             else:
                 loss_value, parts = self._forward_backward(batch, epoch, step, bar)
+            if self._task_params and self.dist.world_size > 1:  # not in DDP's model: average their gradients here
+                for p in self._task_params:
+                    if p.grad is not None:
+                        p.grad.copy_(all_reduce_sum(p.grad) / self.dist.world_size)
             if self.grad_clip is not None:
                 self.scaler.unscale_(self.optimizer)
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)

@@ -29,6 +29,7 @@ from maskworks.methods.distillation.segmentation import (
     PixelKD,
     distillation_loss,
 )
+from maskworks.methods.distillation.task import DistillationTask
 
 __all__ = [
     # DeiT (classification)
@@ -45,4 +46,5 @@ __all__ = [
     "FeatureKD",
     "AttentionTransfer",
     "distillation_loss",
+    "DistillationTask",
 ]
