@@ -81,6 +81,23 @@ def test_verification_catches_a_wrong_graph_and_nothing_is_left_behind(tmp_path,
     assert model.training is False
 
 
+def test_instance_and_universal_models(tmp_path):
+    from maskworks.export import to_onnx_instance
+    from maskworks.testing import TINY_MASK2FORMER, TINY_MASK_RCNN
+
+    torch.manual_seed(0)
+    mask_rcnn = create_model("mask_rcnn", num_classes=3, encoder="resnet18", **TINY_MASK_RCNN).eval()
+    report = to_onnx_instance(mask_rcnn, tmp_path / "mr.onnx", torch.rand(3, 64, 80))
+    assert list(report.max_abs_diff) == ["3x64x80", "3x80x112"]  # boxes / scores / labels / masks at two sizes
+    assert read_metadata(tmp_path / "mr.onnx")["task"] == "instance"
+    with pytest.raises(ExportError, match="Fast NMS"):
+        to_onnx_instance(create_model("yolact", encoder="resnet18", num_classes=3), tmp_path / "y.onnx")
+    m2f = create_model("mask2former", num_classes=4, task="semantic", **TINY_MASK2FORMER).eval()
+    assert "DeformableAttention" in dynamic_blockers(m2f)[0]
+    report = to_onnx(m2f, tmp_path / "m2f.onnx", torch.randn(1, 3, 64, 64), dynamic=False)
+    assert report.max_abs_diff["1x3x64x64"] < 1e-4
+
+
 def test_metadata_and_onnx_segmenter(tmp_path):
     torch.manual_seed(0)
     model = create_model("segformer_b0", num_classes=3, **TINY_SEMANTIC["segformer_b0"]).eval()

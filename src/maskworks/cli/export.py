@@ -116,19 +116,31 @@ def run(args: argparse.Namespace) -> int:
 
         model, meta, _ = _model_and_meta(str(source), "cpu")
         kind = checkpoint_task(model, meta)
-        if kind != "semantic":
+        if kind not in ("semantic", "instance"):
             raise ConfigError(
-                f"{source} is a {kind} model; maskworks export writes semantic models and SAM (instance and panoptic "
-                "models: see docs/FEATURES.md for what exports)"
+                f"{source} is a {kind} model; maskworks export writes semantic and instance (Mask R-CNN) models and "
+                "SAM: panoptic inference selects segments with data-dependent control flow that tracing freezes"
             )
         data = meta.get("data_config") or {}
         size = args.size or data.get("crop_size") or data.get("image_size") or 512
         h, w = (size, size) if isinstance(size, int) else tuple(size)
         in_ch = int(meta.get("in_channels", 3))
         path = out / f"{source.stem}.onnx"
-        result = to_onnx(
-            model, path, torch.randn(1, in_ch, h, w), dynamic=args.dynamic, opset=args.opset, verify=not args.no_verify
-        )
+        if kind == "instance":
+            from maskworks.export import to_onnx_instance
+
+            if args.int8:
+                raise ConfigError("--int8 applies to semantic checkpoints")
+            result = to_onnx_instance(model, path, torch.rand(in_ch, h, w), opset=args.opset, verify=not args.no_verify)
+        else:
+            result = to_onnx(
+                model,
+                path,
+                torch.randn(1, in_ch, h, w),
+                dynamic=args.dynamic,
+                opset=args.opset,
+                verify=not args.no_verify,
+            )
         print(f"wrote {result}")
         report["files"]["fp32"] = str(path)
         report["max_abs_diff"] = result.max_abs_diff

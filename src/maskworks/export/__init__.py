@@ -4,18 +4,21 @@ INT8 post-training quantization (onnxruntime QDQ, PyTorch PT2E). Needs the ``exp
 
 from maskworks.export.onnx import (
     DEFAULT_OPSET,
+    INSTANCE_EXPORT,
     ExportError,
     ExportReport,
     OnnxSegmenter,
     dynamic_blockers,
     read_metadata,
     to_onnx,
+    to_onnx_instance,
     verify_onnx,
 )
 from maskworks.export.sam import SamImageEncoder, SamOnnxDecoder, export_sam
 
 __all__ = [
     "DEFAULT_OPSET",
+    "INSTANCE_EXPORT",
     "ExportError",
     "ExportReport",
     "OnnxSegmenter",
@@ -25,5 +28,6 @@ __all__ = [
     "export_sam",
     "read_metadata",
     "to_onnx",
+    "to_onnx_instance",
     "verify_onnx",
 ]

@@ -31,12 +31,14 @@ import torch.nn as nn
 
 __all__ = [
     "DEFAULT_OPSET",
+    "INSTANCE_EXPORT",
     "ExportError",
     "ExportReport",
     "OnnxSegmenter",
     "dynamic_blockers",
     "read_metadata",
     "to_onnx",
+    "to_onnx_instance",
     "verify_onnx",
 ]
 
@@ -132,6 +134,13 @@ def dynamic_blockers(model: nn.Module) -> list[str]:
                 f"{name} ({type(m).__name__}, bins {tuple(bins)}): adaptive pooling to bins other than 1x1 has no "
                 "ONNX operator for input sizes unknown at export time"
             )
+    for name, m in model.named_modules():
+        if "DeformableAttention" in type(m).__name__:
+            reasons.append(
+                f"{name} ({type(m).__name__}): the sampling grid is built from the feature levels' sizes read as "
+                "Python numbers at export time"
+            )
+            break
     for name, m in model.named_modules():
         if getattr(m, "dynamic_img_size", False) or (hasattr(m, "pos_embed") and hasattr(m, "patch_embed")):
             reasons.append(
@@ -377,3 +386,107 @@ class OnnxSegmenter(nn.Module):
             )
         out = self.session.run(None, {self.input_name: image.detach().float().cpu().contiguous().numpy()})[0]
         return torch.from_numpy(out).to(image.device)
+
+
+# instance models and ONNX: what exports and why the others do not
+INSTANCE_EXPORT = {
+    "mask_rcnn": None,  # torchvision's detection models support ONNX tracing (opset >= 11)
+    "yolact": "its Fast NMS sorts with an out= argument, which the ONNX exporter does not support",
+    "solov2": "Matrix NMS and the score filtering are data-dependent Python control flow that tracing freezes",
+    "mask2former": "panoptic / instance inference selects segments with data-dependent Python control flow; the "
+    "semantic task exports at a fixed size with to_onnx",
+}
+
+
+def to_onnx_instance(
+    model: nn.Module,
+    path: str | os.PathLike,
+    example_image: torch.Tensor | None = None,
+    opset: int | None = None,
+    meta: dict[str, Any] | None = None,
+    verify: bool = True,
+) -> ExportReport:
+    """Export a torchvision-style instance model (Mask R-CNN) for one image: input ``image`` ``(C, H, W)`` (dynamic
+    height / width), outputs ``boxes (N, 4)``, ``labels (N,)``, ``scores (N,)``, ``masks (N, H, W)``; verified in
+    onnxruntime on the example and on another size (boxes and scores to 1e-3, labels equal, masks on > 99.9 % of
+    pixels).
+
+    Raises:
+        ExportError: a model that cannot export (:data:`INSTANCE_EXPORT` says why), an exporter failure, or a graph
+            that disagrees with PyTorch.
+    """
+    config = getattr(model, "maskworks_config", None) or {}
+    name = config.get("name", "")
+    family = next((k for k in INSTANCE_EXPORT if name.startswith(k)), None)
+    if family is not None and INSTANCE_EXPORT[family] is not None:
+        raise ExportError(f"{name} cannot be exported to ONNX: {INSTANCE_EXPORT[family]}")
+    path = Path(path)
+    opset = int(opset or DEFAULT_OPSET)
+    was_training = model.training
+    model.eval()
+    in_channels = int((meta or getattr(model, "maskworks_meta", None) or {}).get("in_channels", 3))
+    if example_image is None:
+        example_image = torch.rand(in_channels, 256, 256)
+    example_image = example_image.float().cpu()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".onnx", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    outputs = ["boxes", "labels", "scores", "masks"]
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                model,
+                ([example_image],),
+                str(tmp),
+                dynamo=False,
+                opset_version=opset,
+                input_names=["image"],
+                output_names=outputs,
+                dynamic_axes={
+                    "image": {1: "height", 2: "width"},
+                    "boxes": {0: "n"},
+                    "labels": {0: "n"},
+                    "scores": {0: "n"},
+                    "masks": {0: "n", 1: "height", 2: "width"},
+                },  # fmt: skip
+            )
+        info = _metadata(model, meta, True, tuple(example_image.shape))
+        info["task"] = "instance"
+        _write_metadata(tmp, info)
+        diffs: dict[str, float] = {}
+        if verify:
+            session = _session(tmp)
+            c, h, w = example_image.shape
+            for image in (example_image, torch.rand(c, h + 16, w + 32)):
+                key = "x".join(str(v) for v in image.shape)
+                with torch.no_grad():
+                    expected = model([image])[0]
+                got = dict(zip(outputs, session.run(None, {"image": image.numpy()})))
+                for k in outputs:
+                    ref = expected[k].detach().cpu().numpy()
+                    if got[k].shape != ref.shape:
+                        raise ExportError(f"{path}: {k} of shape {got[k].shape} for a {key} image, PyTorch {ref.shape}")
+                if not np.array_equal(got["labels"], expected["labels"].numpy()):
+                    raise ExportError(f"{path}: labels disagree with PyTorch on a {key} image")
+                box = float(np.abs(got["boxes"] - expected["boxes"].numpy()).max()) if got["boxes"].size else 0.0
+                score = float(np.abs(got["scores"] - expected["scores"].numpy()).max()) if got["scores"].size else 0.0
+                masks = got["masks"] > 0.5 if got["masks"].dtype != np.bool_ else got["masks"]
+                agree = float((masks == expected["masks"].bool().numpy()).mean()) if masks.size else 1.0
+                if box > 1e-3 or score > 1e-3 or agree < 0.999:
+                    raise ExportError(
+                        f"{path} disagrees with PyTorch on a {key} image (boxes {box:.3g}, scores {score:.3g}, "
+                        f"mask pixels agreeing {agree:.4f})"
+                    )
+                diffs[key] = max(box, score)
+        os.replace(tmp, path)
+    except ExportError:
+        raise
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ExportError(f"exporting {type(model).__name__} to ONNX failed: {type(e).__name__}: {first}") from e
+    finally:
+        tmp.unlink(missing_ok=True)
+        model.train(was_training)
+    return ExportReport(path, True, opset, "torchscript", tuple(example_image.shape), diffs, path.stat().st_size)
