@@ -255,6 +255,24 @@ def test_export_int8_and_predict_with_onnxruntime(tmp_path, capsys):
     assert "--calib" in capsys.readouterr().err
 
 
+def test_int8_can_keep_the_first_and_last_convolution_in_float(tmp_path):
+    import onnx
+
+    from maskworks.export.quantize import quantize_onnx
+
+    model = create_model("unet_vanilla", num_classes=3, features=(8, 16, 32, 64)).eval()
+    to_onnx(model, tmp_path / "m.onnx", torch.randn(1, 3, 32, 32))
+    calibration = [torch.randn(1, 3, 32, 32) for _ in range(2)]
+    for keep_ends in (False, True):
+        out = quantize_onnx(tmp_path / "m.onnx", tmp_path / f"q{keep_ends}.onnx", calibration, keep_ends=keep_ends)
+        graph = onnx.load(str(out)).graph
+        made_by = {o: n.op_type for n in graph.node for o in n.output}
+        convs = [n for n in graph.node if n.op_type == "Conv"]
+        dequantized = [made_by.get(c.input[1]) == "DequantizeLinear" for c in convs]  # the weight's producer
+        assert dequantized[1:-1] == [True] * (len(convs) - 2)
+        assert [dequantized[0], dequantized[-1]] == ([False, False] if keep_ends else [True, True])
+
+
 def test_pt2e_int8_where_torch_export_captures_the_model():
     from maskworks.export.quantize import quantize_pt2e, sqnr
 

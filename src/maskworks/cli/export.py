@@ -63,6 +63,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument(
         "--calib-method", choices=("minmax", "entropy", "percentile"), default="minmax", help="--int8: range estimator"
     )
+    p.add_argument(
+        "--int8-all",
+        action="store_true",
+        help="--int8: quantize the first and last convolutions too (by default they stay float: on CamVid that "
+        "keeps Fast-SCNN within 0.2 mIoU points of fp32 instead of losing 8)",
+    )
     p.add_argument("--sam-model", help="SAM architecture when the weights do not tell (sam_vit_base / _large / _huge)")
     p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime check (not recommended)")
     p.set_defaults(func=run)
@@ -157,7 +163,9 @@ def run(args: argparse.Namespace) -> int:
                 size=None if args.dynamic else (h, w),
                 limit=args.calib_count,
             )
-            int8 = quantize_onnx(path, out / f"{source.stem}_int8.onnx", batches, method=args.calib_method)
+            int8 = quantize_onnx(
+                path, out / f"{source.stem}_int8.onnx", batches, method=args.calib_method, keep_ends=not args.int8_all
+            )
             print(f"wrote {int8} (INT8 QDQ, {len(batches)} calibration images, {int8.stat().st_size / 2**20:.1f} MiB)")
             report["files"]["int8"] = str(int8)
             report["calibration_images"] = len(batches)
