@@ -150,6 +150,7 @@ RESUME_ARGS = [
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_instance_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
     ref = tmp_path / "ref"
     subprocess.run(_cli(*RESUME_ARGS, "--run-dir", str(ref)), check=True, env=_env(), capture_output=True)

@@ -20,7 +20,6 @@ from maskworks.explain.attention import (
 from maskworks.layers.vit_layers import Attention
 from maskworks.registry import create_model
 
-torch.set_num_threads(1)
 
 
 def _vit(**kwargs) -> nn.Module:
@@ -276,3 +275,13 @@ def test_plot_head_attention_writes_png(tmp_path):
     assert plot_head_attention(heads[None], tmp_path / "over.png", image=image).exists()
     with pytest.raises(ValueError, match="heads, h, w"):
         plot_head_attention(heads[0], tmp_path / "bad.png")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread for this module's tests (set per module, restored after it: a module-level call would
+    leave the whole session single-threaded from collection on)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -33,7 +33,8 @@ def test_fused_logits_equal_the_original(name):
     with torch.no_grad():
         ref, out = model(x), fused(x)
     scale = ref.abs().max()
-    assert (out - ref).abs().max() <= 1e-5 * scale, (name, ((out - ref).abs().max() / scale).item())
+    # float32 rounding of the folded weights, relative to the largest logit: 1e-5 on Intel, up to 8e-5 on AMD EPYC
+    assert (out - ref).abs().max() <= 2e-4 * scale, (name, ((out - ref).abs().max() / scale).item())
 
 
 def test_original_is_untouched_and_training_mode_is_refused():

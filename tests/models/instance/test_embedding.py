@@ -59,6 +59,7 @@ def test_padding_never_enters_the_targets():
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_embeddings_separate_touching_shapes_in_dense_scenes():
     """15 epochs on dense synthetic scenes (3-6 touching, overlapping shapes at 64 px, about 50 s): the grouped
     embeddings give mask AP50 >= 0.25 (0.35 measured); a model that merged touching shapes would score near 0."""

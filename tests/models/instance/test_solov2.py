@@ -288,6 +288,7 @@ def test_options_are_validated():
 
 # --------------------------------------------------------------------------- learning
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_solov2_learns_synthetic_shapes(tmp_path):
     """Learning through the trainer and the instance task, test-sized (the Mask R-CNN recipe of
     configs/synthetic_mask_rcnn.yaml: 64 px, one or two large shapes of one class): mask AP50 >= 0.5."""

@@ -320,6 +320,7 @@ def test_options_are_validated():
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_yolact_learns_synthetic_shapes(tmp_path):
     """Learning through the trainer and the instance task, test-sized (64 px, one or two large shapes of one class,
     ResNet-18, 128-channel neck and heads, AdamW 2e-4, bf16 autocast where the CPU has it): mask AP50 >= 0.5
