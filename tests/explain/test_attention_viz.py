@@ -21,7 +21,6 @@ from maskworks.layers.vit_layers import Attention
 from maskworks.registry import create_model
 
 
-
 def _vit(**kwargs) -> nn.Module:
     torch.manual_seed(0)
     return create_model("vit_test_patch8", num_classes=5, **kwargs).eval()

@@ -22,7 +22,6 @@ from maskworks.layers.vit_layers import capture_attention
 from maskworks.registry import create_model
 
 
-
 def test_token_counts_and_the_quadratic_ratio():
     assert [num_patches(s, 16) for s in (224, 384, 512, 1024)] == [196, 576, 1024, 4096]
     assert (4096 / 196) ** 2 == pytest.approx(436.7, abs=0.05)  # not the seed's "43x"

@@ -18,7 +18,6 @@ from maskworks.layers.efficient_attention import (
 )
 from maskworks.layers.vit_layers import Attention
 
-
 VARIANTS = [
     (LinearAttention, {}),
     (WindowAttention2d, {"window_size": 3}),

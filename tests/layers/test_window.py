@@ -20,7 +20,6 @@ from maskworks.layers import (
     window_reverse,
 )
 
-
 timm_swin = pytest.importorskip("timm.models.swin_transformer")
 timm_swin_v2 = pytest.importorskip("timm.models.swin_transformer_v2")
 timm_layers = pytest.importorskip("timm.layers")
