@@ -50,3 +50,16 @@ def _isolated_cache(tmp_path_factory):
         os.environ.pop("MASKWORKS_HOME", None)
     else:
         os.environ["MASKWORKS_HOME"] = old
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module's tests (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``), restored
+    after the module: a module-level ``torch.set_num_threads(1)`` would leave the whole session single-threaded from
+    collection on."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

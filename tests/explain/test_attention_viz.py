@@ -20,6 +20,8 @@ from maskworks.explain.attention import (
 from maskworks.layers.vit_layers import Attention
 from maskworks.registry import create_model
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
+
 
 def _vit(**kwargs) -> nn.Module:
     torch.manual_seed(0)
@@ -274,13 +276,3 @@ def test_plot_head_attention_writes_png(tmp_path):
     assert plot_head_attention(heads[None], tmp_path / "over.png", image=image).exists()
     with pytest.raises(ValueError, match="heads, h, w"):
         plot_head_attention(heads[0], tmp_path / "bad.png")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread for this module's tests (set per module, restored after it: a module-level call would
-    leave the whole session single-threaded from collection on)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)

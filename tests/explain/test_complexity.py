@@ -21,6 +21,8 @@ from maskworks.explain.complexity import (
 from maskworks.layers.vit_layers import capture_attention
 from maskworks.registry import create_model
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
+
 
 def test_token_counts_and_the_quadratic_ratio():
     assert [num_patches(s, 16) for s in (224, 384, 512, 1024)] == [196, 576, 1024, 4096]
@@ -123,13 +125,3 @@ def test_errors():
         attention_complexity(16, 2, [])
     with pytest.raises(ValueError, match="empty"):
         plot_complexity([], "x.png")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread for this module's tests (set per module, restored after it: a module-level call would
-    leave the whole session single-threaded from collection on)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)

@@ -18,6 +18,8 @@ from maskworks.layers.efficient_attention import (
 )
 from maskworks.layers.vit_layers import Attention
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
+
 VARIANTS = [
     (LinearAttention, {}),
     (WindowAttention2d, {"window_size": 3}),
@@ -272,13 +274,3 @@ def test_pooled_kv_matches_reduced_reference(pool, grid):
     kv = F.linear(kv_tokens, std.qkv.weight[16:], std.qkv.bias[16:]).view(2, -1, 2, 2, 8).permute(2, 0, 3, 1, 4)
     expected = _heads_out(std, F.scaled_dot_product_attention(q, kv[0], kv[1]))
     torch.testing.assert_close(pooled(x, grid_size=grid), expected, atol=1e-5, rtol=1e-5)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread for this module's tests (set per module, restored after it: a module-level call would
-    leave the whole session single-threaded from collection on)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)

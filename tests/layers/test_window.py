@@ -20,6 +20,8 @@ from maskworks.layers import (
     window_reverse,
 )
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
+
 timm_swin = pytest.importorskip("timm.models.swin_transformer")
 timm_swin_v2 = pytest.importorskip("timm.models.swin_transformer_v2")
 timm_layers = pytest.importorskip("timm.layers")
@@ -250,13 +252,3 @@ def test_patch_merging_channel_order():
     x = torch.arange(4.0).reshape(1, 2, 2, 1)  # [[0, 1], [2, 3]]
     # x(0,0), x(1,0), x(0,1), x(1,1)
     assert merge(x).flatten().tolist() == [0.0, 2.0, 1.0, 3.0]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread for this module's tests (set per module, restored after it: a module-level call would
-    leave the whole session single-threaded from collection on)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)

@@ -241,6 +241,30 @@ def verify_onnx(
     return diffs
 
 
+@contextlib.contextmanager
+def _staged(model: nn.Module, path: Path):
+    """A temporary file beside ``path`` for the graph: moved onto ``path`` when the block succeeds, removed
+    otherwise; exporter failures become :class:`ExportError` naming the model; the model's train / eval mode (set to
+    eval here for the export) is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".onnx", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except ExportError:
+        raise
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ExportError(f"exporting {type(model).__name__} to ONNX failed: {type(e).__name__}: {first}") from e
+    finally:
+        tmp.unlink(missing_ok=True)
+        model.train(was_training)
+
+
 def _second_input(x: torch.Tensor) -> torch.Tensor:
     """Another batch and size than the example (multiples of 32 kept) to check that the axes are really dynamic."""
     b, c, h, w = x.shape
@@ -284,8 +308,6 @@ def to_onnx(
         raise ValueError(f"exporter must be 'torchscript' or 'dynamo', got {exporter!r}")
     path = Path(path)
     opset = int(opset or DEFAULT_OPSET)
-    was_training = model.training
-    model.eval()
     in_channels = int((meta or getattr(model, "maskworks_meta", None) or {}).get("in_channels", 3))
     if example_input is None:
         example_input = torch.randn(1, in_channels, 256, 256)
@@ -301,11 +323,7 @@ def to_onnx(
                 "(dynamic=False, maskworks export without --dynamic)"
             )
     wrapped = _Logits(model).cpu().eval()  # a new module starts in training mode, and the exporter restores it
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".onnx", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with _staged(model, path) as tmp:
         pooling = contextlib.nullcontext() if dynamic else _explicit_adaptive_pooling()
         with torch.no_grad(), warnings.catch_warnings(), pooling:
             warnings.simplefilter("ignore")  # tracer warnings about Python numbers: verification below decides
@@ -340,15 +358,6 @@ def to_onnx(
         if verify:
             inputs = [example_input] + ([_second_input(example_input)] if dynamic else [])
             diffs = verify_onnx(model, tmp, inputs, atol=atol)
-        os.replace(tmp, path)
-    except ExportError:
-        raise
-    except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ExportError(f"exporting {type(model).__name__} to ONNX failed: {type(e).__name__}: {first}") from e
-    finally:
-        tmp.unlink(missing_ok=True)
-        model.train(was_training)
     return ExportReport(path, dynamic, opset, exporter, tuple(example_input.shape), diffs, path.stat().st_size)
 
 
@@ -422,18 +431,12 @@ def to_onnx_instance(
         raise ExportError(f"{name} cannot be exported to ONNX: {INSTANCE_EXPORT[family]}")
     path = Path(path)
     opset = int(opset or DEFAULT_OPSET)
-    was_training = model.training
-    model.eval()
     in_channels = int((meta or getattr(model, "maskworks_meta", None) or {}).get("in_channels", 3))
     if example_image is None:
         example_image = torch.rand(in_channels, 256, 256)
     example_image = example_image.float().cpu()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".onnx", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
     outputs = ["boxes", "labels", "scores", "masks"]
-    try:
+    with _staged(model, path) as tmp:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(
@@ -480,13 +483,4 @@ def to_onnx_instance(
                         f"mask pixels agreeing {agree:.4f})"
                     )
                 diffs[key] = max(box, score)
-        os.replace(tmp, path)
-    except ExportError:
-        raise
-    except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ExportError(f"exporting {type(model).__name__} to ONNX failed: {type(e).__name__}: {first}") from e
-    finally:
-        tmp.unlink(missing_ok=True)
-        model.train(was_training)
     return ExportReport(path, True, opset, "torchscript", tuple(example_image.shape), diffs, path.stat().st_size)
