@@ -26,7 +26,7 @@ so that its optimizer holds the new, smaller parameters)::
 
     model = load_model("runs/unet/best.safetensors")
     report = prune_channels(model, 0.5, criterion="l1")
-    print(report.summary())
+    summary = report.summary()  # params / MACs before and after, per-layer channels
     Trainer(model, train_set, val_set, "runs/unet_pruned", epochs=10, lr=1e-4).fit()
     model = load_model("runs/unet_pruned/best.safetensors")  # the pruned shapes come back from the recipe
 """
