@@ -11,12 +11,18 @@ Stages (each appends to ``benchmarks/results/deploy.json``):
   frequency weighted CE, poly schedule over elapsed time); its val mIoU in PyTorch, onnxruntime fp32 and INT8;
   then structured L1 channel pruning at 30 % and 50 % with ``--finetune-min`` of fine-tuning each (mIoU before /
   after, parameters, latency at 512x1024).
-- ``distill``: a ``unet`` (ResNet-18) teacher trained for ``--budget-min``, then the same student trained for the
-  same budget with pixel-wise KD from it (alpha 0.5, T 4): mIoU with and without the teacher.
+- ``distill``: a teacher (``--teacher unet``: ResNet-18 U-Net; ``--teacher fast_scnn``: the student's own
+  architecture, born-again distillation) trained for ``--teacher-min`` (default ``--budget-min``), then the student
+  trained for ``--budget-min`` with pixel-wise KD from it (alpha 0.5, T 4) and, in the same run, without it: mIoU of
+  both. With ``--teacher fast_scnn`` and equal budgets the teacher run is the student-without-KD run.
+- ``accuracy``: ``bisenetv2`` and ``segformer_b0`` (``--models``) trained for ``--budget-min`` like the student; val
+  mIoU in PyTorch, onnxruntime fp32 and INT8 (first + last conv float); PT2E INT8 (torchao's x86 quantizer) mIoU and
+  its latency at 512x1024 under ``torch.compile`` next to the compiled fp32 model.
 
     python benchmarks/deploy.py --stage latency
     python benchmarks/deploy.py --stage camvid --budget-min 8 --finetune-min 2
-    python benchmarks/deploy.py --stage distill --budget-min 8
+    python benchmarks/deploy.py --stage distill --budget-min 20 --teacher fast_scnn
+    python benchmarks/deploy.py --stage accuracy --budget-min 6
 """
 
 from __future__ import annotations
@@ -226,29 +232,98 @@ def stage_camvid(args) -> None:
     _save("camvid_fast_scnn", result)
 
 
+def _build(name: str):
+    return create_model(name, num_classes=11, **MODELS[name])
+
+
 def stage_distill(args) -> None:
     loader, val = _loaders(args.data, 8)
+    teacher_min = args.teacher_min or args.budget_min
     torch.manual_seed(0)
-    teacher = create_model("unet", encoder="resnet18", num_classes=11)
-    teacher_info = _train(teacher, loader, args.budget_min, 2e-3)
+    teacher = _build(args.teacher)
+    teacher_info = _train(teacher, loader, teacher_min, 2e-3)
     teacher.eval().requires_grad_(False)
     MODELS_DIR.mkdir(parents=True, exist_ok=True)
-    torch.save(teacher.state_dict(), MODELS_DIR / "teacher_unet_r18.pt")
-    result = {"teacher": "unet (resnet18)", "budget_min": args.budget_min, "teacher_steps": teacher_info["steps"]}
+    torch.save(teacher.state_dict(), MODELS_DIR / f"teacher_{args.teacher}.pt")
+    result = {"teacher": args.teacher, "teacher_min": teacher_min, "teacher_steps": teacher_info["steps"]}
     result["teacher_miou"] = _miou(_torch_forward(teacher), val)
+    print(result, flush=True)
+    if args.teacher == "fast_scnn" and teacher_min == args.budget_min:
+        # same seed, same budget, no teacher: the teacher run is the student-without-KD run
+        result.update(
+            {"student_without_kd_miou": result["teacher_miou"], "student_without_kd_steps": teacher_info["steps"]}
+        )
+    else:
+        torch.manual_seed(0)
+        plain = _build("fast_scnn")
+        info = _train(plain, loader, args.budget_min, 2e-3)
+        result.update(
+            {"student_without_kd_miou": _miou(_torch_forward(plain), val), "student_without_kd_steps": info["steps"]}
+        )
     torch.manual_seed(0)
-    student = create_model("fast_scnn", num_classes=11)
+    student = _build("fast_scnn")
     info = _train(student, loader, args.budget_min, 2e-3, teacher=teacher, alpha=0.5)
     torch.save(student.state_dict(), MODELS_DIR / "student_fast_scnn_kd.pt")
-    result.update(
-        {"student": "fast_scnn", "student_steps": info["steps"], "student_kd_miou": _miou(_torch_forward(student), val)}
-    )
-    earlier = json.loads(RESULTS.read_text()).get("camvid_fast_scnn") if RESULTS.exists() else None
-    if earlier and earlier.get("budget_min") == args.budget_min:
-        result["student_without_kd_miou"] = earlier["miou_torch"]
-        result["student_without_kd_steps"] = earlier["steps"]
+    result.update({"student": "fast_scnn", "budget_min": args.budget_min, "student_steps": info["steps"],
+                   "student_kd_miou": _miou(_torch_forward(student), val)})  # fmt: skip
     print(result, flush=True)
-    _save("distill_fast_scnn", result)
+    _save(f"distill_fast_scnn_{args.teacher}_{args.budget_min:g}min", result)
+
+
+def _calibration_images(data: str, count: int, size: tuple[int, int]) -> list[torch.Tensor]:
+    train = CamVid(data, split="train", transform=build_transforms(train=False))
+    return [
+        F.interpolate(train[i]["image"][None], size=size, mode="bilinear", align_corners=False)
+        for i in range(0, len(train), max(1, len(train) // count))
+    ][:count]
+
+
+def _compiled_ms(model, x: torch.Tensor, runs: int) -> tuple[float, float]:
+    """(compile + first call seconds, median ms) of ``torch.compile(model)``."""
+    torch._dynamo.reset()
+    compiled = torch.compile(model)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        compiled(x)
+    first = time.perf_counter() - t0
+    with torch.no_grad():
+        return round(first, 1), round(_median_ms(lambda: compiled(x), runs), 1)
+
+
+def stage_accuracy(args) -> None:
+    from maskworks.export.onnx import _Logits
+    from maskworks.export.quantize import quantize_pt2e
+
+    loader, val = _loaders(args.data, 8)
+    calibration = _calibration_images(args.data, args.calib_count, (180, 240))
+    for name in args.models:
+        torch.manual_seed(0)
+        model = _build(name)
+        row = {"model": name, "budget_min": args.budget_min, **_train(model, loader, args.budget_min, 2e-3)}
+        model.eval()
+        MODELS_DIR.mkdir(parents=True, exist_ok=True)
+        torch.save(model.state_dict(), MODELS_DIR / f"{name}_{args.budget_min:g}min.pt")
+        row["miou_torch"] = _miou(_torch_forward(model), val)
+        with tempfile.TemporaryDirectory() as tmp:
+            fp32 = Path(tmp) / "m.onnx"
+            to_onnx(model, fp32, torch.randn(1, 3, 180, 240), dynamic=not dynamic_blockers(model))
+            row["miou_ort_fp32"] = _miou(_ort_forward(fp32, args.threads), val)
+            int8 = quantize_onnx(fp32, Path(tmp) / "int8.onnx", calibration)
+            row["miou_ort_int8"] = _miou(_ort_forward(int8, args.threads), val)
+        print(row, flush=True)
+        try:  # PT2E: accuracy at the val size, speed at 512x1024 (static shapes: one export per size)
+            q = quantize_pt2e(model, calibration, torch.randn(1, 3, 180, 240))
+            row["miou_pt2e_int8"] = _miou(q, val)
+            x = torch.randn(1, 3, 512, 1024)
+            big = [F.interpolate(c, size=(512, 1024), mode="bilinear", align_corners=False) for c in calibration[:8]]
+            q_big = quantize_pt2e(model, big, x)
+            row["compile_s_fp32"], row["latency_ms_compiled_fp32"] = _compiled_ms(_Logits(model).eval(), x, args.runs)
+            row["compile_s_pt2e"], row["latency_ms_compiled_pt2e_int8"] = _compiled_ms(q_big, x, args.runs)
+            row["latency_ms_eager_fp32"] = round(_torch_ms(model, x, args.runs), 1)
+        except Exception as e:  # recorded, not hidden: the table says which model PT2E refuses and why
+            row["pt2e_error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        print(row, flush=True)
+        _save(f"accuracy_{name}_{args.budget_min:g}min", row)
 
 
 def stage_int8(args) -> None:
@@ -261,7 +336,7 @@ def stage_int8(args) -> None:
     ][: args.calib_count]
     rows = []
     for name, builder, file in (
-        ("unet (resnet18)", lambda: create_model("unet", encoder="resnet18", num_classes=11), "teacher_unet_r18.pt"),
+        ("unet (resnet18)", lambda: create_model("unet", encoder="resnet18", num_classes=11), "teacher_unet.pt"),
         ("fast_scnn (KD)", lambda: create_model("fast_scnn", num_classes=11), "student_fast_scnn_kd.pt"),
     ):
         model = builder()
@@ -284,7 +359,10 @@ def stage_int8(args) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stage", choices=("latency", "camvid", "distill", "int8"), required=True)
+    p.add_argument("--stage", choices=("latency", "camvid", "distill", "int8", "accuracy"), required=True)
+    p.add_argument("--teacher", choices=("unet", "fast_scnn"), default="unet", help="distill: the teacher model")
+    p.add_argument("--teacher-min", type=float, default=None, help="distill: teacher budget (default --budget-min)")
+    p.add_argument("--models", nargs="+", default=["bisenetv2", "segformer_b0"], help="accuracy: models to train")
     p.add_argument("--calib-count", type=int, default=32)
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "camvid"))
     p.add_argument("--threads", type=int, default=2)
@@ -294,7 +372,8 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     np.random.seed(0)
-    stages = {"latency": stage_latency, "camvid": stage_camvid, "distill": stage_distill, "int8": stage_int8}
+    stages = {"latency": stage_latency, "camvid": stage_camvid, "distill": stage_distill, "int8": stage_int8,
+              "accuracy": stage_accuracy}  # fmt: skip
     stages[args.stage](args)
 
 
