@@ -246,8 +246,12 @@ def _reference(row) -> torch.nn.Module:
     if row.kind == "timm-hub":
         timm = pytest.importorskip("timm")
         name = row.repo.split("/", 1)[1]  # with the tag: its class count
-        skip_init = {"weight_init": "skip"} if row.model.startswith(("vit", "deit")) else {}
-        return timm.create_model(name, pretrained=False, **skip_init)
+        if row.model.startswith(("vit", "deit")):
+            try:  # skipping the random initialisation saves seconds; timm < 1.0.23 (nnunetv2's pin) lacks "skip"
+                return timm.create_model(name, pretrained=False, weight_init="skip")
+            except AssertionError:
+                pass
+        return timm.create_model(name, pretrained=False)
     return _hf_reference(row.repo)
 
 

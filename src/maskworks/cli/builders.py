@@ -64,12 +64,16 @@ def reader_class(name: str):
         CocoStuff,
         FolderDataset,
         ISBI2012Instances,
+        NiftiFolder,
         SyntheticShapes,
+        SyntheticVolumes,
         VOCSegmentation,
     )
 
     readers = {
         "synthetic": SyntheticShapes,
+        "synthetic_volumes": SyntheticVolumes,
+        "nifti": NiftiFolder,
         "folder": FolderDataset,
         "camvid": CamVid,
         "isbi2012": ISBI2012,
@@ -100,9 +104,11 @@ _BUILDER_KEYS = {
     "validate",
     "copy_paste",
     "train_split",
+    "patch_size",
 }
 _BUILDER_KEYS |= set(_TRANSFORM_KEYS)
-_NOT_OPTIONS = {"self", "root", "split", "transform"}
+_NOT_OPTIONS = {"self", "root", "split", "transform", "num_samples"}
+VOLUME_DATASETS = ("synthetic_volumes", "nifti")
 
 
 def reader_options(data: dict[str, Any]) -> dict[str, Any]:
@@ -126,6 +132,67 @@ def reader_options(data: dict[str, Any]) -> dict[str, Any]:
     if data["name"] == "synthetic":
         options.setdefault("image_size", data.get("image_size", 96))
     return options
+
+
+def volume_patch_size(data: dict[str, Any]) -> tuple[int, int, int]:
+    """The training patch of a volume dataset: ``data.patch_size``, else the plan's (``data.plan``), else the
+    synthetic volume size.
+
+    Raises:
+        ConfigError: none of them is there, or it is not three positive ints.
+    """
+    size = data.get("patch_size")
+    if size is None and data.get("plan"):
+        size = _read_plan(data["plan"]).get("patch_size")
+    if size is None and data["name"] == "synthetic_volumes":
+        size = data.get("size") or (24, 48, 48)
+    if size is None:
+        raise ConfigError(f"data.name={data['name']} needs data.patch_size (D, H, W) or data.plan (maskworks plan)")
+    size = [size] * 3 if isinstance(size, int) else list(size)
+    if len(size) != 3 or not all(isinstance(v, int) and v > 0 for v in size):
+        raise ConfigError(f"data.patch_size={size!r}: expected three positive ints (D, H, W)")
+    return tuple(size)  # type: ignore[return-value]
+
+
+def _read_plan(path: str) -> dict[str, Any]:
+    import json
+
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError as e:
+        raise ConfigError(
+            f"data.plan={path}: no such file (write one with `maskworks plan DATA --out plan.json`)"
+        ) from e
+    except ValueError as e:
+        raise ConfigError(f"data.plan={path}: not a JSON plan ({e})") from e
+
+
+def _volume_split(data: dict[str, Any], split: str, train: bool):
+    """One split of a volume dataset, with nnU-Net's augmentation for training patches."""
+    from maskworks.data import nnunet_augmentation
+
+    cls = reader_class(data["name"])
+    options = reader_options(data)
+    patch = volume_patch_size(data)
+    transform = None
+    if train:
+        spacing = None
+        if data.get("plan"):
+            spacing = _read_plan(data["plan"]).get("spacing")
+        spacing = spacing or options.get("spacing") or (2.5, 1.0, 1.0)
+        anisotropic = max(spacing) / min(spacing) > 3
+        transform = nnunet_augmentation(patch, anisotropic=anisotropic)
+    if data["name"] == "synthetic_volumes":
+        if split not in ("train", "val"):
+            raise ConfigError(f"split {split!r} is not available for data.name=synthetic_volumes; use train or val")
+        n = data["num_train"] if split == "train" else data["num_val"]
+        ds = _make(cls, num_samples=n, split=split, transform=transform, **options)
+    else:
+        if not data.get("root"):
+            raise ConfigError("data.name=nifti needs data.root (a folder with imagesTr/ and labelsTr/)")
+        ds = _make(cls, data["root"], split=split, transform=transform, **options)
+    ds.patch_size = patch
+    return ds
 
 
 def _make(cls, *args, **kwargs):
@@ -152,6 +219,8 @@ def build_split(data: dict[str, Any], split: str):
     from maskworks.data import build_transforms
 
     name = data["name"]
+    if name in VOLUME_DATASETS:
+        return _volume_split(data, split, train=False)
     cls = reader_class(name)
     options = reader_options(data)
     if name in STANDARD_DATASETS:
@@ -193,6 +262,9 @@ def build_datasets(data: dict[str, Any], with_train: bool = True, augment: bool 
     from maskworks.data import build_transforms
 
     name = data["name"]
+    if name in VOLUME_DATASETS:
+        train = _volume_split(data, "train", train=augment) if with_train else None
+        return train, _volume_split(data, "val", train=False)
     cls = reader_class(name)
     options = reader_options(data)
     train_tf = build_transforms(train=True, **_tf_kwargs(data)) if augment else build_transforms(train=False)
@@ -239,8 +311,8 @@ def build_datasets(data: dict[str, Any], with_train: bool = True, augment: bool 
 def validate_datasets(data: dict[str, Any], *datasets, progress: bool = True) -> None:
     """Check every file of the given datasets up front (``data.validate``, default on; results are cached, so an
     unchanged dataset is read once)."""
-    if not data.get("validate", True):
-        return
+    if not data.get("validate", True) or data.get("name") in VOLUME_DATASETS:
+        return  # volume readers check each volume as they load it
     from maskworks.data import validate_dataset
 
     for ds in datasets:
@@ -407,6 +479,12 @@ def task_kwargs(kind: str, dataset=None, meta: dict | None = None, where: str = 
 
     names = attr("class_names")
     kwargs: dict[str, Any] = {"class_names": list(names) if names else None}
+    if kind == "volumetric":
+        patch = attr("patch_size") or meta.get("patch_size") or (meta.get("data_config") or {}).get("patch_size")
+        if patch is None and (meta.get("data_config") or {}).get("name") in VOLUME_DATASETS:
+            patch = volume_patch_size(meta["data_config"])
+        if patch is not None:
+            kwargs["patch_size"] = tuple(patch)
     if kind == "panoptic":
         isthing = attr("isthing")
         if isthing is None:

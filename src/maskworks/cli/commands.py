@@ -146,8 +146,15 @@ def train(args) -> int:
     thing_classes = None
     if kind == "panoptic":
         thing_classes = [i for i, t in enumerate(task_options["isthing"]) if t]
+    if kind == "volumetric" and cfg["data"].get("plan") and cfg["model"]["name"] == "dynunet":
+        cfg["model"].setdefault("plan", cfg["data"]["plan"])  # the planned topology
     model = builders.build_model(cfg["model"], base.num_classes, base.in_channels, kind, thing_classes)
     meta: dict[str, Any] = {"data_config": cfg["data"], "task": kind}
+    if kind == "volumetric":  # what predicting a NIfTI file needs: the patch, the spacing and the normalisation
+        meta["patch_size"] = list(task_options.get("patch_size") or ())
+        spacing = getattr(base, "target_spacing", None)
+        meta["volume"] = {"normalization": getattr(base, "normalization", None),
+                          "spacing": list(spacing) if spacing else None}  # fmt: skip
     if getattr(base, "category_ids", None) is not None:  # COCO: labels map back to category ids in results
         meta["category_ids"] = list(base.category_ids)
     if kind == "panoptic":
@@ -179,8 +186,9 @@ def train(args) -> int:
         meta=meta,
         sample_weights=sample_weights,
         **task_args,
-        **builders.trainer_kwargs(cfg["train"]),
-    )
+        **{"eval_batch_size": 1, **builders.trainer_kwargs(cfg["train"])} if kind == "volumetric" else
+        builders.trainer_kwargs(cfg["train"]),
+    )  # fmt: skip
     if args.resume:
         trainer.load_checkpoint()  # before config.yaml is written: a failed resume changes nothing
     if trainer.dist.is_main:
@@ -453,7 +461,8 @@ def _set_thing_classes(model, task) -> None:
 
 def _evaluate_task(args, kind: str, model, meta: dict, dev, data_cfg: dict, out: Path) -> int:
     """``maskworks eval`` for every task but semantic, through the task's evaluator (instance: COCO mask and box
-    AP with pycocotools; panoptic: PQ / SQ / RQ overall, for things and for stuff, and per class)."""
+    AP with pycocotools; panoptic: PQ / SQ / RQ overall, for things and for stuff, and per class; volumetric: per-case
+    Dice per class)."""
     from tqdm.auto import tqdm
 
     from maskworks.tasks import build_task
@@ -493,7 +502,8 @@ def _evaluate_task(args, kind: str, model, meta: dict, dev, data_cfg: dict, out:
         **result,
     }
     atomic_write_bytes(out / "eval.json", json.dumps(report, indent=2, default=str).encode())
-    print(format_panoptic_table(result) if kind == "panoptic" else format_instance_table(result))
+    tables = {"panoptic": format_panoptic_table, "volumetric": format_volumetric_table}
+    print(tables.get(kind, format_instance_table)(result))
     print(f"report: {out / 'eval.json'}")
     return 0
 
@@ -525,6 +535,15 @@ def format_panoptic_table(result: dict) -> str:
         f"PQ_th {cell(result['pq_things']).strip()}   PQ_st {cell(result['pq_stuff']).strip()}   "
         f"({result['num_images']} images)"
     )
+    return "\n".join(lines)
+
+
+def format_volumetric_table(result: dict) -> str:
+    """Per-class Dice (mean over cases) and the mean, one row per foreground class."""
+    lines = [f"{'class':<20} {'Dice':>8}"]
+    for name, dice in zip(result["class_names"], result["dice_per_class"]):
+        lines.append(f"{name:<20} {dice:>8.4f}")
+    lines.append(f"{'mean (' + str(result['cases']) + ' cases)':<20} {result['dice']:>8.4f}")
     return "\n".join(lines)
 
 
@@ -751,6 +770,8 @@ def predict(args) -> int:
         raise ConfigError(f"--max-pixels must be >= 1, got {args.max_pixels}")
     if not 0 < getattr(args, "scale", 1.0) <= 4:
         raise ConfigError(f"--scale must be in (0, 4], got {args.scale}")
+    if any(_is_nifti_input(item) for item in args.inputs):
+        return _predict_volumes(args)
     files = _collect_images(args.inputs)
     names = output_names(files)
     out = prepare_out_dir(args.out)
@@ -818,6 +839,85 @@ def predict(args) -> int:
     if auto_tiled:
         extras.append(f"{auto_tiled} large image(s) tiled automatically")
     print(f"wrote {len(files)} prediction(s) to {out}" + (f" ({', '.join(extras)})" if extras else ""))
+    return 0
+
+
+def _is_nifti_input(item: str) -> bool:
+    p = Path(item)
+    if p.is_dir():
+        return any(f.name.endswith((".nii", ".nii.gz")) for f in p.iterdir())
+    return p.name.endswith((".nii", ".nii.gz"))
+
+
+def _volume_cases(inputs: list[str]) -> list[dict[str, Any]]:
+    """NIfTI inputs as cases: a folder in the nnU-Net layout (``<case>_0000.nii.gz``, ``_0001`` ... one file per
+    channel) or single files (a ``_0000`` file brings its sibling channels)."""
+    from maskworks.data import msd_cases
+
+    cases: list[dict[str, Any]] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            cases.extend(msd_cases(p.parent, images=p.name, labels=None))
+        elif p.is_file():
+            stem = p.name[: -len(".nii.gz")] if p.name.endswith(".nii.gz") else p.stem
+            head, _, tail = stem.rpartition("_")
+            if head and tail == "0000":
+                group = [c for c in msd_cases(p.parent.parent, images=p.parent.name, labels=None) if c["id"] == head]
+                cases.extend(group)
+            else:
+                cases.append({"id": stem, "images": [p], "label": None})
+        else:
+            raise FileNotFoundError(f"input {p} does not exist")
+    return list({c["id"]: c for c in cases}.values())
+
+
+def _predict_volumes(args) -> int:
+    """``maskworks predict`` for volumetric checkpoints: ``<case>.nii.gz`` label volumes with the input's affine and
+    header, predicted at the training spacing (sliding window with Gaussian blending, ``--tta mirror`` for nnU-Net's
+    mirroring) and resampled back to the input's grid before the argmax."""
+    import torch.nn.functional as F
+    from tqdm.auto import tqdm
+
+    from maskworks.data import normalize_volume, read_nifti, resample_image, write_nifti
+    from maskworks.tasks import build_task
+
+    if getattr(args, "backend", "torch") != "torch":
+        raise ConfigError("volumes are predicted with --backend torch")
+    model, meta, dev = _model_and_meta(args.checkpoint, args.device)
+    kind = checkpoint_task(model, meta, getattr(args, "task", None))
+    if kind != "volumetric":
+        raise ConfigError(f"NIfTI inputs need a volumetric checkpoint; {args.checkpoint} is a {kind} model")
+    volume = meta.get("volume") or {}
+    options = builders.task_kwargs(kind, None, meta, where=f"checkpoint {args.checkpoint}")
+    if args.tta not in (None, "mirror", "flip"):
+        raise ConfigError(f"--tta {args.tta}: volumes support mirror (all flips of the three axes) or none")
+    task = build_task(kind, **options, overlap=args.overlap if args.overlap != 0.25 else 0.5,
+                      mirror_axes=(0, 1, 2) if args.tta else ())  # fmt: skip
+    out = prepare_out_dir(args.out)
+    cases = _volume_cases(args.inputs)
+    in_ch = meta.get("in_channels", 1)
+    spacing = volume.get("spacing")
+    model.eval()
+    with torch.inference_mode():
+        for case in tqdm(cases, desc="predict", dynamic_ncols=True, disable=None):
+            arrays, info = [], None
+            for path in case["images"]:
+                array, this = read_nifti(path)
+                info = info or this
+                arrays.append(array if array.ndim == 4 else array[None])
+            image = torch.as_tensor(np.concatenate(arrays).astype(np.float32))
+            if image.shape[0] != in_ch:
+                raise ConfigError(f"case {case['id']}: {image.shape[0]} channel(s), the model takes {in_ch}")
+            if spacing is not None and tuple(spacing) != tuple(info.spacing):
+                image = resample_image(image, info.spacing, spacing, order=3)
+            image = normalize_volume(image, volume.get("normalization"))[None].to(dev)
+            logits = task.predict_volume(model, image, progress=False)
+            if tuple(logits.shape[2:]) != tuple(info.shape):
+                logits = F.interpolate(logits, size=tuple(info.shape), mode="trilinear", align_corners=False)
+            label = task.postprocess(logits)[0]
+            write_nifti(out / f"{case['id']}.nii.gz", label.astype(np.uint8 if label.max() < 256 else np.int16), info)
+    print(f"wrote {len(cases)} label volume(s) to {out}" + (" (mirroring TTA)" if args.tta else ""))
     return 0
 
 

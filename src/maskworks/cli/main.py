@@ -252,13 +252,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=commands.models)
 
-    from maskworks.cli import bench, export, mae, sam, serve, vit_tools
+    from maskworks.cli import bench, export, mae, plan, sam, serve, vit_tools
 
     bench.add_parser(sub)
     mae.add_parser(sub)
     sam.add_parser(sub)
     serve.add_parser(sub)
     export.add_parser(sub)
+    plan.add_parser(sub)
     vit_tools.add_parsers(sub)
     return parser
 

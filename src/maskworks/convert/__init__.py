@@ -21,6 +21,7 @@ from maskworks.convert.detection import (
     is_torchvision_detection_state_dict,
     is_torchvision_mask_rcnn_state_dict,
 )
+from maskworks.convert.dynunet import convert_monai_dynunet, is_monai_dynunet_state_dict
 from maskworks.convert.load import (
     CONVERTERS,
     DEFAULT_MIN_FRACTION,
@@ -35,6 +36,14 @@ from maskworks.convert.load import (
 from maskworks.convert.lraspp import convert_torchvision_lraspp, is_torchvision_lraspp_state_dict
 from maskworks.convert.mae import convert_hf_vitmae
 from maskworks.convert.mobilenet import convert_torchvision_mobilenet
+from maskworks.convert.monai_transformers import (
+    convert_monai,
+    convert_monai_swin_unetr,
+    convert_monai_unetr,
+    is_monai_state_dict,
+    is_monai_swin_unetr_state_dict,
+    is_monai_unetr_state_dict,
+)
 from maskworks.convert.resnet import adapt_input_conv, convert_timm_resnet, convert_torchvision_resnet
 from maskworks.convert.sam import convert_hf_sam, convert_segment_anything
 from maskworks.convert.sam2 import convert_hf_sam2
@@ -57,6 +66,14 @@ from maskworks.convert.vit import convert_timm_vit
 from maskworks.convert.vit_hf_tv import convert_hf_vit, convert_torchvision_vit
 
 __all__ = [
+    "convert_monai",
+    "convert_monai_dynunet",
+    "convert_monai_swin_unetr",
+    "convert_monai_unetr",
+    "is_monai_dynunet_state_dict",
+    "is_monai_state_dict",
+    "is_monai_swin_unetr_state_dict",
+    "is_monai_unetr_state_dict",
     "convert_hf_sam",
     "convert_hf_sam2",
     "convert_segment_anything",

@@ -28,6 +28,7 @@ from maskworks.convert.lraspp import convert_torchvision_lraspp, is_torchvision_
 from maskworks.convert.mae import convert_hf_vitmae, is_hf_vitmae_state_dict
 from maskworks.convert.mask2former import convert_hf_mask2former, is_hf_mask2former_state_dict
 from maskworks.convert.mobilenet import convert_torchvision_mobilenet, is_mobilenet_state_dict
+from maskworks.convert.monai_transformers import convert_monai, is_monai_state_dict
 from maskworks.convert.resnet import convert_timm_resnet, convert_torchvision_resnet, is_resnet_state_dict
 from maskworks.convert.sam import (
     convert_hf_sam,
@@ -201,6 +202,7 @@ CONVERTERS: dict[str, Converter] = {
     "hf": convert_hf,
     "official": convert_official,
     "segment_anything": convert_segment_anything,
+    "monai": convert_monai,
 }
 # Sources whose checkpoints may be a bare backbone: those load into `model.encoder` when there is one.
 _BACKBONE_SOURCES = ("torchvision", "timm", "hf")
@@ -296,6 +298,8 @@ def _detect_source(state_dict: Mapping[str, torch.Tensor]) -> str:
     # anything else is taken to be in our (= smp) layout.
     if is_transunet_official_state_dict(state_dict):
         return "official"
+    if is_monai_state_dict(state_dict):
+        return "monai"  # UNETR, SwinUNETR, DynUNet
     if is_hf_sam_state_dict(state_dict) or is_hf_sam2_state_dict(state_dict):
         return "hf"
     if is_segment_anything_state_dict(state_dict):

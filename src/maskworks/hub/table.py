@@ -595,6 +595,13 @@ NO_PUBLISHED_WEIGHTS: dict[str, str] = {
     "panoptic_fpn_resnet50": "published only as detectron2 / mmdetection checkpoints, for which there is no "
     "converter; " + _ENCODER_HINT,
     "unet_vanilla": "no PyTorch / safetensors checkpoint is published for the original U-Net",
+    "unet3d": "no PyTorch / safetensors checkpoint is published for the 3D U-Net of Cicek et al.",
+    "dynunet": "nnU-Net / MONAI DynUNet weights belong to one dataset's plan (topology and classes); a MONAI DynUNet "
+    "state dict loads with load_weights(model, path, source='monai')",
+    "unetr": "MONAI publishes UNETR weights in Model Zoo bundles (unetr_btcv_segmentation), not on a hub: convert the "
+    "bundle's models/model.pt with load_weights(model, path, source='monai')",
+    "swin_unetr": "MONAI publishes SwinUNETR weights in Model Zoo bundles (swin_unetr_btcv_segmentation), not on a "
+    "hub: convert the bundle's models/model.pt with load_weights(model, path, source='monai')",
     "setr_naive": "published only as mmsegmentation checkpoints, for which there is no converter",
     "setr_pup": "published only as mmsegmentation checkpoints, for which there is no converter",
     "setr_mla": "published only as mmsegmentation checkpoints, for which there is no converter",

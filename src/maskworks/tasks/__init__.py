@@ -12,6 +12,7 @@ from maskworks.tasks.base import Evaluator, Task
 from maskworks.tasks.instance import InstanceEvaluator, InstanceTask
 from maskworks.tasks.panoptic import PanopticEvaluator, PanopticTask
 from maskworks.tasks.semantic import SemanticEvaluator, SemanticTask
+from maskworks.tasks.volumetric import VolumetricEvaluator, VolumetricTask
 
 __all__ = [
     "Task",
@@ -22,16 +23,23 @@ __all__ = [
     "InstanceEvaluator",
     "PanopticTask",
     "PanopticEvaluator",
+    "VolumetricTask",
+    "VolumetricEvaluator",
     "TASKS",
     "build_task",
     "model_task",
 ]
 
-TASKS: dict[str, type[Task]] = {"semantic": SemanticTask, "instance": InstanceTask, "panoptic": PanopticTask}
+TASKS: dict[str, type[Task]] = {
+    "semantic": SemanticTask,
+    "instance": InstanceTask,
+    "panoptic": PanopticTask,
+    "volumetric": VolumetricTask,
+}
 
 
 def build_task(kind: str, **kwargs: Any) -> Task:
-    """The task of ``kind`` (``"semantic"``, ``"instance"``, ``"panoptic"``) built with ``kwargs``.
+    """The task of ``kind`` (``"semantic"``, ``"instance"``, ``"panoptic"``, ``"volumetric"``) built with ``kwargs``.
 
     Raises:
         ValueError: an unknown kind (the message lists the known ones).
