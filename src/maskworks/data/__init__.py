@@ -17,6 +17,20 @@ from maskworks.data.coco_panoptic import (
 from maskworks.data.cocostuff import CocoStuff
 from maskworks.data.copy_paste import BankedObject, RareClassCopyPaste, extract_objects
 from maskworks.data.folder import FolderDataset, PairedFileDataset
+from maskworks.data.geo import (
+    BandStatistics,
+    GeoInfo,
+    adapt_model_input,
+    add_indices,
+    band_statistics,
+    ndvi,
+    ndwi,
+    normalized_difference,
+    predict_geotiff,
+    read_geoinfo,
+    read_geotiff,
+    write_geotiff,
+)
 from maskworks.data.io import (
     IGNORE_INDEX,
     IMAGE_EXTENSIONS,
@@ -43,8 +57,62 @@ from maskworks.data.transforms import (
 )
 from maskworks.data.validate import validate_dataset
 from maskworks.data.voc import VOCSegmentation
+from maskworks.data.volume_transforms import (
+    RandomAffine3D,
+    RandomElastic3D,
+    RandomGamma,
+    RandomMirror,
+    RandomPatch,
+    SimulateLowResolution,
+    VolumeCompose,
+    nnunet_augmentation,
+)
+from maskworks.data.volumes import (
+    NiftiFolder,
+    SyntheticVolumes,
+    VolumeInfo,
+    collate_volumes,
+    kfold_splits,
+    msd_cases,
+    normalize_volume,
+    read_nifti,
+    resample_image,
+    resample_label,
+    write_nifti,
+)
 
 __all__ = [
+    "BandStatistics",
+    "GeoInfo",
+    "adapt_model_input",
+    "add_indices",
+    "band_statistics",
+    "ndvi",
+    "ndwi",
+    "normalized_difference",
+    "predict_geotiff",
+    "read_geoinfo",
+    "read_geotiff",
+    "write_geotiff",
+    "NiftiFolder",
+    "SyntheticVolumes",
+    "VolumeInfo",
+    "collate_volumes",
+    "kfold_splits",
+    "msd_cases",
+    "normalize_volume",
+    "read_nifti",
+    "resample_image",
+    "resample_label",
+    "write_nifti",
+    "RandomAffine3D",
+    "RandomElastic3D",
+    "RandomGamma",
+    "RandomMirror",
+    "RandomPatch",
+    "SimulateLowResolution",
+    "VolumeCompose",
+    "nnunet_augmentation",
     "ADE20K",
     "BankedObject",
     "RareClassCopyPaste",

@@ -1,5 +1,5 @@
 """Training methods beyond plain supervision: knowledge distillation (DeiT; segmentation KD losses), noisy labels
-(co-teaching)."""
+(co-teaching), microscopy instances (semantic + boundary + distance heads, marker-controlled watershed)."""
 
 from maskworks.methods.distillation import (
     AttentionTransfer,
@@ -11,9 +11,35 @@ from maskworks.methods.distillation import (
     SoftTargetCrossEntropy,
     distillation_loss,
 )
+from maskworks.methods.microscopy import (
+    HEDJitter,
+    IntensityJitter,
+    MicroscopyLoss,
+    connected_component_instances,
+    decode_outputs,
+    id_map_to_instances,
+    instance_map_from_masks,
+    instance_targets,
+    isbi_instances,
+    microscopy_model,
+    predict_instances,
+    watershed_instances,
+)
 from maskworks.methods.noisy_labels import CoTeaching, coteaching_forget_rate, small_loss_selection
 
 __all__ = [
+    "HEDJitter",
+    "IntensityJitter",
+    "MicroscopyLoss",
+    "connected_component_instances",
+    "decode_outputs",
+    "id_map_to_instances",
+    "instance_map_from_masks",
+    "instance_targets",
+    "isbi_instances",
+    "microscopy_model",
+    "predict_instances",
+    "watershed_instances",
     "AttentionTransfer",
     "ChannelWiseKD",
     "CoTeaching",
