@@ -142,8 +142,14 @@ def volume_patch_size(data: dict[str, Any]) -> tuple[int, int, int]:
         ConfigError: none of them is there, or it is not three positive ints.
     """
     size = data.get("patch_size")
-    if size is None and data.get("plan"):
-        size = _read_plan(data["plan"]).get("patch_size")
+    if data.get("plan"):
+        plan = _read_plan(data["plan"])
+        if plan.get("dimension") == "2d":
+            raise ConfigError(
+                f"data.plan={data['plan']} chose the 2D configuration (the data are effectively 2D); volumetric "
+                "training runs the 3D one: plan again with `maskworks plan DATA --dimension 3d`"
+            )
+        size = size if size is not None else plan.get("patch_size")
     if size is None and data["name"] == "synthetic_volumes":
         size = data.get("size") or (24, 48, 48)
     if size is None:

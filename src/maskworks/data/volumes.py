@@ -98,7 +98,8 @@ def read_nifti(path: str | Path) -> tuple[np.ndarray, VolumeInfo]:
         array = np.ascontiguousarray(data.transpose(3, 2, 1, 0))
     else:
         raise DatasetError(f"{path}: expected a 3D or 4D NIfTI volume, got {data.ndim} dimensions {data.shape}")
-    zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
+    # the header stores float32: keep its shortest decimal (0.7, not 0.699999988079071)
+    zooms = tuple(float(str(np.float32(z))) for z in img.header.get_zooms()[:3])
     info = VolumeInfo(
         np.asarray(img.affine, dtype=np.float64), zooms[::-1], tuple(array.shape[-3:]), img.header, str(path)
     )

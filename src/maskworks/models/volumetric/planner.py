@@ -1044,13 +1044,6 @@ def plan_experiment(
 
 
 # ------------------------------------------------------------------------------------- MSD / nnU-Net raw folders
-_NIFTI = (".nii.gz", ".nii")
-
-
-def _stem(name: str) -> str:
-    return next(name[: -len(s)] for s in _NIFTI if name.endswith(s))
-
-
 def msd_dataset(root: str | os.PathLike) -> dict[str, Any]:
     """Describe a Medical Segmentation Decathlon / nnU-Net raw folder without reading volumes.
 
@@ -1066,31 +1059,12 @@ def msd_dataset(root: str | os.PathLike) -> dict[str, Any]:
         FileNotFoundError: no ``imagesTr`` folder.
         ValueError: no volumes, a case missing a channel, or an unreadable ``dataset.json``.
     """
+    from maskworks.data.volumes import msd_cases
+
     root = Path(root)
-    images = root / "imagesTr"
-    if not images.is_dir():
+    if not (root / "imagesTr").is_dir():
         raise FileNotFoundError(f"{root}: expected an imagesTr/ folder (Medical Segmentation Decathlon layout)")
-    groups: dict[str, dict[int, Path]] = {}
-    for p in sorted(images.iterdir()):
-        if p.name.startswith(".") or not p.name.endswith(_NIFTI):
-            continue
-        stem = _stem(p.name)
-        head, sep, tail = stem.rpartition("_")
-        if sep and len(tail) == 4 and tail.isdigit():
-            groups.setdefault(head, {})[int(tail)] = p
-        else:
-            groups.setdefault(stem, {})[0] = p
-    if not groups:
-        raise ValueError(f"{images}: no .nii / .nii.gz volumes")
-    channels = max(len(g) for g in groups.values())
-    labels = root / "labelsTr"
-    cases = []
-    for cid in sorted(groups):
-        if sorted(groups[cid]) != list(range(channels)):
-            missing = sorted(set(range(channels)) - set(groups[cid]))
-            raise ValueError(f"{images}: case {cid!r} lacks channel file(s) {[f'{cid}_{m:04d}' for m in missing]}")
-        found = [labels / f"{cid}{s}" for s in _NIFTI if (labels / f"{cid}{s}").is_file()]
-        cases.append((cid, [groups[cid][c] for c in range(channels)], found[0] if found else None))
+    cases = [(c["id"], c["images"], c["label"]) for c in msd_cases(root)]
     modalities = num_classes = None
     meta_file = root / "dataset.json"
     if meta_file.is_file():
@@ -1108,18 +1082,10 @@ def msd_dataset(root: str | os.PathLike) -> dict[str, Any]:
 
 def _read_nifti(path: Path) -> tuple[np.ndarray, list[float]]:
     """``(D, H, W)`` or ``(C, D, H, W)`` float32 and spacing ``(sz, sy, sx)`` (module docstring convention)."""
-    try:
-        import nibabel
-    except ImportError as e:
-        raise ImportError(f"reading NIfTI volumes needs nibabel: pip install nibabel ({e})") from e
-    img = nibabel.load(str(path))
-    data = np.asarray(img.dataobj, dtype=np.float32)
-    if data.ndim not in (3, 4):
-        raise ValueError(f"{path}: expected a 3D or 4D NIfTI volume, got shape {data.shape}")
-    data = data.transpose(2, 1, 0) if data.ndim == 3 else data.transpose(3, 2, 1, 0)  # (x, y, z[, c]) -> ([c,] z, y, x)
-    # the header stores float32: its shortest decimal (0.7, not 0.699999988079071)
-    zooms = [float(str(np.float32(z))) for z in img.header.get_zooms()[:3]]
-    return np.ascontiguousarray(data), zooms[::-1]
+    from maskworks.data.volumes import read_nifti
+
+    array, info = read_nifti(path)
+    return array.astype(np.float32, copy=False), list(info.spacing)
 
 
 def iter_msd_cases(root: str | os.PathLike) -> Iterator[tuple[np.ndarray, np.ndarray | None, list[float]]]:
