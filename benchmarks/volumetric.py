@@ -10,7 +10,7 @@ Stages (each appends to ``benchmarks/results/volumetric.json``):
   norm, LeakyReLU) as our ``dynunet`` and MONAI's ``DynUNet`` with the same weights: forward + cross-entropy +
   backward + AdamW step on a batch of 2 patches of 64^3.
 - ``isbi``: a U-Net (``unet_vanilla``, features 16-128) with foreground / boundary / distance heads trained for
-  ``--budget-min`` on ISBI 2012 (slices 0-24, 256-pixel crops, flips), then on the held-out slices 25-29: instance
+  ``--budget-min`` on ISBI 2012 (slices 0-15, 256-pixel crops, flips), then on the held-out slices 16-19: instance
   AP over IoU 0.5:0.95 (:class:`~maskworks.metrics.InstanceMatching`), AP50 and the aggregated Jaccard index of the
   marker-controlled watershed against connected components of the same model's foreground.
 
@@ -129,7 +129,7 @@ def stage_isbi(args) -> None:
     )
     from maskworks.metrics import AggregatedJaccardIndex, InstanceMatching
 
-    val_slices = list(range(25, 30))
+    val_slices = list(range(16, 20))
     train = ISBI2012Instances(args.data, split="train", val_slices=val_slices)
     val = ISBI2012Instances(args.data, split="val", val_slices=val_slices)
     images = torch.stack([train[i]["image"] for i in range(len(train))])

@@ -199,13 +199,14 @@ def test_instance_ddp_two_processes_train_and_gather_the_evaluation(tmp_path):
 @pytest.mark.slow
 def test_mask_rcnn_resnet50_fpn_learns_synthetic_shapes(tmp_path, capsys):
     """Learning: R50-FPN from scratch, test-sized (configs/synthetic_mask_rcnn.yaml: 64 px, one or two large shapes,
-    10 epochs of 96 images), reaches mask AP50 >= 0.5 on the synthetic validation set (about 0.7 measured)."""
+    96 images; 7 of its 10 epochs here, to keep the suite short), reaches mask AP50 >= 0.5 on the synthetic
+    validation set (0.68 measured; 0.70 with the recipe's 10 epochs)."""
     config = Path(__file__).resolve().parents[2] / "configs" / "synthetic_mask_rcnn.yaml"
     run = tmp_path / "run"
     args = ["train", "--config", str(config), "--model", "mask_rcnn_resnet50_fpn", "--data", "synthetic"]
-    assert main([*args, "--run-dir", str(run), "--no-progress"]) == 0
+    assert main([*args, "--set", "train.epochs=7", "--run-dir", str(run), "--no-progress"]) == 0
     rows = [json.loads(x) for x in (run / "history.jsonl").read_text().splitlines()]
-    assert len(rows) == 10 and rows[-1]["train_loss"] < 0.5 * rows[0]["train_loss"]
+    assert len(rows) == 7 and rows[-1]["train_loss"] < 0.5 * rows[0]["train_loss"]
     assert rows[-1]["val_mask_ap50"] >= 0.5, [round(r["val_mask_ap50"], 3) for r in rows]
     best = json.loads((run / "best.json").read_text())
     assert best["meta"]["val_mask_ap"] == max(r["val_mask_ap"] for r in rows)

@@ -166,9 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
         "masks overlap, --paste-order picks the owner) and coco_results.json (COCO results with RLE masks, category ids of the training data; polygons with "
         "--polygons). Panoptic models: writes <name>_panoptic.png (COCO panoptic RGB ids, id = R + 256 G + 256^2 B), "
         "<name>_panoptic_overlay.png (stuff in class colours, things each in its own colour, outlined) and "
-        "panoptic_results.json (COCO panoptic annotations and categories).",
+        "panoptic_results.json (COCO panoptic annotations and categories). Volumetric models: NIfTI inputs (files, "
+        "or folders of <case>_0000.nii.gz channel files) give <case>.nii.gz label volumes with the input's affine and "
+        "header, predicted at the training spacing by a Gaussian-blended sliding window (--tta mirror: nnU-Net's "
+        "mirroring).",
     )
-    p.add_argument("inputs", nargs="+", help="image files and/or folders of images")
+    p.add_argument("inputs", nargs="+", help="image files and/or folders of images (or NIfTI volumes)")
     p.add_argument(
         "--checkpoint",
         required=True,
