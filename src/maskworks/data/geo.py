@@ -30,6 +30,7 @@ import inspect
 import math
 import os
 import uuid
+from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from numbers import Integral, Real
@@ -250,18 +251,18 @@ def _is_geographic(info: GeoInfo) -> bool:
         return 4000 <= info.epsg < 5000
 
 
-class _Raster:
+class _Raster(ABC):
     """An open raster: ``shape`` ``(C, H, W)``, ``dtype``, ``info``, and ``read`` of a window of some bands."""
 
     shape: tuple[int, int, int]
     dtype: np.dtype
     info: GeoInfo
 
+    @abstractmethod
     def read(self, rows: tuple[int, int], cols: tuple[int, int], bands: Sequence[int]) -> np.ndarray:
         """Pixels ``(len(bands), rows, cols)`` of the window ``rows = (start, stop)``, ``cols = (start, stop)``."""
-        raise NotImplementedError
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - a reader without a file handle has nothing to release
         """Release the file."""
 
     def __enter__(self) -> _Raster:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -389,7 +390,7 @@ def _labels_from_json(meta: dict[str, Any]) -> dict[int, str] | None:
     return {int(v): str(k) for k, v in labels.items() if not isinstance(v, (list, tuple))}  # nnU-Net v2
 
 
-class VolumeDataset(Dataset):
+class VolumeDataset(Dataset, ABC):
     """Base of the volume datasets: ``load(index) -> (image (C, D, H, W), label (D, H, W) or None, VolumeInfo)``,
     normalisation, the transform, and the sample dict of the module docstring.
 
@@ -414,11 +415,12 @@ class VolumeDataset(Dataset):
         self.normalization = list(normalization) if normalization is not None else None
         self.target_spacing = tuple(float(s) for s in target_spacing) if target_spacing is not None else None
 
+    @abstractmethod
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray | None, VolumeInfo]:
-        raise NotImplementedError
+        """Volume ``index``: image ``(C, D, H, W)``, label ``(D, H, W)`` or None, and its :class:`VolumeInfo`."""
 
-    def __len__(self) -> int:
-        raise NotImplementedError
+    @abstractmethod
+    def __len__(self) -> int: ...
 
     @property
     def palette(self) -> list[tuple[int, int, int]]:

@@ -37,6 +37,7 @@ nowhere).
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -321,13 +322,14 @@ def _batch(preds: Any, targets: Any, ignore: Any) -> list[tuple[Any, Any, Any]]:
     return list(zip(p, t, ig))
 
 
-class _Streaming:
+class _Streaming(ABC):
     """Sums in named tensors: ``reset`` / ``merge`` / ``all_reduce`` work on every name in ``_state``."""
 
     _state: tuple[str, ...] = ()
 
+    @abstractmethod
     def _zeros(self) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        """Fresh zero sums, one tensor per name in ``_state``."""
 
     def reset(self) -> None:
         """Forget every image."""
